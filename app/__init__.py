@@ -1,0 +1,1 @@
+"""pii-vault: a PII tokenization vault under KMS envelope encryption."""

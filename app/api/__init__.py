@@ -1,0 +1,1 @@
+"""HTTP: routers parse and shape; the rules are in app.services."""

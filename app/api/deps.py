@@ -1,0 +1,86 @@
+"""Every FastAPI dependency, as an Annotated alias."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from app.container import Vault
+from app.services.context import Caller, RequestContext
+
+
+def get_vault(request: Request) -> Vault:
+    vault: Vault = request.app.state.vault
+    return vault
+
+
+VaultDep = Annotated[Vault, Depends(get_vault)]
+
+
+def get_request_context(
+    request: Request,
+    access_reason: Annotated[
+        str | None,
+        Header(
+            alias="X-Access-Reason",
+            max_length=512,
+            description="Why the caller needs the value; recorded in the audit event.",
+        ),
+    ] = None,
+) -> RequestContext:
+    return RequestContext(
+        request_id=request.state.request_id,
+        source_ip=request.client.host if request.client else None,
+        user_agent=(request.headers.get("user-agent") or "")[:512] or None,
+        access_reason=access_reason,
+    )
+
+
+ContextDep = Annotated[RequestContext, Depends(get_request_context)]
+
+
+def get_session(vault: VaultDep) -> Iterator[Session]:
+    # scope="function": the transaction commits before the response is sent, so a token or a
+    # value is returned only once its record and audit event are committed.
+    with vault.database.transaction() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def get_caller(
+    vault: VaultDep,
+    session: SessionDep,
+    ctx: ContextDep,
+    request: Request,
+) -> Caller:
+    header = request.headers.get("authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    presented = credentials.strip() if scheme.lower() == "bearer" else None
+    return vault.principals.authenticate(session, presented, ctx)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def require_admin(vault: VaultDep, caller: CallerDep, ctx: ContextDep, request: Request) -> Caller:
+    vault.principals.require_role(caller, {"admin"}, _action(request), ctx)
+    return caller
+
+
+def require_auditor(vault: VaultDep, caller: CallerDep, ctx: ContextDep, request: Request) -> Caller:
+    vault.principals.require_role(caller, {"admin", "auditor"}, _action(request), ctx)
+    return caller
+
+
+def _action(request: Request) -> str:
+    route = request.scope.get("route")
+    return getattr(route, "name", None) or request.url.path
+
+
+AdminDep = Annotated[Caller, Depends(require_admin)]
+AuditorDep = Annotated[Caller, Depends(require_auditor)]

@@ -1,0 +1,105 @@
+"""Principals and their API keys (admin only)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from fastapi import APIRouter, status
+
+from app.api.deps import AdminDep, ContextDep, SessionDep, VaultDep
+from app.api.schemas import (
+    ApiKeyCreated,
+    ApiKeyOut,
+    ErrorResponse,
+    PrincipalCreate,
+    PrincipalCreated,
+    PrincipalList,
+    PrincipalOut,
+)
+from app.db.models import ApiKey, Principal
+
+router = APIRouter(
+    prefix="/v1/principals",
+    tags=["principals"],
+    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+)
+
+
+def principal_out(principal: Principal, keys: Sequence[ApiKey] = ()) -> PrincipalOut:
+    return PrincipalOut(
+        id=principal.id,
+        name=principal.name,
+        role=principal.role,
+        created_at=principal.created_at,
+        disabled_at=principal.disabled_at,
+        keys=[ApiKeyOut(key_id=k.id, created_at=k.created_at, revoked_at=k.revoked_at) for k in keys],
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    name="CreatePrincipal",
+    responses={409: {"model": ErrorResponse, "description": "the name is taken"}},
+)
+def create_principal(
+    body: PrincipalCreate, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
+) -> PrincipalCreated:
+    """Register a caller. Its API key is in this response only; it is stored hashed."""
+    principal, issued = vault.principals.create(session, admin, body.name, body.role, ctx)
+    keys = vault.principals.keys_of(session, principal.id)
+    out = principal_out(principal, keys)
+    return PrincipalCreated(**out.model_dump(), key_id=issued.key_id, api_key=issued.secret_key)
+
+
+@router.get("", name="ListPrincipals")
+def list_principals(vault: VaultDep, session: SessionDep, admin: AdminDep) -> PrincipalList:
+    return PrincipalList(principals=[principal_out(p) for p in vault.principals.list(session)])
+
+
+@router.get("/{principal_id}", name="GetPrincipal", responses={404: {"model": ErrorResponse}})
+def get_principal(
+    principal_id: uuid.UUID, vault: VaultDep, session: SessionDep, admin: AdminDep
+) -> PrincipalOut:
+    principal = vault.principals.get(session, principal_id)
+    return principal_out(principal, vault.principals.keys_of(session, principal.id))
+
+
+@router.post(
+    "/{principal_id}/keys",
+    status_code=status.HTTP_201_CREATED,
+    name="CreateApiKey",
+    responses={404: {"model": ErrorResponse}},
+)
+def create_key(
+    principal_id: uuid.UUID, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
+) -> ApiKeyCreated:
+    """Issue another key (rotation): both work until the old one is deleted."""
+    issued = vault.principals.add_key(session, admin, principal_id, ctx)
+    return ApiKeyCreated(key_id=issued.key_id, api_key=issued.secret_key)
+
+
+@router.delete(
+    "/{principal_id}/keys/{key_id}", name="RevokeApiKey", responses={404: {"model": ErrorResponse}}
+)
+def revoke_key(
+    principal_id: uuid.UUID,
+    key_id: str,
+    vault: VaultDep,
+    session: SessionDep,
+    admin: AdminDep,
+    ctx: ContextDep,
+) -> ApiKeyOut:
+    """Revoke a key: it stops working at once."""
+    key = vault.principals.revoke_key(session, admin, principal_id, key_id, ctx)
+    return ApiKeyOut(key_id=key.id, created_at=key.created_at, revoked_at=key.revoked_at)
+
+
+@router.delete("/{principal_id}", name="DisablePrincipal", responses={404: {"model": ErrorResponse}})
+def disable_principal(
+    principal_id: uuid.UUID, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
+) -> PrincipalOut:
+    """Disable a principal: every key of it stops working at once."""
+    principal = vault.principals.disable(session, admin, principal_id, ctx)
+    return principal_out(principal, vault.principals.keys_of(session, principal.id))

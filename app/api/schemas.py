@@ -1,0 +1,220 @@
+"""Request and response bodies. Unknown fields are rejected; every example is fictitious."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictStr, model_validator
+
+CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+DATA_TYPE_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
+
+CustomerId = Annotated[
+    StrictStr,
+    Field(
+        pattern=CUSTOMER_ID_PATTERN,
+        max_length=128,
+        examples=["12345"],
+        description="1 to 128 characters of [A-Za-z0-9._:-]",
+    ),
+]
+DataType = Annotated[
+    StrictStr,
+    Field(
+        pattern=DATA_TYPE_PATTERN,
+        max_length=64,
+        examples=["DriverLicense"],
+        description="1 to 64 characters, a letter first, then [A-Za-z0-9_]",
+    ),
+]
+PrincipalName = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9._@-]{1,128}$", examples=["kyc-app"])]
+Role = Literal["admin", "service", "auditor"]
+OperationName = Literal["Encrypt", "Decrypt"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# Errors
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(examples=["grant_required"])
+    message: str
+    request_id: str | None = None
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# Principals
+
+
+class PrincipalCreate(Strict):
+    name: PrincipalName
+    role: Role = Field(examples=["service"])
+
+
+class ApiKeyOut(BaseModel):
+    key_id: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class PrincipalOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    role: Role
+    created_at: datetime
+    disabled_at: datetime | None = None
+    keys: list[ApiKeyOut] = []
+
+
+class PrincipalCreated(PrincipalOut):
+    key_id: str
+    api_key: str = Field(description="Shown this once; store it in your secret manager.")
+
+
+class ApiKeyCreated(BaseModel):
+    key_id: str
+    api_key: str = Field(description="Shown this once; store it in your secret manager.")
+
+
+class PrincipalList(BaseModel):
+    principals: list[PrincipalOut]
+
+
+# Grants
+
+ContextKey = Literal["customerID", "dataType"]
+
+
+class GrantConstraintsIn(Strict):
+    encryption_context_subset: dict[ContextKey, StrictStr] | None = Field(
+        default=None, examples=[{"dataType": "DriverLicense"}]
+    )
+    encryption_context_equals: dict[ContextKey, StrictStr] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> GrantConstraintsIn:
+        given = [c for c in (self.encryption_context_subset, self.encryption_context_equals) if c is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of encryption_context_subset or encryption_context_equals")
+        if not given[0]:
+            raise ValueError("the encryption context constraint must name at least one pair")
+        return self
+
+
+class GrantCreate(Strict):
+    grantee: StrictStr = Field(max_length=128, description="A principal's id or name.", examples=["kyc-app"])
+    operations: list[OperationName] = Field(min_length=1, max_length=2, examples=[["Decrypt"]])
+    constraints: GrantConstraintsIn | None = None
+    expires_at: AwareDatetime | None = Field(default=None, description="RFC 3339, with offset.")
+    name: StrictStr | None = Field(default=None, max_length=256)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "grantee": "kyc-app",
+                    "operations": ["Decrypt"],
+                    "constraints": {"encryption_context_subset": {"dataType": "DriverLicense"}},
+                    "expires_at": "2027-01-01T00:00:00Z",
+                    "name": "kyc reads licences",
+                }
+            ]
+        },
+    )
+
+
+class GrantOut(BaseModel):
+    id: uuid.UUID
+    name: str | None
+    grantee: uuid.UUID
+    operations: list[OperationName]
+    constraints: dict[str, dict[str, str]] | None
+    expires_at: datetime | None
+    created_at: datetime
+    revoked_at: datetime | None
+    retired_at: datetime | None
+    active: bool
+    kms_grant_id: str | None
+
+
+class GrantList(BaseModel):
+    grants: list[GrantOut]
+
+
+# Tokens
+
+
+class TokenizeRequest(Strict):
+    customer_id: CustomerId
+    data_type: DataType
+    value: StrictStr = Field(
+        min_length=1,
+        description="The PII, as UTF-8 text; at most the configured size (4 KiB by default).",
+        examples=["D1234-56789-01234"],
+    )
+
+
+class TokenOut(BaseModel):
+    token: str = Field(examples=["tok_3q2-7wEvmn8CRTfF1ZrPuS9QoHgH4kDy"])
+    customer_id: str
+    data_type: str
+    created_at: datetime
+
+
+class ItemErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class BatchTokenizeRequest(Strict):
+    items: list[dict[str, Any]] = Field(
+        min_length=1,
+        description="Each item as for POST /v1/tokens; a bad item fails alone.",
+        examples=[[{"customer_id": "12345", "data_type": "SSN", "value": "078-05-1120"}]],
+    )
+
+
+class BatchTokenizeItemResult(BaseModel):
+    token: str | None = None
+    customer_id: str | None = None
+    data_type: str | None = None
+    created_at: datetime | None = None
+    error: ItemErrorBody | None = None
+
+
+class BatchTokenizeResponse(BaseModel):
+    results: list[BatchTokenizeItemResult]
+
+
+class RevealedOut(BaseModel):
+    token: str
+    customer_id: str
+    data_type: str
+    value: str
+
+
+class DetokenizeRequest(Strict):
+    tokens: list[StrictStr] = Field(min_length=1, examples=[["tok_3q2-7wEvmn8CRTfF1ZrPuS9QoHgH4kDy"]])
+
+
+class DetokenizeItemResult(BaseModel):
+    token: str
+    customer_id: str | None = None
+    data_type: str | None = None
+    value: str | None = None
+    error: ItemErrorBody | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    results: list[DetokenizeItemResult]

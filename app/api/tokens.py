@@ -1,0 +1,156 @@
+"""Tokenize and detokenize."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, status
+from pydantic import ValidationError
+
+from app.api.deps import CallerDep, ContextDep, SessionDep, VaultDep
+from app.api.errors import error_body, validation_problem
+from app.api.schemas import (
+    BatchTokenizeItemResult,
+    BatchTokenizeRequest,
+    BatchTokenizeResponse,
+    DetokenizeItemResult,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ItemErrorBody,
+    RevealedOut,
+    TokenizeRequest,
+    TokenOut,
+)
+from app.errors import AccessReasonRequired, InvalidInput, PayloadTooLarge, VaultError
+from app.services.context import RequestContext
+from app.services.tokens import ItemError, TokenizeItem
+
+router = APIRouter(
+    prefix="/v1/tokens",
+    tags=["tokens"],
+    responses={
+        401: {"model": ErrorResponse},
+        403: {"model": ErrorResponse, "description": "no active grant covers this record"},
+        503: {"model": ErrorResponse, "description": "a dependency is down; see Retry-After"},
+    },
+)
+
+
+def _check_batch_size(count: int, limit: int, field: str) -> None:
+    if count > limit:
+        raise PayloadTooLarge(f"{field} has {count} entries; at most {limit} are allowed", field=field)
+
+
+def _require_reason(vault: VaultDep, ctx: RequestContext) -> None:
+    if vault.settings.require_access_reason and not (ctx.access_reason or "").strip():
+        raise AccessReasonRequired(field="X-Access-Reason")
+
+
+def _parse_item(index: int, raw: dict[str, object]) -> TokenizeItem | VaultError:
+    try:
+        item = TokenizeRequest.model_validate(raw)
+    except ValidationError as err:
+        field, message, _ = validation_problem(err)
+        return InvalidInput(f"items[{index}].{message}", field=f"items[{index}].{field}")
+    return TokenizeItem(item.customer_id, item.data_type, item.value)
+
+
+def _item_error(err: VaultError) -> ItemErrorBody:
+    return ItemErrorBody.model_validate(error_body(err))
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    name="Tokenize",
+    responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+)
+def tokenize(
+    body: TokenizeRequest, vault: VaultDep, session: SessionDep, caller: CallerDep, ctx: ContextDep
+) -> TokenOut:
+    """Store a value and get its token. Needs an active Encrypt grant matching
+    {"customerID": customer_id, "dataType": data_type}."""
+    item = TokenizeItem(body.customer_id, body.data_type, body.value)
+    result = vault.tokens.tokenize_one(session, caller, item, ctx)
+    return TokenOut(
+        token=result.token,
+        customer_id=result.customer_id,
+        data_type=result.data_type,
+        created_at=result.created_at,
+    )
+
+
+@router.post("/batch", name="TokenizeBatch", responses={413: {"model": ErrorResponse}})
+def tokenize_batch(
+    body: BatchTokenizeRequest,
+    vault: VaultDep,
+    session: SessionDep,
+    caller: CallerDep,
+    ctx: ContextDep,
+) -> BatchTokenizeResponse:
+    """Tokenize many values; results come in request order, each a token or its own error."""
+    _check_batch_size(len(body.items), vault.settings.max_batch_items, "items")
+    items = [_parse_item(index, raw) for index, raw in enumerate(body.items)]
+    results = vault.tokens.tokenize(session, caller, items, ctx)
+    return BatchTokenizeResponse(
+        results=[
+            BatchTokenizeItemResult(error=_item_error(r.error))
+            if isinstance(r, ItemError)
+            else BatchTokenizeItemResult(
+                token=r.token,
+                customer_id=r.customer_id,
+                data_type=r.data_type,
+                created_at=r.created_at,
+            )
+            for r in results
+        ]
+    )
+
+
+@router.post("/detokenize", name="DetokenizeBatch", responses={413: {"model": ErrorResponse}})
+def detokenize_batch(
+    body: DetokenizeRequest,
+    vault: VaultDep,
+    session: SessionDep,
+    caller: CallerDep,
+    ctx: ContextDep,
+) -> DetokenizeResponse:
+    """Reveal many tokens; each result is the value or its own error (not_found, grant_required…)."""
+    _require_reason(vault, ctx)
+    _check_batch_size(len(body.tokens), vault.settings.max_batch_items, "tokens")
+    results = vault.tokens.detokenize(session, caller, body.tokens, ctx)
+    return DetokenizeResponse(
+        results=[
+            DetokenizeItemResult(token=r.token or "", error=_item_error(r.error))
+            if isinstance(r, ItemError)
+            else DetokenizeItemResult(
+                token=r.token, customer_id=r.customer_id, data_type=r.data_type, value=r.value
+            )
+            for r in results
+        ]
+    )
+
+
+@router.get(
+    "/{token}",
+    name="Detokenize",
+    responses={404: {"model": ErrorResponse}, 500: {"model": ErrorResponse}},
+)
+def detokenize(
+    token: Annotated[str, Path(max_length=128, examples=["tok_3q2-7wEvmn8CRTfF1ZrPuS9QoHgH4kDy"])],
+    vault: VaultDep,
+    session: SessionDep,
+    caller: CallerDep,
+    ctx: ContextDep,
+) -> RevealedOut:
+    """Reveal a token's value. Needs an active Decrypt grant matching the record's context;
+    send X-Access-Reason to record why."""
+    _require_reason(vault, ctx)
+    revealed = vault.tokens.detokenize_one(session, caller, token, ctx)
+    return RevealedOut(
+        token=revealed.token,
+        customer_id=revealed.customer_id,
+        data_type=revealed.data_type,
+        value=revealed.value,
+    )

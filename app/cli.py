@@ -1,0 +1,123 @@
+"""The `piivault` command: serve, migrate, admin."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from app.settings import Settings, get_settings
+
+cli = typer.Typer(help="pii-vault: a PII tokenization vault.", no_args_is_help=True, add_completion=False)
+admin_cli = typer.Typer(help="Manage admins.", no_args_is_help=True)
+cli.add_typer(admin_cli, name="admin")
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ValidationError as err:
+        for problem in err.errors():
+            typer.echo(f"piivault: {problem['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _database_url(settings: Settings) -> str:
+    """The configured URL, or the embedded server's (started or joined) in development."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    from app.embedded import start_embedded_postgres
+
+    url = start_embedded_postgres(settings.data_dir)
+    # Workers and later settings reads see the same database.
+    os.environ["PIIVAULT_DATABASE_URL"] = url
+    get_settings.cache_clear()
+    return url
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply the database migrations."""
+    from app.migrate import upgrade
+
+    upgrade(_database_url(_settings()))
+    typer.echo("migrations applied")
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    migrate_first: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Apply migrations.")] = True,
+) -> None:
+    """Serve the vault's HTTP API."""
+    import uvicorn
+
+    from app.crypto.local import WARNING
+    from app.migrate import upgrade
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = _settings()
+    url = _database_url(settings)
+    if migrate_first:
+        upgrade(url)
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="piivault-metrics-")
+    base = f"http://{host}:{port}"
+    banner = [
+        f"pii-vault serving on {base} (docs: {base}/docs, environment: {settings.environment})",
+    ]
+    if settings.uses_embedded_database:
+        banner.append(f"database: embedded PostgreSQL under {settings.data_dir}/pgdata")
+    if settings.effective_key_provider == "local":
+        banner.append(f"WARNING: {WARNING}")
+    banner.append("first admin key: piivault admin create NAME   (the key is the last line it prints)")
+    for line in banner:
+        typer.echo(line, err=True)
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        proxy_headers=False,
+        log_level="info",
+    )
+
+
+@admin_cli.command("create")
+def admin_create(name: Annotated[str, typer.Argument(help="The admin's unique name.")]) -> None:
+    """Create an admin and print its API key (shown once) as the last line."""
+    from sqlalchemy.exc import ProgrammingError
+
+    from app.container import build_vault
+    from app.errors import VaultError
+    from app.services.context import RequestContext
+
+    settings = _settings()
+    url = _database_url(settings)
+    vault = build_vault(settings, url=url)
+    ctx = RequestContext(request_id="cli", user_agent="piivault-cli")
+    try:
+        with vault.database.transaction() as session:
+            principal, issued = vault.principals.create(session, None, name, "admin", ctx)
+    except VaultError as err:
+        typer.echo(f"piivault: {err.message}", err=True)
+        raise typer.Exit(1) from None
+    except ProgrammingError:
+        typer.echo("piivault: the database has no vault tables; run `piivault migrate` first", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        vault.close()
+    typer.echo(f"created admin {principal.name} ({principal.id}); its API key, shown only this once:")
+    typer.echo(issued.secret_key)
+
+
+def main() -> None:
+    sys.exit(cli())

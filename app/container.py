@@ -1,0 +1,78 @@
+"""Builds the vault's parts from the settings, once per process."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from app.crypto.keys import GrantMirror, KeyProvider, NoGrantMirror
+from app.crypto.kms import KmsKeyProvider
+from app.crypto.local import LocalKeyProvider
+from app.db.session import Database
+from app.services.audit import Auditor
+from app.services.grants import GrantService
+from app.services.principals import PrincipalService
+from app.services.tokens import TokenService
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Vault:
+    settings: Settings
+    database: Database
+    keys: KeyProvider
+    auditor: Auditor
+    principals: PrincipalService
+    grants: GrantService
+    tokens: TokenService
+
+    def close(self) -> None:
+        self.tokens.close()
+        self.database.dispose()
+
+
+def database_url(settings: Settings) -> str:
+    if settings.database_url is None:
+        # The embedded server is started by `piivault serve` / the CLI, which export its URL.
+        raise RuntimeError("no database URL: start through `piivault serve` for the embedded default")
+    return settings.database_url.get_secret_value()
+
+
+def build_key_provider(settings: Settings) -> tuple[KeyProvider, GrantMirror]:
+    if settings.effective_key_provider == "local":
+        return LocalKeyProvider.from_file(settings.data_dir / "dev-master.key"), NoGrantMirror()
+    kms = KmsKeyProvider(
+        settings.kms_key_id or "",  # required by Settings validation for the kms provider
+        endpoint_url=settings.kms_endpoint_url,
+        region=settings.kms_region,
+        connect_timeout_s=settings.kms_connect_timeout_s,
+        read_timeout_s=settings.kms_read_timeout_s,
+        max_attempts=settings.kms_max_attempts,
+        grantee_principal=settings.kms_grantee_principal,
+    )
+    return kms, (kms if settings.kms_mirror_grants else NoGrantMirror())
+
+
+def build_vault(
+    settings: Settings,
+    *,
+    url: str | None = None,
+    keys: KeyProvider | None = None,
+    mirror: GrantMirror | None = None,
+) -> Vault:
+    database = Database(
+        url or database_url(settings),
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+    )
+    if keys is None:
+        keys, default_mirror = build_key_provider(settings)
+        mirror = mirror or default_mirror
+    auditor = Auditor(database)
+    principals = PrincipalService(auditor)
+    grants = GrantService(database, auditor, principals, mirror or NoGrantMirror())
+    tokens = TokenService(keys, grants, auditor, max_value_bytes=settings.max_value_bytes)
+    return Vault(settings, database, keys, auditor, principals, grants, tokens)

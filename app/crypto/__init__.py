@@ -1,0 +1,1 @@
+"""Envelope format and key providers. Knows nothing of HTTP or the database."""

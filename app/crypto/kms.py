@@ -1,0 +1,177 @@
+"""AWS KMS key provider over boto3: GenerateDataKey / Decrypt with the record's encryption context.
+
+boto and KMS errors stop here and become the vault's own: KeyServiceUnavailable (retry later),
+KeyAccessDenied (an operator must act), IntegrityFailure (the wrapped key does not open under
+this context).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from app.crypto.envelope import DATA_KEY_BYTES
+from app.crypto.keys import DataKey, EncryptionContext, GrantConstraints
+from app.errors import IntegrityFailure, KeyAccessDenied, KeyServiceUnavailable
+
+if TYPE_CHECKING:
+    from mypy_boto3_kms.client import KMSClient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_UNAVAILABLE = {
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "LimitExceededException",
+    "KMSInternalException",
+    "DependencyTimeoutException",
+    "ServiceUnavailableException",
+    "InternalFailure",
+    "KeyUnavailableException",
+}
+_INVALID_CIPHERTEXT = {"InvalidCiphertextException", "IncorrectKeyException"}
+_OPERATIONS = {"Encrypt": "GenerateDataKey", "Decrypt": "Decrypt"}
+
+
+def _translate(operation: str, err: Exception) -> Exception:
+    """Map a boto error to the vault's own, logging only the error code (never a payload)."""
+    if isinstance(err, ClientError):
+        code = err.response.get("Error", {}).get("Code", "")
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        log.warning("kms %s failed: %s (HTTP %s)", operation, code, status)
+        if code in _INVALID_CIPHERTEXT:
+            return IntegrityFailure()
+        if code in _UNAVAILABLE or status >= 500:
+            return KeyServiceUnavailable()
+        return KeyAccessDenied()
+    if isinstance(err, NoCredentialsError):
+        log.error("kms %s failed: no AWS credentials found", operation)
+        return KeyAccessDenied("the vault has no AWS credentials for the key service")
+    log.warning("kms %s failed: %s", operation, type(err).__name__)
+    return KeyServiceUnavailable()
+
+
+class KmsKeyProvider:
+    def __init__(
+        self,
+        key_id: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        connect_timeout_s: float = 2.0,
+        read_timeout_s: float = 5.0,
+        max_attempts: int = 3,
+        grantee_principal: str | None = None,
+        max_pool_connections: int = 64,
+        client: KMSClient | None = None,
+    ) -> None:
+        self._key_id = key_id
+        self._grantee_principal = grantee_principal
+        # "standard" retries back off on throttling and transient errors, within max_attempts.
+        config = Config(
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            max_pool_connections=max_pool_connections,
+        )
+        self.client: KMSClient = client or boto3.client(
+            "kms", endpoint_url=endpoint_url, region_name=region, config=config
+        )
+        self._key_arn: str | None = None
+        self._arn_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"KmsKeyProvider(key_id={self._key_id!r})"
+
+    @property
+    def key_id(self) -> str:
+        return self._key_id
+
+    def _call(self, operation: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except (ClientError, BotoCoreError) as err:
+            raise _translate(operation, err) from None
+
+    def generate_data_key(self, context: EncryptionContext) -> DataKey:
+        response = self._call(
+            "GenerateDataKey",
+            lambda: self.client.generate_data_key(
+                KeyId=self._key_id, KeySpec="AES_256", EncryptionContext=dict(context)
+            ),
+        )
+        plaintext = response["Plaintext"]
+        if len(plaintext) != DATA_KEY_BYTES:
+            raise KeyAccessDenied("the key service returned a data key of the wrong size")
+        return DataKey(
+            plaintext=plaintext,
+            wrapped=response["CiphertextBlob"],
+            key_id=response["KeyId"],
+            request_id=response["ResponseMetadata"].get("RequestId"),
+        )
+
+    def decrypt_data_key(self, wrapped: bytes, context: EncryptionContext) -> DataKey:
+        # KeyId pins the master key: a wrapped key from another key is refused, not silently used.
+        response = self._call(
+            "Decrypt",
+            lambda: self.client.decrypt(
+                CiphertextBlob=wrapped, KeyId=self._key_id, EncryptionContext=dict(context)
+            ),
+        )
+        return DataKey(
+            plaintext=response["Plaintext"],
+            wrapped=wrapped,
+            key_id=response["KeyId"],
+            request_id=response["ResponseMetadata"].get("RequestId"),
+        )
+
+    def key_arn(self) -> str:
+        """The master key's ARN (CreateGrant takes no alias); looked up once."""
+        with self._arn_lock:
+            if self._key_arn is None:
+                meta = self._call("DescribeKey", lambda: self.client.describe_key(KeyId=self._key_id))
+                self._key_arn = meta["KeyMetadata"]["Arn"]
+            return self._key_arn
+
+    def check(self) -> None:
+        meta = self._call("DescribeKey", lambda: self.client.describe_key(KeyId=self._key_id))
+        if meta["KeyMetadata"].get("KeyState") != "Enabled":
+            raise KeyAccessDenied("the vault's KMS key is not enabled")
+
+    # GrantMirror
+    def create_grant(self, *, name: str, operations: list[str], constraints: GrantConstraints) -> str | None:
+        if not self._grantee_principal:
+            raise KeyAccessDenied("grant mirroring needs PIIVAULT_KMS_GRANTEE_PRINCIPAL")
+        kms_constraints: dict[str, Any] = {}
+        if constraints.subset is not None:
+            kms_constraints["EncryptionContextSubset"] = dict(constraints.subset)
+        if constraints.equals is not None:
+            kms_constraints["EncryptionContextEquals"] = dict(constraints.equals)
+        arguments: dict[str, Any] = {
+            "KeyId": self.key_arn(),
+            "GranteePrincipal": self._grantee_principal,
+            "Operations": sorted(_OPERATIONS[op] for op in operations),
+            "Name": name,
+        }
+        if kms_constraints:
+            arguments["Constraints"] = kms_constraints
+        response = self._call("CreateGrant", lambda: self.client.create_grant(**arguments))
+        return response["GrantId"]
+
+    def revoke_grant(self, kms_grant_id: str) -> None:
+        try:
+            self.client.revoke_grant(KeyId=self.key_arn(), GrantId=kms_grant_id)
+        except ClientError as err:
+            # Already gone is the state we want.
+            if err.response.get("Error", {}).get("Code") == "NotFoundException":
+                return
+            raise _translate("RevokeGrant", err) from None
+        except BotoCoreError as err:
+            raise _translate("RevokeGrant", err) from None

@@ -1,0 +1,1 @@
+"""Storage: models, the engine and its transactions, repositories (all SQL lives in repositories)."""

@@ -1,0 +1,141 @@
+"""Tables. Values are stored only as ciphertext; nothing here holds a secret in clear."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    SmallInteger,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _now() -> Any:
+    return func.now()
+
+
+class Principal(Base):
+    __tablename__ = "principals"
+    __table_args__ = (CheckConstraint("role IN ('admin', 'service', 'auditor')", name="role_known"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    def __repr__(self) -> str:
+        return f"Principal(id={self.id}, name={self.name!r}, role={self.role!r})"
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    # The public half of the key; the secret half is stored only as a hash.
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    principal_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("principals.id"), index=True)
+    secret_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    def __repr__(self) -> str:
+        return f"ApiKey(id={self.id!r}, principal_id={self.principal_id})"
+
+
+class Grant(Base):
+    __tablename__ = "grants"
+    __table_args__ = (
+        CheckConstraint(
+            "constraint_kind IS NULL OR constraint_kind IN "
+            "('encryption_context_subset', 'encryption_context_equals')",
+            name="constraint_kind_known",
+        ),
+        CheckConstraint("cardinality(operations) > 0", name="operations_not_empty"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    name: Mapped[str | None] = mapped_column(String(256))
+    grantee_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("principals.id"), index=True)
+    operations: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    constraint_kind: Mapped[str | None] = mapped_column(String(32))
+    constraint_context: Mapped[dict[str, str] | None] = mapped_column(JSONB)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    created_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("principals.id"))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    kms_grant_id: Mapped[str | None] = mapped_column(String(128))
+    # Set once the KMS mirror is revoked (after revoke, retire or expiry), so sweeps skip it.
+    kms_revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    def __repr__(self) -> str:
+        return f"Grant(id={self.id}, grantee_id={self.grantee_id}, operations={self.operations})"
+
+
+class Record(Base):
+    __tablename__ = "records"
+    __table_args__ = (Index("ix_records_customer_id", "customer_id"),)
+
+    token: Mapped[str] = mapped_column(String(64), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(128))
+    data_type: Mapped[str] = mapped_column(String(64))
+    format_version: Mapped[int] = mapped_column(SmallInteger)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    kms_key_id: Mapped[str] = mapped_column(String(2048))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    created_by: Mapped[uuid.UUID] = mapped_column(ForeignKey("principals.id"))
+
+    def __repr__(self) -> str:
+        return f"Record(token={self.token!r}, data_type={self.data_type!r})"
+
+
+class AuditEvent(Base):
+    """One allow, deny or error. Never holds a value, a data key or an API key."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_time", "time"),
+        Index("ix_audit_events_customer_id", "customer_id"),
+        Index("ix_audit_events_token", "token"),
+        Index("ix_audit_events_principal_id", "principal_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    event_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), unique=True)
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    principal_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    principal_name: Mapped[str | None] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    token: Mapped[str | None] = mapped_column(String(64))
+    customer_id: Mapped[str | None] = mapped_column(String(128))
+    data_type: Mapped[str | None] = mapped_column(String(64))
+    grant_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    target_id: Mapped[str | None] = mapped_column(String(128))
+    access_reason: Mapped[str | None] = mapped_column(String(512))
+    source_ip: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(512))
+    kms_request_id: Mapped[str | None] = mapped_column(String(128))
+    # Tamper evidence: position in the chain, previous link and this event's MAC.
+    chain_seq: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    prev_mac: Mapped[bytes | None] = mapped_column(LargeBinary)
+    mac: Mapped[bytes | None] = mapped_column(LargeBinary)

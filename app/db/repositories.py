@@ -1,0 +1,151 @@
+"""All SQL lives here. Repositories read and write rows in the caller's session; they never commit."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from app.db.models import ApiKey, AuditEvent, Grant, Principal, Record
+
+
+class PrincipalRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, principal: Principal) -> Principal:
+        self.session.add(principal)
+        self.session.flush()
+        return principal
+
+    def get(self, principal_id: uuid.UUID) -> Principal | None:
+        return self.session.get(Principal, principal_id)
+
+    def get_by_name(self, name: str) -> Principal | None:
+        return self.session.scalar(select(Principal).where(Principal.name == name))
+
+    def name_taken(self, name: str) -> bool:
+        return self.session.scalar(select(Principal.id).where(Principal.name == name)) is not None
+
+    def list(self) -> Sequence[Principal]:
+        return self.session.scalars(select(Principal).order_by(Principal.created_at, Principal.name)).all()
+
+    def any_admin(self) -> bool:
+        query = select(Principal.id).where(Principal.role == "admin", Principal.disabled_at.is_(None))
+        return self.session.scalar(query.limit(1)) is not None
+
+
+class ApiKeyRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, key: ApiKey) -> ApiKey:
+        self.session.add(key)
+        self.session.flush()
+        return key
+
+    def get(self, key_id: str) -> ApiKey | None:
+        return self.session.get(ApiKey, key_id)
+
+    def get_with_principal(self, key_id: str) -> tuple[ApiKey, Principal] | None:
+        row = self.session.execute(
+            select(ApiKey, Principal).join(Principal).where(ApiKey.id == key_id)
+        ).first()
+        return None if row is None else (row[0], row[1])
+
+    def list_for(self, principal_id: uuid.UUID) -> Sequence[ApiKey]:
+        query = select(ApiKey).where(ApiKey.principal_id == principal_id).order_by(ApiKey.created_at)
+        return self.session.scalars(query).all()
+
+    def revoke_all_for(self, principal_id: uuid.UUID, now: datetime) -> None:
+        self.session.execute(
+            update(ApiKey)
+            .where(ApiKey.principal_id == principal_id, ApiKey.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+
+
+class GrantRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, grant: Grant) -> Grant:
+        self.session.add(grant)
+        self.session.flush()
+        return grant
+
+    def get(self, grant_id: uuid.UUID, *, for_update: bool = False) -> Grant | None:
+        return self.session.get(Grant, grant_id, with_for_update=for_update)
+
+    def for_grantee(self, grantee_id: uuid.UUID, operation: str) -> Sequence[Grant]:
+        """Every grant of this principal naming this operation, active or not (the caller decides)."""
+        query = (
+            select(Grant)
+            .where(Grant.grantee_id == grantee_id, Grant.operations.any_() == operation)
+            .order_by(Grant.created_at, Grant.id)
+        )
+        return self.session.scalars(query).all()
+
+    def list(self, *, grantee_id: uuid.UUID | None, active: bool | None, now: datetime) -> Sequence[Grant]:
+        query = select(Grant).order_by(Grant.created_at, Grant.id)
+        if grantee_id is not None:
+            query = query.where(Grant.grantee_id == grantee_id)
+        is_active = (
+            Grant.revoked_at.is_(None)
+            & Grant.retired_at.is_(None)
+            & or_(Grant.expires_at.is_(None), Grant.expires_at > now)
+        )
+        if active is True:
+            query = query.where(is_active)
+        elif active is False:
+            query = query.where(~is_active)
+        return self.session.scalars(query).all()
+
+    def mirrors_to_revoke(self, now: datetime, limit: int) -> Sequence[Grant]:
+        """Inactive grants whose KMS mirror still stands; locked so that one replica handles each."""
+        query = (
+            select(Grant)
+            .where(
+                Grant.kms_grant_id.is_not(None),
+                Grant.kms_revoked_at.is_(None),
+                or_(
+                    Grant.revoked_at.is_not(None),
+                    Grant.retired_at.is_not(None),
+                    Grant.expires_at <= now,
+                ),
+            )
+            .order_by(Grant.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return self.session.scalars(query).all()
+
+
+class RecordRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add_all(self, records: Sequence[Record]) -> None:
+        self.session.add_all(records)
+        self.session.flush()
+
+    def get(self, token: str) -> Record | None:
+        return self.session.get(Record, token)
+
+    def get_many(self, tokens: Sequence[str]) -> dict[str, Record]:
+        if not tokens:
+            return {}
+        rows = self.session.scalars(select(Record).where(Record.token.in_(tokens))).all()
+        return {row.token: row for row in rows}
+
+
+class AuditRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add_all(self, events: Sequence[AuditEvent]) -> None:
+        self.session.add_all(events)
+        self.session.flush()

@@ -1,0 +1,99 @@
+"""The engine and the one place where a transaction commits or rolls back."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+_ROLLBACK_HOOKS = "piivault.on_rollback"
+
+
+def normalise_url(url: str) -> str:
+    """Accept plain postgresql:// URLs and use the psycopg 3 driver for them."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def on_rollback(session: Session, compensate: Callable[[], None]) -> None:
+    """Undo an outside side effect (a KMS grant, say) if this transaction does not commit."""
+    session.info.setdefault(_ROLLBACK_HOOKS, []).append(compensate)
+
+
+def _is_connection_failure(err: DBAPIError) -> bool:
+    return isinstance(err, OperationalError) or err.connection_invalidated
+
+
+class Database:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        max_overflow: int = 10,
+        statement_timeout_ms: int = 5000,
+    ) -> None:
+        self.engine: Engine = create_engine(
+            normalise_url(url),
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_pre_ping=True,
+            pool_timeout=5,
+            connect_args={
+                "connect_timeout": 3,
+                "options": f"-c statement_timeout={statement_timeout_ms}",
+            },
+        )
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def __repr__(self) -> str:
+        return f"Database({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One unit of work: commits if the block completes, rolls back (and compensates) if not.
+
+        A lost or refused connection becomes DatabaseUnavailable (503), never a traceback.
+        """
+        session = self._sessions()
+        try:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                for compensate in reversed(session.info.pop(_ROLLBACK_HOOKS, [])):
+                    try:
+                        compensate()
+                    except Exception:
+                        log.exception("compensation after rollback failed")
+                raise
+        except DBAPIError as err:
+            if _is_connection_failure(err):
+                log.warning("database unavailable: %s", type(err.orig).__name__)
+                raise DatabaseUnavailable() from None
+            raise
+        except PoolTimeout:
+            # The connection pool is exhausted: the database is too slow for the load.
+            raise DatabaseUnavailable() from None
+        finally:
+            session.close()
+
+    def ping(self) -> None:
+        with self.transaction() as session:
+            session.execute(text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,1 @@
+"""The vault's rules. Nothing here knows of FastAPI; callers pass a session and a RequestContext."""

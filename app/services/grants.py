@@ -1,0 +1,221 @@
+"""Grants, modelled on KMS grants, and the one place where data access is decided."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from app.crypto.keys import GrantConstraints, GrantMirror
+from app.db.models import Grant
+from app.db.repositories import GrantRepository
+from app.db.session import Database, on_rollback
+from app.errors import Conflict, DependencyUnavailable, InvalidInput, NotFound
+from app.services.audit import Auditor, Subject, build_event
+from app.services.context import Caller, Operation, RequestContext, utcnow
+from app.services.principals import PrincipalService
+
+log = logging.getLogger(__name__)
+
+SUBSET = "encryption_context_subset"
+EQUALS = "encryption_context_equals"
+
+
+def is_active(grant: Grant, now: datetime) -> bool:
+    return (
+        grant.revoked_at is None
+        and grant.retired_at is None
+        and (grant.expires_at is None or grant.expires_at > now)
+    )
+
+
+def constraints_match(grant: Grant, context: Mapping[str, str]) -> bool:
+    """KMS semantics: subset = every pair is in the context; equals = the context is exactly this."""
+    wanted = grant.constraint_context or {}
+    if grant.constraint_kind == EQUALS:
+        return dict(context) == wanted
+    if grant.constraint_kind == SUBSET:
+        return all(context.get(key) == value for key, value in wanted.items())
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Allowed under grant_id, or denied for deny_reason (for the audit trail only)."""
+
+    grant_id: uuid.UUID | None
+    deny_reason: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.grant_id is not None
+
+
+class GrantSet:
+    """One principal's grants for one operation, read once per request and evaluated per record."""
+
+    def __init__(self, grants: Sequence[Grant], now: datetime) -> None:
+        self._grants = grants
+        self._now = now
+
+    @property
+    def any_active(self) -> bool:
+        return any(is_active(grant, self._now) for grant in self._grants)
+
+    def decide(self, context: Mapping[str, str]) -> Decision:
+        matching = [grant for grant in self._grants if constraints_match(grant, context)]
+        for grant in matching:
+            if is_active(grant, self._now):
+                return Decision(grant.id)
+        # Deny: say why, for the audit trail only (the caller always sees grant_required).
+        if any(g.revoked_at is None and g.retired_at is None for g in matching):
+            return Decision(None, "grant_expired")
+        if matching:
+            return Decision(None, "grant_revoked")
+        if self.any_active:
+            return Decision(None, "context_mismatch")
+        return Decision(None, "no_grant")
+
+
+@dataclass(frozen=True, slots=True)
+class GrantRequest:
+    grantee: str
+    operations: list[Operation]
+    constraint_kind: str | None
+    constraint_context: dict[str, str] | None
+    expires_at: datetime | None
+    name: str | None
+
+
+class GrantService:
+    def __init__(
+        self,
+        database: Database,
+        auditor: Auditor,
+        principals: PrincipalService,
+        mirror: GrantMirror,
+    ) -> None:
+        self._database = database
+        self._auditor = auditor
+        self._principals = principals
+        self._mirror = mirror
+
+    def grants_for(self, session: Session, caller: Caller, operation: Operation) -> GrantSet:
+        return GrantSet(GrantRepository(session).for_grantee(caller.id, operation), utcnow())
+
+    def create(self, session: Session, actor: Caller, request: GrantRequest, ctx: RequestContext) -> Grant:
+        grantee = self._principals.resolve(session, request.grantee)
+        if grantee.disabled_at is not None:
+            raise InvalidInput("the grantee is disabled", field="grantee")
+        # Separation of duties: data access goes to service principals only, never to admins
+        # (who could otherwise grant themselves) or auditors.
+        if grantee.role != "service":
+            raise InvalidInput("grants can only be made to service principals", field="grantee")
+        if request.expires_at is not None and request.expires_at <= utcnow():
+            raise InvalidInput("expires_at must be in the future", field="expires_at")
+        grant = GrantRepository(session).add(
+            Grant(
+                id=uuid.uuid4(),
+                name=request.name,
+                grantee_id=grantee.id,
+                operations=sorted(set(request.operations)),
+                constraint_kind=request.constraint_kind,
+                constraint_context=request.constraint_context,
+                expires_at=request.expires_at,
+                created_by=actor.id,
+            )
+        )
+        constraints = GrantConstraints(
+            subset=request.constraint_context if request.constraint_kind == SUBSET else None,
+            equals=request.constraint_context if request.constraint_kind == EQUALS else None,
+        )
+        # A failed mirror fails the request; a mirror made before a failed commit is revoked.
+        kms_grant_id = self._mirror.create_grant(
+            name=f"piivault-{grant.id}", operations=grant.operations, constraints=constraints
+        )
+        if kms_grant_id is not None:
+            grant.kms_grant_id = kms_grant_id
+            on_rollback(session, lambda: self._mirror.revoke_grant(kms_grant_id))
+        self._auditor.record(
+            session,
+            [
+                build_event(
+                    "CreateGrant",
+                    "allowed",
+                    ctx,
+                    actor,
+                    Subject(grant_id=grant.id, target_id=str(grantee.id)),
+                )
+            ],
+        )
+        return grant
+
+    def get(self, session: Session, grant_id: uuid.UUID) -> Grant:
+        grant = GrantRepository(session).get(grant_id)
+        if grant is None:
+            raise NotFound("no grant with this id", field="id")
+        return grant
+
+    def list(self, session: Session, grantee: str | None, active: bool | None) -> Sequence[Grant]:
+        grantee_id = self._principals.resolve(session, grantee).id if grantee else None
+        return GrantRepository(session).list(grantee_id=grantee_id, active=active, now=utcnow())
+
+    def revoke(self, session: Session, actor: Caller, grant_id: uuid.UUID, ctx: RequestContext) -> Grant:
+        grant = GrantRepository(session).get(grant_id, for_update=True)
+        if grant is None:
+            raise NotFound("no grant with this id", field="id")
+        if grant.revoked_at is not None or grant.retired_at is not None:
+            raise Conflict("the grant is already revoked or retired", field="id")
+        grant.revoked_at = utcnow()
+        self._revoke_mirror(grant)
+        self._auditor.record(
+            session, [build_event("RevokeGrant", "allowed", ctx, actor, Subject(grant_id=grant.id))]
+        )
+        return grant
+
+    def retire(self, session: Session, caller: Caller, grant_id: uuid.UUID, ctx: RequestContext) -> Grant:
+        grant = GrantRepository(session).get(grant_id, for_update=True)
+        # Only the grantee retires its grant; others learn nothing of grants not theirs.
+        if grant is None or grant.grantee_id != caller.id:
+            raise NotFound("no grant with this id is held by the caller", field="id")
+        if grant.revoked_at is not None or grant.retired_at is not None:
+            raise Conflict("the grant is already revoked or retired", field="id")
+        grant.retired_at = utcnow()
+        self._revoke_mirror(grant)
+        self._auditor.record(
+            session, [build_event("RetireGrant", "allowed", ctx, caller, Subject(grant_id=grant.id))]
+        )
+        return grant
+
+    def _revoke_mirror(self, grant: Grant) -> None:
+        """Revoke the KMS mirror now if KMS answers; else the sweep retries. The vault's own
+        revocation never waits on KMS: it is effective at commit."""
+        if grant.kms_grant_id is None:
+            return
+        try:
+            self._mirror.revoke_grant(grant.kms_grant_id)
+        except DependencyUnavailable:
+            log.warning("KMS mirror of grant %s not revoked yet; the sweep will retry", grant.id)
+            return
+        grant.kms_revoked_at = utcnow()
+
+    def sweep(self, ctx: RequestContext, limit: int = 100) -> int:
+        """Revoke the KMS mirrors of grants that expired (or whose revoke did not reach KMS)."""
+        done = 0
+        with self._database.transaction() as session:
+            now = utcnow()
+            for grant in GrantRepository(session).mirrors_to_revoke(now, limit):
+                self._revoke_mirror(grant)
+                if grant.kms_revoked_at is None:
+                    continue
+                done += 1
+                if grant.revoked_at is None and grant.retired_at is None:
+                    self._auditor.record(
+                        session,
+                        [build_event("ExpireGrant", "allowed", ctx, None, Subject(grant_id=grant.id))],
+                    )
+        return done

@@ -1,0 +1,190 @@
+"""Principals and their API keys. Keys are shown once and stored only as a hash."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from app.db.models import ApiKey, Principal
+from app.db.repositories import ApiKeyRepository, PrincipalRepository
+from app.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
+from app.services.audit import Auditor, Subject, build_event
+from app.services.context import Caller, RequestContext, utcnow
+
+API_KEY_PREFIX = "pv_"
+_KEY_ID_HEX = 16
+# pv_<16 hex key id>_<43 url-safe chars of secret (256 bits)>
+_API_KEY = re.compile(r"^pv_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+# Hashing a key that was never issued costs the same as hashing a real one.
+_DUMMY_HASH = hashlib.sha256(b"piivault.apikey.dummy").digest()
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A freshly issued API key. `repr` never shows the secret."""
+
+    key_id: str
+    principal_id: uuid.UUID
+    secret_key: str
+
+    def __repr__(self) -> str:
+        return f"IssuedKey(key_id={self.key_id!r}, principal_id={self.principal_id})"
+
+
+def _hash_secret(key_id: str, secret: str) -> bytes:
+    # The secret has 256 bits of entropy, so one SHA-256 is enough; no slow KDF needed.
+    return hashlib.sha256(f"piivault.apikey.v1:{key_id}:{secret}".encode()).digest()
+
+
+def _new_key(principal_id: uuid.UUID) -> tuple[ApiKey, IssuedKey]:
+    key_id = secrets.token_hex(_KEY_ID_HEX // 2)
+    secret = secrets.token_urlsafe(32)
+    row = ApiKey(id=key_id, principal_id=principal_id, secret_hash=_hash_secret(key_id, secret))
+    return row, IssuedKey(key_id, principal_id, f"{API_KEY_PREFIX}{key_id}_{secret}")
+
+
+def key_id_hint(presented: str) -> str | None:
+    """The public key id of a presented key, for the audit of a failed attempt; never the secret."""
+    match = _API_KEY.match(presented)
+    return match.group(1) if match else None
+
+
+class PrincipalService:
+    def __init__(self, auditor: Auditor) -> None:
+        self._auditor = auditor
+
+    def authenticate(self, session: Session, presented: str | None, ctx: RequestContext) -> Caller:
+        """Resolve a bearer key to its principal, in constant time for the secret part."""
+        match = _API_KEY.match(presented or "")
+        found = ApiKeyRepository(session).get_with_principal(match.group(1)) if match else None
+        expected = found[0].secret_hash if found else _DUMMY_HASH
+        given = _hash_secret(match.group(1), match.group(2)) if match else b""
+        secret_ok = hmac.compare_digest(expected, given)
+        reason: str | None = None
+        if not match:
+            reason = "malformed_key" if presented else "no_key"
+        elif found is None or not secret_ok:
+            reason = "unknown_key"
+        elif found[0].revoked_at is not None:
+            reason = "key_revoked"
+        elif found[1].disabled_at is not None:
+            reason = "principal_disabled"
+        if reason is not None or found is None:
+            principal = found[1] if found and secret_ok else None
+            caller = Caller(principal.id, principal.name, principal.role) if principal else None
+            subject = Subject(target_id=match.group(1) if match else None)
+            self._auditor.record_on_its_own(
+                [build_event("Authenticate", "denied", ctx, caller, subject, reason)]
+            )
+            raise Unauthenticated()
+        key, principal = found
+        return Caller(principal.id, principal.name, principal.role, key.id)
+
+    def create(
+        self, session: Session, actor: Caller | None, name: str, role: str, ctx: RequestContext
+    ) -> tuple[Principal, IssuedKey]:
+        principals = PrincipalRepository(session)
+        if principals.name_taken(name):
+            raise Conflict(f"a principal named {name!r} already exists", field="name")
+        principal = principals.add(Principal(id=uuid.uuid4(), name=name, role=role))
+        row, issued = _new_key(principal.id)
+        ApiKeyRepository(session).add(row)
+        self._auditor.record(
+            session,
+            [
+                build_event("CreatePrincipal", "allowed", ctx, actor, Subject(target_id=str(principal.id))),
+                build_event("CreateApiKey", "allowed", ctx, actor, Subject(target_id=row.id)),
+            ],
+        )
+        return principal, issued
+
+    def get(self, session: Session, principal_id: uuid.UUID) -> Principal:
+        principal = PrincipalRepository(session).get(principal_id)
+        if principal is None:
+            raise NotFound("no principal with this id", field="id")
+        return principal
+
+    def resolve(self, session: Session, reference: str) -> Principal:
+        """A principal by id or by name."""
+        principals = PrincipalRepository(session)
+        principal: Principal | None
+        try:
+            principal = principals.get(uuid.UUID(reference))
+        except ValueError:
+            principal = principals.get_by_name(reference)
+        if principal is None:
+            raise InvalidInput("no principal with this id or name", field="grantee")
+        return principal
+
+    def list(self, session: Session) -> Sequence[Principal]:
+        return PrincipalRepository(session).list()
+
+    def keys_of(self, session: Session, principal_id: uuid.UUID) -> Sequence[ApiKey]:
+        return ApiKeyRepository(session).list_for(principal_id)
+
+    def add_key(
+        self, session: Session, actor: Caller, principal_id: uuid.UUID, ctx: RequestContext
+    ) -> IssuedKey:
+        principal = self.get(session, principal_id)
+        if principal.disabled_at is not None:
+            raise Conflict("the principal is disabled", field="id")
+        row, issued = _new_key(principal.id)
+        ApiKeyRepository(session).add(row)
+        self._auditor.record(
+            session, [build_event("CreateApiKey", "allowed", ctx, actor, Subject(target_id=row.id))]
+        )
+        return issued
+
+    def revoke_key(
+        self,
+        session: Session,
+        actor: Caller,
+        principal_id: uuid.UUID,
+        key_id: str,
+        ctx: RequestContext,
+    ) -> ApiKey:
+        key = ApiKeyRepository(session).get(key_id)
+        if key is None or key.principal_id != principal_id:
+            raise NotFound("no such key for this principal", field="key_id")
+        if key.revoked_at is None:
+            key.revoked_at = utcnow()
+            self._auditor.record(
+                session, [build_event("RevokeApiKey", "allowed", ctx, actor, Subject(target_id=key_id))]
+            )
+        return key
+
+    def disable(
+        self, session: Session, actor: Caller, principal_id: uuid.UUID, ctx: RequestContext
+    ) -> Principal:
+        principal = self.get(session, principal_id)
+        if principal.id == actor.id:
+            raise Forbidden("an admin cannot disable itself")
+        if principal.disabled_at is None:
+            now = utcnow()
+            principal.disabled_at = now
+            ApiKeyRepository(session).revoke_all_for(principal.id, now)
+            self._auditor.record(
+                session,
+                [
+                    build_event(
+                        "DisablePrincipal", "allowed", ctx, actor, Subject(target_id=str(principal.id))
+                    )
+                ],
+            )
+        return principal
+
+    def require_role(self, caller: Caller, roles: set[str], action: str, ctx: RequestContext) -> None:
+        """Refuse (and audit) a caller whose role does not allow this action."""
+        if caller.role in roles:
+            return
+        self._auditor.record_on_its_own(
+            [build_event(action, "denied", ctx, caller, Subject(), "role_required")]
+        )
+        raise Forbidden(f"this action needs the {' or '.join(sorted(roles))} role")

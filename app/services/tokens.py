@@ -1,0 +1,296 @@
+"""Tokenize and detokenize: the vault's data path.
+
+Each record gets its own data key from the key provider under exactly
+{"customerID", "dataType"}; the value is sealed with AES-256-GCM bound to the token, customer and
+data type. Access is decided by GrantSet.decide, once per record; every decision is audited.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
+
+from sqlalchemy.orm import Session
+
+from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
+from app.crypto.keys import KeyProvider
+from app.db.models import AuditEvent, Record
+from app.db.repositories import RecordRepository
+from app.errors import Denied, InvalidInput, NotFound, PayloadTooLarge, VaultError
+from app.services.audit import Auditor, Subject, build_event
+from app.services.context import Caller, RequestContext, context_of, utcnow
+from app.services.grants import Decision, GrantService
+
+TOKEN_PREFIX = "tok_"  # noqa: S105 (a prefix, not a secret)
+TOKEN_PATTERN = re.compile(r"^tok_[A-Za-z0-9_-]{22,86}$")
+_TOKEN_RANDOM_BYTES = 24  # 192 bits: not derivable from the value, never guessable
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(_TOKEN_RANDOM_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeItem:
+    customer_id: str
+    data_type: str
+    value: str = ""
+
+    def __repr__(self) -> str:
+        return f"TokenizeItem(customer_id={self.customer_id!r}, data_type={self.data_type!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Tokenized:
+    token: str
+    customer_id: str
+    data_type: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Revealed:
+    token: str
+    customer_id: str
+    data_type: str
+    value: str
+
+    def __repr__(self) -> str:
+        return f"Revealed(token={self.token!r}, data_type={self.data_type!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class ItemError:
+    """A per-item failure in a batch, shaped like the one error shape."""
+
+    error: VaultError
+    token: str | None = None
+
+
+class TokenService:
+    def __init__(
+        self,
+        keys: KeyProvider,
+        grants: GrantService,
+        auditor: Auditor,
+        *,
+        max_value_bytes: int,
+        key_concurrency: int = 16,
+    ) -> None:
+        self._keys = keys
+        self._grants = grants
+        self._auditor = auditor
+        self._max_value_bytes = max_value_bytes
+        # Batches call the key service for many records at once; a bounded pool hides its latency.
+        self._pool = ThreadPoolExecutor(max_workers=key_concurrency, thread_name_prefix="kms")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R | VaultError]:
+        """Apply fn to each item, concurrently for several; a VaultError is kept as that item's result."""
+
+        def guarded(item: T) -> R | VaultError:
+            try:
+                return fn(item)
+            except VaultError as err:
+                return err
+
+        if len(items) <= 1:
+            return [guarded(item) for item in items]
+        return list(self._pool.map(guarded, items))
+
+    def _check_value(self, value: str) -> bytes:
+        if not value:
+            raise InvalidInput("value must not be empty", field="value")
+        raw = value.encode("utf-8")
+        if len(raw) > self._max_value_bytes:
+            raise PayloadTooLarge(f"value is larger than {self._max_value_bytes} bytes", field="value")
+        return raw
+
+    def tokenize(
+        self,
+        session: Session,
+        caller: Caller,
+        items: Sequence[TokenizeItem | VaultError],
+        ctx: RequestContext,
+    ) -> list[Tokenized | ItemError]:
+        grants = self._grants.grants_for(session, caller, "Encrypt")
+        denials: list[AuditEvent] = []
+        results: list[Tokenized | ItemError | None] = [None] * len(items)
+        allowed: list[tuple[int, TokenizeItem, bytes, Decision]] = []
+        for index, item in enumerate(items):
+            if isinstance(item, VaultError):
+                results[index] = ItemError(item)
+                continue
+            try:
+                raw = self._check_value(item.value)
+            except VaultError as err:
+                results[index] = ItemError(err)
+                continue
+            decision = grants.decide(context_of(item.customer_id, item.data_type))
+            subject = Subject(customer_id=item.customer_id, data_type=item.data_type)
+            if not decision.allowed:
+                denials.append(build_event("Tokenize", "denied", ctx, caller, subject, decision.deny_reason))
+                results[index] = ItemError(Denied(decision.deny_reason))
+                continue
+            allowed.append((index, item, raw, decision))
+        # Denials first, on their own: a refusal is on record whatever happens next.
+        self._auditor.record_on_its_own(denials)
+
+        def encrypt(entry: tuple[int, TokenizeItem, bytes, Decision]) -> tuple[Record, str | None]:
+            _, item, raw, _ = entry
+            token = new_token()
+            data_key = self._keys.generate_data_key(context_of(item.customer_id, item.data_type))
+            binding = RecordBinding(token, item.customer_id, item.data_type)
+            record = Record(
+                token=token,
+                customer_id=item.customer_id,
+                data_type=item.data_type,
+                format_version=FORMAT_VERSION,
+                ciphertext=seal(data_key.plaintext, raw, binding),
+                wrapped_key=data_key.wrapped,
+                kms_key_id=data_key.key_id,
+                created_by=caller.id,
+                created_at=utcnow(),
+            )
+            return record, data_key.request_id
+
+        sealed = self._map(encrypt, allowed)
+        records: list[Record] = []
+        events: list[AuditEvent] = []
+        failures: list[AuditEvent] = []
+        for (index, item, _, decision), outcome in zip(allowed, sealed, strict=True):
+            if isinstance(outcome, VaultError):
+                subject = Subject(customer_id=item.customer_id, data_type=item.data_type)
+                failures.append(build_event("Tokenize", "error", ctx, caller, subject, outcome.code))
+                results[index] = ItemError(outcome)
+                continue
+            record, kms_request_id = outcome
+            records.append(record)
+            events.append(
+                build_event(
+                    "Tokenize",
+                    "allowed",
+                    ctx,
+                    caller,
+                    Subject(
+                        token=record.token,
+                        customer_id=record.customer_id,
+                        data_type=record.data_type,
+                        grant_id=decision.grant_id,
+                        kms_request_id=kms_request_id,
+                    ),
+                )
+            )
+            results[index] = Tokenized(record.token, record.customer_id, record.data_type, record.created_at)
+        self._auditor.record_on_its_own(failures)
+        RecordRepository(session).add_all(records)
+        self._auditor.record(session, events)
+        return [result for result in results if result is not None]
+
+    def tokenize_one(
+        self, session: Session, caller: Caller, item: TokenizeItem, ctx: RequestContext
+    ) -> Tokenized:
+        (result,) = self.tokenize(session, caller, [item], ctx)
+        if isinstance(result, ItemError):
+            raise result.error
+        return result
+
+    def detokenize(
+        self,
+        session: Session,
+        caller: Caller,
+        tokens: Sequence[str],
+        ctx: RequestContext,
+    ) -> list[Revealed | ItemError]:
+        grants = self._grants.grants_for(session, caller, "Decrypt")
+        may_learn_existence = grants.any_active
+        well_formed = [token for token in tokens if TOKEN_PATTERN.match(token)]
+        records = RecordRepository(session).get_many(well_formed)
+        denials: list[AuditEvent] = []
+        results: list[Revealed | ItemError | None] = [None] * len(tokens)
+        allowed: list[tuple[int, Record, Decision]] = []
+        for index, token in enumerate(tokens):
+            record = records.get(token)
+            if record is None:
+                # Without any Decrypt grant a caller cannot tell an unknown token from a refused one.
+                reason = "not_found" if may_learn_existence else "no_grant"
+                denials.append(build_event("Detokenize", "denied", ctx, caller, Subject(token=token), reason))
+                error: VaultError = (
+                    NotFound("no record for this token", field="token")
+                    if may_learn_existence
+                    else Denied(reason)
+                )
+                results[index] = ItemError(error, token)
+                continue
+            decision = grants.decide(context_of(record.customer_id, record.data_type))
+            if not decision.allowed:
+                subject = Subject(token=token, customer_id=record.customer_id, data_type=record.data_type)
+                denials.append(
+                    build_event("Detokenize", "denied", ctx, caller, subject, decision.deny_reason)
+                )
+                results[index] = ItemError(Denied(decision.deny_reason), token)
+                continue
+            allowed.append((index, record, decision))
+        self._auditor.record_on_its_own(denials)
+
+        def decrypt(entry: tuple[int, Record, Decision]) -> tuple[str, str | None]:
+            _, record, _ = entry
+            context = context_of(record.customer_id, record.data_type)
+            data_key = self._keys.decrypt_data_key(record.wrapped_key, context)
+            binding = RecordBinding(record.token, record.customer_id, record.data_type)
+            plaintext = open_sealed(data_key.plaintext, record.ciphertext, binding)
+            return plaintext.decode("utf-8"), data_key.request_id
+
+        opened = self._map(decrypt, allowed)
+        events: list[AuditEvent] = []
+        failures: list[AuditEvent] = []
+        for (index, record, decision), outcome in zip(allowed, opened, strict=True):
+            subject = Subject(
+                token=record.token,
+                customer_id=record.customer_id,
+                data_type=record.data_type,
+                grant_id=decision.grant_id,
+            )
+            if isinstance(outcome, VaultError):
+                failures.append(build_event("Detokenize", "error", ctx, caller, subject, outcome.code))
+                results[index] = ItemError(outcome, record.token)
+                continue
+            value, kms_request_id = outcome
+            events.append(
+                build_event(
+                    "Detokenize",
+                    "allowed",
+                    ctx,
+                    caller,
+                    Subject(
+                        token=record.token,
+                        customer_id=record.customer_id,
+                        data_type=record.data_type,
+                        grant_id=decision.grant_id,
+                        kms_request_id=kms_request_id,
+                    ),
+                )
+            )
+            results[index] = Revealed(record.token, record.customer_id, record.data_type, value)
+        self._auditor.record_on_its_own(failures)
+        # The allowed events commit with the request; the value leaves only after that commit.
+        self._auditor.record(session, events)
+        return [result for result in results if result is not None]
+
+    def detokenize_one(self, session: Session, caller: Caller, token: str, ctx: RequestContext) -> Revealed:
+        if not TOKEN_PATTERN.match(token):
+            raise InvalidInput("token is not a vault token (tok_…)", field="token")
+        (result,) = self.detokenize(session, caller, [token], ctx)
+        if isinstance(result, ItemError):
+            raise result.error
+        return result

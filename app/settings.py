@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # How often a replica revokes the KMS mirrors of grants that have expired.
     grant_sweep_interval_s: float = Field(default=60.0, ge=0)
     retry_after_s: int = Field(default=5, ge=1, le=3600)
+    # Denials and failed authentications are POSTed here (JSON) in the background.
+    alert_webhook_url: str | None = None
 
     @property
     def effective_key_provider(self) -> Literal["kms", "local"]:
@@ -66,7 +68,15 @@ class Settings(BaseSettings):
                 "PIIVAULT_KMS_MIRROR_GRANTS needs PIIVAULT_KMS_GRANTEE_PRINCIPAL "
                 "(the vault role's ARN); or set PIIVAULT_KMS_MIRROR_GRANTS=false"
             )
+        if self.alert_webhook_url and not self.alert_webhook_url.startswith(("https://", "http://")):
+            problems.append("PIIVAULT_ALERT_WEBHOOK_URL must be an http(s) URL")
         if self.environment == "production":
+            if self.alert_webhook_url and not self.alert_webhook_url.startswith(
+                ("https://", "http://127.0.0.1", "http://localhost")
+            ):
+                problems.append(
+                    "PIIVAULT_ALERT_WEBHOOK_URL must use https in production (events are sensitive)"
+                )
             if self.effective_key_provider == "local":
                 problems.append(
                     "the local development key provider is refused in production: "

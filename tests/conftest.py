@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ os.environ.pop("AWS_PROFILE", None)
 
 GRANTEE_ARN = "arn:aws:iam::123456789012:role/piivault"
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
-TABLES = ("audit_events", "records", "grants", "api_keys", "principals")
+TABLES = ("audit_events", "audit_keys", "records", "grants", "api_keys", "principals")
 
 
 def _answers(url: str) -> bool:
@@ -85,6 +86,7 @@ def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
     """A plain connection for arranging and inspecting rows with SQL; tables start empty."""
     with psycopg.connect(database_url, autocommit=True) as connection:
         connection.execute("TRUNCATE " + ", ".join(TABLES) + " RESTART IDENTITY CASCADE")
+        connection.execute("UPDATE audit_chain_head SET seq = 0, mac = decode(repeat('00', 32), 'hex')")
         yield connection
 
 
@@ -130,6 +132,24 @@ def vault(settings: Settings, db: psycopg.Connection[Any]) -> Iterator[Vault]:
 def client(vault: Vault) -> Iterator[TestClient]:
     with TestClient(create_app(vault), raise_server_exceptions=False) as test_client:
         yield test_client
+
+
+@contextmanager
+def audit_inserts_refused(db: psycopg.Connection[Any]) -> Iterator[None]:
+    """Make every audit insert fail, as a full disk or a lost permission would."""
+    db.execute(
+        "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql"
+        " AS $$ BEGIN RAISE EXCEPTION 'audit refused'; END $$"
+    )
+    db.execute(
+        "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events"
+        " FOR EACH ROW EXECUTE FUNCTION refuse_audit()"
+    )
+    try:
+        yield
+    finally:
+        db.execute("DROP TRIGGER refuse_audit ON audit_events")
+        db.execute("DROP FUNCTION refuse_audit()")
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -6,17 +6,17 @@ from typing import Any
 
 import boto3
 import psycopg
-from botocore.awsrequest import AWSResponse
+from botocore.awsrequest import AWSResponse, HTTPHeaders
 from fastapi.testclient import TestClient
 
 from app.container import Vault
 from app.services.context import RequestContext
-from tests.conftest import GRANTEE_ARN, Actors, bearer, create_admin, create_principal
+from tests.conftest import GRANTEE_ARN, Actors, audit_inserts_refused, bearer, create_admin, create_principal
 
 
 def kms_grants(key_id: str) -> list[dict[str, Any]]:
-    grants: list[dict[str, Any]] = boto3.client("kms").list_grants(KeyId=key_id)["Grants"]
-    return grants
+    grants = boto3.client("kms").list_grants(KeyId=key_id)["Grants"]
+    return [dict(grant) for grant in grants]
 
 
 def test_grant_is_mirrored_with_the_same_constraints_and_unmirrored_on_revoke(
@@ -85,21 +85,10 @@ def test_mirror_made_before_a_failed_commit_is_revoked(
     admin = create_admin(vault)
     create_principal(client, admin, "kyc-app")
     # The audit insert fails after CreateGrant succeeded: the transaction rolls back, the mirror goes.
-    db.execute(
-        """CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN RAISE EXCEPTION 'audit refused'; END $$"""
-    )
-    db.execute(
-        "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events"
-        " FOR EACH ROW EXECUTE FUNCTION refuse_audit()"
-    )
-    try:
+    with audit_inserts_refused(db):
         response = client.post(
             "/v1/grants", json={"grantee": "kyc-app", "operations": ["Decrypt"]}, headers=bearer(admin)
         )
-    finally:
-        db.execute("DROP TRIGGER refuse_audit ON audit_events")
-        db.execute("DROP FUNCTION refuse_audit()")
     assert response.status_code == 503
     assert response.headers["Retry-After"]
     assert db.execute("SELECT count(*) FROM grants").fetchone() == (0,)
@@ -166,7 +155,7 @@ def kms_error(status: int, code: str, calls: list[str] | None = None) -> Any:
     def handler(model: Any, **_: Any) -> tuple[AWSResponse, dict[str, Any]]:
         if calls is not None:
             calls.append(model.name)
-        http = AWSResponse("https://kms.invalid", status, {}, None)
+        http = AWSResponse("https://kms.invalid", status, HTTPHeaders(), None)
         parsed = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
         return http, parsed
 

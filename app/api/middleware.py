@@ -8,18 +8,10 @@ import time
 import uuid
 from typing import Any
 
-from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import PayloadTooLarge
+from app.metrics import LATENCY, REQUESTS
 
-REQUESTS = Counter("piivault_requests_total", "HTTP requests served", ["method", "route", "status"])
-LATENCY = Histogram(
-    "piivault_request_duration_seconds",
-    "HTTP request latency",
-    ["method", "route"],
-    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-)
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -49,34 +41,47 @@ class VaultMiddleware:
                 ]
             await send(message)
 
-        declared = headers.get(b"content-length", b"0")
+        declared = headers.get(b"content-length")
         try:
-            if not declared.isdigit() or int(declared) > self.max_body_bytes:
+            if declared is None:
+                # A streamed body: read it here, up to the limit, before the app sees any of it.
+                buffered = await self._buffer(receive)
+                if buffered is None:
+                    await self._too_large(send_with_id, request_id)
+                else:
+                    await self.app(scope, buffered, send_with_id)
+            elif not declared.isdigit() or int(declared) > self.max_body_bytes:
                 await self._too_large(send_with_id, request_id)
             else:
-                await self.app(scope, self._limited(receive), send_with_id)
+                await self.app(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             REQUESTS.labels(scope["method"], template, str(status)).inc()
             LATENCY.labels(scope["method"], template).observe(time.perf_counter() - started)
 
-    def _limited(self, receive: Receive) -> Receive:
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
+    async def _buffer(self, receive: Receive) -> Receive | None:
+        """The whole body as one message, or None if it is larger than the limit."""
+        body = bytearray()
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    # Raised inside the app's body read, so the one error handler answers 413.
-                    raise PayloadTooLarge(
-                        f"the request body is larger than {self.max_body_bytes} bytes", field="body"
-                    )
-            return message
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                return None
+            if not message.get("more_body", False):
+                break
+        sent = False
 
-        return limited
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        return replay
 
     async def _too_large(self, send: Send, request_id: str) -> None:
         body: dict[str, Any] = {

@@ -218,3 +218,41 @@ class DetokenizeItemResult(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     results: list[DetokenizeItemResult]
+
+
+# Audit
+
+
+class AuditEventOut(BaseModel):
+    id: uuid.UUID
+    chain_seq: int | None
+    time: datetime
+    request_id: str | None
+    principal_id: uuid.UUID | None
+    principal_name: str | None
+    action: str
+    outcome: str
+    reason: str | None
+    token: str | None
+    customer_id: str | None
+    data_type: str | None
+    grant_id: uuid.UUID | None
+    target_id: str | None
+    access_reason: str | None
+    source_ip: str | None
+    user_agent: str | None
+    kms_request_id: str | None
+
+
+class AuditEventPage(BaseModel):
+    events: list[AuditEventOut]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next (older) page; null at the end."
+    )
+
+
+class AuditVerifyOut(BaseModel):
+    ok: bool
+    events_checked: int
+    head_seq: int
+    first_bad_event: dict[str, Any] | None = None

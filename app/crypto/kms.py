@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from mypy_boto3_kms.client import KMSClient
 
 log = logging.getLogger(__name__)
+# botocore logs whole response bodies at DEBUG, data keys (Plaintext) included: never below INFO.
+logging.getLogger("botocore.parsers").setLevel(logging.INFO)
 T = TypeVar("T")
 
 _UNAVAILABLE = {

@@ -83,6 +83,8 @@ class Grant(Base):
     kms_grant_id: Mapped[str | None] = mapped_column(String(128))
     # Set once the KMS mirror is revoked (after revoke, retire or expiry), so sweeps skip it.
     kms_revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set once the expiry has its audit event, so it is recorded exactly once.
+    expiry_audited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     def __repr__(self) -> str:
         return f"Grant(id={self.id}, grantee_id={self.grantee_id}, operations={self.operations})"
@@ -115,6 +117,7 @@ class AuditEvent(Base):
         Index("ix_audit_events_customer_id", "customer_id"),
         Index("ix_audit_events_token", "token"),
         Index("ix_audit_events_principal_id", "principal_id"),
+        Index("ix_audit_events_action_outcome", "action", "outcome"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -135,7 +138,34 @@ class AuditEvent(Base):
     source_ip: Mapped[str | None] = mapped_column(String(64))
     user_agent: Mapped[str | None] = mapped_column(String(512))
     kms_request_id: Mapped[str | None] = mapped_column(String(128))
-    # Tamper evidence: position in the chain, previous link and this event's MAC.
+    # Tamper evidence: position in the chain, the MAC key's version, previous link and this MAC.
+    # Nullable on purpose: a row inserted behind the vault's back is found, not refused.
     chain_seq: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    key_version: Mapped[int | None] = mapped_column(SmallInteger)
     prev_mac: Mapped[bytes | None] = mapped_column(LargeBinary)
     mac: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+
+class AuditChainHead(Base):
+    """The last link of the audit chain; its row lock orders concurrent writers."""
+
+    __tablename__ = "audit_chain_head"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    mac: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class AuditKey(Base):
+    """The audit chain's HMAC key, wrapped by the key provider: the database alone cannot forge MACs."""
+
+    __tablename__ = "audit_keys"
+
+    version: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    kms_key_id: Mapped[str] = mapped_column(String(2048))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+    def __repr__(self) -> str:
+        return f"AuditKey(version={self.version})"

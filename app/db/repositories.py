@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from app.db.models import ApiKey, AuditEvent, Grant, Principal, Record
+from app.db.models import ApiKey, AuditChainHead, AuditEvent, AuditKey, Grant, Principal, Record
 
 
 class PrincipalRepository:
@@ -104,6 +106,22 @@ class GrantRepository:
             query = query.where(~is_active)
         return self.session.scalars(query).all()
 
+    def expired_unaudited(self, now: datetime, limit: int) -> Sequence[Grant]:
+        """Grants that expired and whose expiry has no audit event yet; locked, one replica each."""
+        query = (
+            select(Grant)
+            .where(
+                Grant.expires_at <= now,
+                Grant.expiry_audited_at.is_(None),
+                Grant.revoked_at.is_(None),
+                Grant.retired_at.is_(None),
+            )
+            .order_by(Grant.expires_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return self.session.scalars(query).all()
+
     def mirrors_to_revoke(self, now: datetime, limit: int) -> Sequence[Grant]:
         """Inactive grants whose KMS mirror still stands; locked so that one replica handles each."""
         query = (
@@ -142,6 +160,19 @@ class RecordRepository:
         return {row.token: row for row in rows}
 
 
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    principal_id: uuid.UUID | None = None
+    principal_name: str | None = None
+    action: str | None = None
+    outcome: str | None = None
+    customer_id: str | None = None
+    token: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    before_seq: int | None = None
+
+
 class AuditRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -149,3 +180,76 @@ class AuditRepository:
     def add_all(self, events: Sequence[AuditEvent]) -> None:
         self.session.add_all(events)
         self.session.flush()
+
+    def lock_head(self) -> AuditChainHead:
+        """The chain head, locked until commit: concurrent writers append one after another."""
+        head = self.session.get(AuditChainHead, 1, with_for_update=True, populate_existing=True)
+        if head is None:
+            raise LookupError("audit_chain_head has no row; run the migrations")
+        return head
+
+    def head(self) -> AuditChainHead | None:
+        return self.session.get(AuditChainHead, 1, populate_existing=True)
+
+    def latest_key(self) -> AuditKey | None:
+        return self.session.scalar(select(AuditKey).order_by(AuditKey.version.desc()).limit(1))
+
+    def key(self, version: int) -> AuditKey | None:
+        return self.session.get(AuditKey, version)
+
+    def add_key_if_absent(self, key: AuditKey) -> None:
+        """Several processes may race to create the first key: one wins, the others read it."""
+        self.session.execute(
+            insert(AuditKey)
+            .values(version=key.version, wrapped_key=key.wrapped_key, kms_key_id=key.kms_key_id)
+            .on_conflict_do_nothing(index_elements=[AuditKey.version])
+        )
+
+    def search(self, where: AuditFilter, limit: int) -> Sequence[AuditEvent]:
+        """Newest first, by chain position."""
+        query = select(AuditEvent).where(AuditEvent.chain_seq.is_not(None))
+        if where.principal_id is not None:
+            query = query.where(AuditEvent.principal_id == where.principal_id)
+        if where.principal_name is not None:
+            query = query.where(AuditEvent.principal_name == where.principal_name)
+        for column, value in (
+            (AuditEvent.action, where.action),
+            (AuditEvent.outcome, where.outcome),
+            (AuditEvent.customer_id, where.customer_id),
+            (AuditEvent.token, where.token),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        if where.since is not None:
+            query = query.where(AuditEvent.time >= where.since)
+        if where.until is not None:
+            query = query.where(AuditEvent.time < where.until)
+        if where.before_seq is not None:
+            query = query.where(AuditEvent.chain_seq < where.before_seq)
+        return self.session.scalars(query.order_by(AuditEvent.chain_seq.desc()).limit(limit)).all()
+
+    def unchained(self, limit: int) -> Sequence[AuditEvent]:
+        query = select(AuditEvent).where(AuditEvent.chain_seq.is_(None)).order_by(AuditEvent.id).limit(limit)
+        return self.session.scalars(query).all()
+
+    def seq_bounds(self, since: datetime | None, until: datetime | None) -> tuple[int | None, int | None]:
+        query = select(func.min(AuditEvent.chain_seq), func.max(AuditEvent.chain_seq))
+        if since is not None:
+            query = query.where(AuditEvent.time >= since)
+        if until is not None:
+            query = query.where(AuditEvent.time < until)
+        low, high = self.session.execute(query).one()
+        return low, high
+
+    def at_seq(self, seq: int) -> AuditEvent | None:
+        return self.session.scalar(select(AuditEvent).where(AuditEvent.chain_seq == seq))
+
+    def walk(self, first_seq: int, last_seq: int, batch: int = 1000) -> Iterator[AuditEvent]:
+        """Events in chain order, streamed."""
+        query = (
+            select(AuditEvent)
+            .where(AuditEvent.chain_seq >= first_seq, AuditEvent.chain_seq <= last_seq)
+            .order_by(AuditEvent.chain_seq)
+            .execution_options(yield_per=batch)
+        )
+        yield from self.session.scalars(query)

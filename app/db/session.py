@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -90,6 +90,10 @@ class Database:
             raise DatabaseUnavailable() from None
         finally:
             session.close()
+
+    def before_commit(self, hook: Callable[[Session], None]) -> None:
+        """Run hook(session) as each transaction commits; an exception from it aborts the commit."""
+        event.listen(self._sessions, "before_commit", hook)
 
     def ping(self) -> None:
         with self.transaction() as session:

@@ -204,18 +204,20 @@ class GrantService:
         grant.kms_revoked_at = utcnow()
 
     def sweep(self, ctx: RequestContext, limit: int = 100) -> int:
-        """Revoke the KMS mirrors of grants that expired (or whose revoke did not reach KMS)."""
-        done = 0
+        """Record each expiry once, and revoke the KMS mirrors of grants that are no longer active
+        (expired, or revoked while KMS was unreachable). Returns how many mirrors were revoked."""
+        revoked = 0
         with self._database.transaction() as session:
             now = utcnow()
-            for grant in GrantRepository(session).mirrors_to_revoke(now, limit):
+            repository = GrantRepository(session)
+            expired = repository.expired_unaudited(now, limit)
+            for grant in expired:
+                grant.expiry_audited_at = now
+            self._auditor.record(
+                session,
+                [build_event("ExpireGrant", "allowed", ctx, None, Subject(grant_id=g.id)) for g in expired],
+            )
+            for grant in repository.mirrors_to_revoke(now, limit):
                 self._revoke_mirror(grant)
-                if grant.kms_revoked_at is None:
-                    continue
-                done += 1
-                if grant.revoked_at is None and grant.retired_at is None:
-                    self._auditor.record(
-                        session,
-                        [build_event("ExpireGrant", "allowed", ctx, None, Subject(grant_id=grant.id))],
-                    )
-        return done
+                revoked += grant.kms_revoked_at is not None
+        return revoked

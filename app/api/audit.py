@@ -1,0 +1,103 @@
+"""The audit trail, for admins and auditors."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+
+from app.api.deps import AuditorDep, SessionDep, VaultDep
+from app.api.schemas import AuditEventOut, AuditEventPage, AuditVerifyOut, ErrorResponse
+from app.db.models import AuditEvent
+from app.db.repositories import AuditFilter
+from app.errors import InvalidInput
+
+router = APIRouter(
+    prefix="/v1/audit",
+    tags=["audit"],
+    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+)
+
+
+def event_out(event: AuditEvent) -> AuditEventOut:
+    return AuditEventOut(
+        id=event.event_id,
+        chain_seq=event.chain_seq,
+        time=event.time,
+        request_id=event.request_id,
+        principal_id=event.principal_id,
+        principal_name=event.principal_name,
+        action=event.action,
+        outcome=event.outcome,
+        reason=event.reason,
+        token=event.token,
+        customer_id=event.customer_id,
+        data_type=event.data_type,
+        grant_id=event.grant_id,
+        target_id=event.target_id,
+        access_reason=event.access_reason,
+        source_ip=event.source_ip,
+        user_agent=event.user_agent,
+        kms_request_id=event.kms_request_id,
+    )
+
+
+@router.get("/events", name="ListAuditEvents")
+def list_events(
+    vault: VaultDep,
+    session: SessionDep,
+    auditor: AuditorDep,
+    principal: Annotated[str | None, Query(description="A principal's id or name.", max_length=128)] = None,
+    action: Annotated[str | None, Query(max_length=64, examples=["Detokenize"])] = None,
+    outcome: Literal["allowed", "denied", "error"] | None = None,
+    customer_id: Annotated[str | None, Query(max_length=128)] = None,
+    token: Annotated[str | None, Query(max_length=128)] = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    cursor: Annotated[str | None, Query(max_length=32)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> AuditEventPage:
+    """Who touched whose data, when and why: newest first, with cursor pagination."""
+    principal_id, principal_name = None, None
+    if principal is not None:
+        try:
+            principal_id = uuid.UUID(principal)
+        except ValueError:
+            principal_name = principal
+    if cursor is not None and not cursor.isdigit():
+        raise InvalidInput("cursor is not one this endpoint returned", field="cursor")
+    where = AuditFilter(
+        principal_id=principal_id,
+        principal_name=principal_name,
+        action=action,
+        outcome=outcome,
+        customer_id=customer_id,
+        token=token,
+        since=since,
+        until=until,
+        before_seq=int(cursor) if cursor else None,
+    )
+    events = vault.auditor.search(session, where, limit + 1)
+    page, more = events[:limit], len(events) > limit
+    next_cursor = str(page[-1].chain_seq) if more and page else None
+    return AuditEventPage(events=[event_out(e) for e in page], next_cursor=next_cursor)
+
+
+@router.get("/verify", name="VerifyAuditTrail")
+def verify(
+    vault: VaultDep,
+    auditor: AuditorDep,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> AuditVerifyOut:
+    """Check the audit chain (or a time range of it): detects modified, deleted, inserted and
+    reordered events, and names the first bad one."""
+    report = vault.auditor.verify(since, until)
+    return AuditVerifyOut(
+        ok=report.ok,
+        events_checked=report.events_checked,
+        head_seq=report.head_seq,
+        first_bad_event=report.first_bad_event,
+    )

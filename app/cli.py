@@ -71,6 +71,9 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     migrate_first: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Apply migrations.")] = True,
+    access_log: Annotated[
+        bool, typer.Option("--access-log/--no-access-log", help="Log every request.")
+    ] = False,
 ) -> None:
     """Serve the vault's HTTP API."""
     import uvicorn
@@ -108,6 +111,7 @@ def serve(
         workers=workers,
         proxy_headers=False,
         log_level="info",
+        access_log=access_log,
     )
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 
@@ -28,14 +29,21 @@ Authenticate with `Authorization: Bearer <api key>`. Errors share one shape:
 """
 
 
-def _sweep_grants(vault: Vault, stop: threading.Event) -> None:
-    interval = vault.settings.grant_sweep_interval_s
-    ctx = RequestContext(request_id="grant-sweep")
-    while not stop.wait(interval):
-        try:
-            vault.grants.sweep(ctx)
-        except Exception as err:  # the sweep retries next round; it must never kill the process
-            log.warning("grant sweep failed: %s", type(err).__name__)
+def _every(
+    interval_s: float, task: Callable[[], object], stop: threading.Event, name: str
+) -> threading.Thread:
+    """Run task every interval until stop; a failure is logged and retried next round."""
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            try:
+                task()
+            except Exception as err:  # must never kill the process
+                log.warning("%s failed: %s", name, type(err).__name__)
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 def create_app(vault: Vault | None = None, settings: Settings | None = None) -> FastAPI:
@@ -46,19 +54,20 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         owned = app.state.vault is None
         if owned:
             app.state.vault = build_vault(settings)
+        vault: Vault = app.state.vault
         stop = threading.Event()
-        sweeper = None
+        background = []
         if settings.grant_sweep_interval_s > 0:
-            sweeper = threading.Thread(
-                target=_sweep_grants, args=(app.state.vault, stop), name="grant-sweep", daemon=True
-            )
-            sweeper.start()
+            sweep = partial(vault.grants.sweep, RequestContext(request_id="grant-sweep"))
+            background.append(_every(settings.grant_sweep_interval_s, sweep, stop, "grant-sweep"))
+        if settings.audit_seal_interval_s > 0:
+            background.append(_every(settings.audit_seal_interval_s, vault.auditor.seal, stop, "audit-seal"))
         try:
             yield
         finally:
             stop.set()
-            if sweeper:
-                sweeper.join(timeout=5)
+            for thread in background:
+                thread.join(timeout=5)
             if owned:
                 app.state.vault.close()
 

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
 
     # How often a replica revokes the KMS mirrors of grants that have expired.
     grant_sweep_interval_s: float = Field(default=60.0, ge=0)
+    # How often a replica chains new audit events (one sealer at a time runs, cluster-wide).
+    audit_seal_interval_s: float = Field(default=0.5, ge=0)
     retry_after_s: int = Field(default=5, ge=1, le=3600)
     # Denials and failed authentications are POSTed here (JSON) in the background.
     alert_webhook_url: str | None = None

@@ -19,7 +19,7 @@ LICENCE = {"customer_id": "12345", "data_type": "DriverLicense", "value": "D1234
 def events(db: psycopg.Connection[Any], **where: Any) -> list[dict[str, Any]]:
     clause = " AND ".join(f"{column} = %({column})s" for column in where) or "true"
     cursor = db.cursor(row_factory=psycopg.rows.dict_row)
-    return cursor.execute(f"SELECT * FROM audit_events WHERE {clause} ORDER BY chain_seq", where).fetchall()  # noqa: S608
+    return cursor.execute(f"SELECT * FROM audit_events WHERE {clause} ORDER BY id", where).fetchall()  # noqa: S608
 
 
 def tokenize(client: TestClient, key: str, item: dict[str, str] = LICENCE) -> str:

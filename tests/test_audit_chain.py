@@ -30,14 +30,16 @@ PIIVAULT = Path(sys.executable).parent / "piivault"
 
 
 @pytest.fixture
-def trail(client: TestClient, actors: Actors, db: psycopg.Connection[Any]) -> list[int]:
-    """A trail of a few dozen events of every kind; returns their chain positions."""
+def trail(client: TestClient, actors: Actors, vault: Vault, db: psycopg.Connection[Any]) -> list[int]:
+    """A sealed trail of a few dozen events of every kind; returns their chain positions."""
     for n in range(4):
         token = client.post(
             "/v1/tokens", json={**LICENCE, "customer_id": f"c{n}"}, headers=bearer(actors.onboarding)
         )
         client.get(f"/v1/tokens/{token.json()['token']}", headers=bearer(actors.kyc))
         client.get(f"/v1/tokens/{token.json()['token']}", headers=bearer(actors.onboarding))
+    # Tampering comes later than the sealer (which runs every half second in a served vault).
+    assert vault.auditor.seal() > 0
     return [row[0] for row in db.execute("SELECT chain_seq FROM audit_events ORDER BY chain_seq")]
 
 
@@ -50,6 +52,35 @@ def verify(client: TestClient, actors: Actors, **params: str) -> dict[str, Any]:
 
 def event_id_at(db: psycopg.Connection[Any], seq: int) -> str:
     row = db.execute("SELECT event_id FROM audit_events WHERE chain_seq = %s", (seq,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_events_are_written_with_their_mac_and_sealed_in_order(
+    client: TestClient, actors: Actors, vault: Vault, db: psycopg.Connection[Any]
+) -> None:
+    client.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding))
+    rows = db.execute("SELECT event_mac, chain_seq FROM audit_events ORDER BY id").fetchall()
+    assert rows and all(mac is not None and seq is None for mac, seq in rows)
+    assert vault.auditor.seal() == len(rows)
+    sealed = [row[0] for row in db.execute("SELECT chain_seq FROM audit_events ORDER BY id")]
+    assert sealed == list(range(1, len(rows) + 1))
+    assert vault.auditor.seal() == 0
+
+
+def test_an_event_changed_before_sealing_is_never_chained(
+    client: TestClient, actors: Actors, db: psycopg.Connection[Any]
+) -> None:
+    client.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding))
+    db.execute("UPDATE audit_events SET customer_id = '67890' WHERE action = 'Tokenize'")
+    report = verify(client, actors)
+    assert report["ok"] is False
+    assert "fails its MAC" in report["first_bad_event"]["problem"]
+    assert db.execute("SELECT chain_seq FROM audit_events WHERE action = 'Tokenize'").fetchone() == (None,)
+
+
+def event_id_of_action(db: psycopg.Connection[Any], action: str) -> str:
+    row = db.execute("SELECT event_id FROM audit_events WHERE action = %s", (action,)).fetchone()
     assert row is not None
     return str(row[0])
 
@@ -130,6 +161,7 @@ def test_an_event_inserted_outside_the_chain_is_found(
     report = verify(client, actors)
     assert report["ok"] is False
     assert "not in the chain" in report["first_bad_event"]["problem"]
+    assert report["first_bad_event"]["event_id"] == event_id_of_action(db, "X")
 
 
 def test_swapped_events_are_found(

@@ -77,11 +77,11 @@ def list_events(
         token=token,
         since=since,
         until=until,
-        before_seq=int(cursor) if cursor else None,
+        before_id=int(cursor) if cursor else None,
     )
     events = vault.auditor.search(session, where, limit + 1)
     page, more = events[:limit], len(events) > limit
-    next_cursor = str(page[-1].chain_seq) if more and page else None
+    next_cursor = str(page[-1].id) if more and page else None
     return AuditEventPage(events=[event_out(e) for e in page], next_cursor=next_cursor)
 
 

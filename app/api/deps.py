@@ -12,7 +12,8 @@ from app.container import Vault
 from app.services.context import Caller, RequestContext
 
 
-def get_vault(request: Request) -> Vault:
+# Dependencies without I/O are async: FastAPI runs sync ones in the thread pool, a hop each.
+async def get_vault(request: Request) -> Vault:
     vault: Vault = request.app.state.vault
     return vault
 
@@ -20,7 +21,7 @@ def get_vault(request: Request) -> Vault:
 VaultDep = Annotated[Vault, Depends(get_vault)]
 
 
-def get_request_context(
+async def get_request_context(
     request: Request,
     access_reason: Annotated[
         str | None,

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -118,6 +119,8 @@ class AuditEvent(Base):
         Index("ix_audit_events_token", "token"),
         Index("ix_audit_events_principal_id", "principal_id"),
         Index("ix_audit_events_action_outcome", "action", "outcome"),
+        # The sealer's work list: events not yet in the chain.
+        Index("ix_audit_events_unsealed", "id", postgresql_where=text("chain_seq IS NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -138,16 +141,18 @@ class AuditEvent(Base):
     source_ip: Mapped[str | None] = mapped_column(String(64))
     user_agent: Mapped[str | None] = mapped_column(String(512))
     kms_request_id: Mapped[str | None] = mapped_column(String(128))
-    # Tamper evidence: position in the chain, the MAC key's version, previous link and this MAC.
+    # Tamper evidence. At write: the MAC key's version and a MAC over every field. At sealing,
+    # moments later: the event's place in the chain, the previous link and the chain MAC.
     # Nullable on purpose: a row inserted behind the vault's back is found, not refused.
-    chain_seq: Mapped[int | None] = mapped_column(BigInteger, unique=True)
     key_version: Mapped[int | None] = mapped_column(SmallInteger)
+    event_mac: Mapped[bytes | None] = mapped_column(LargeBinary)
+    chain_seq: Mapped[int | None] = mapped_column(BigInteger, unique=True)
     prev_mac: Mapped[bytes | None] = mapped_column(LargeBinary)
     mac: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class AuditChainHead(Base):
-    """The last link of the audit chain; its row lock orders concurrent writers."""
+    """The last link of the audit chain, advanced only by the sealer."""
 
     __tablename__ = "audit_chain_head"
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)

@@ -170,7 +170,7 @@ class AuditFilter:
     token: str | None = None
     since: datetime | None = None
     until: datetime | None = None
-    before_seq: int | None = None
+    before_id: int | None = None
 
 
 class AuditRepository:
@@ -181,12 +181,19 @@ class AuditRepository:
         self.session.add_all(events)
         self.session.flush()
 
-    def lock_head(self) -> AuditChainHead:
-        """The chain head, locked until commit: concurrent writers append one after another."""
-        head = self.session.get(AuditChainHead, 1, with_for_update=True, populate_existing=True)
-        if head is None:
-            raise LookupError("audit_chain_head has no row; run the migrations")
-        return head
+    def lock_head(self) -> AuditChainHead | None:
+        """The chain head, locked for this transaction; None if another sealer holds it."""
+        return self.session.scalar(
+            select(AuditChainHead)
+            .where(AuditChainHead.id == 1)
+            .with_for_update(skip_locked=True)
+            .execution_options(populate_existing=True)
+        )
+
+    def unsealed(self, limit: int) -> Sequence[AuditEvent]:
+        """Committed events not yet in the chain, oldest first."""
+        query = select(AuditEvent).where(AuditEvent.chain_seq.is_(None)).order_by(AuditEvent.id).limit(limit)
+        return self.session.scalars(query).all()
 
     def head(self) -> AuditChainHead | None:
         return self.session.get(AuditChainHead, 1, populate_existing=True)
@@ -206,8 +213,8 @@ class AuditRepository:
         )
 
     def search(self, where: AuditFilter, limit: int) -> Sequence[AuditEvent]:
-        """Newest first, by chain position."""
-        query = select(AuditEvent).where(AuditEvent.chain_seq.is_not(None))
+        """Newest first (by insertion), sealed or not yet."""
+        query = select(AuditEvent)
         if where.principal_id is not None:
             query = query.where(AuditEvent.principal_id == where.principal_id)
         if where.principal_name is not None:
@@ -224,13 +231,9 @@ class AuditRepository:
             query = query.where(AuditEvent.time >= where.since)
         if where.until is not None:
             query = query.where(AuditEvent.time < where.until)
-        if where.before_seq is not None:
-            query = query.where(AuditEvent.chain_seq < where.before_seq)
-        return self.session.scalars(query.order_by(AuditEvent.chain_seq.desc()).limit(limit)).all()
-
-    def unchained(self, limit: int) -> Sequence[AuditEvent]:
-        query = select(AuditEvent).where(AuditEvent.chain_seq.is_(None)).order_by(AuditEvent.id).limit(limit)
-        return self.session.scalars(query).all()
+        if where.before_id is not None:
+            query = query.where(AuditEvent.id < where.before_id)
+        return self.session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit)).all()
 
     def seq_bounds(self, since: datetime | None, until: datetime | None) -> tuple[int | None, int | None]:
         query = select(func.min(AuditEvent.chain_seq), func.max(AuditEvent.chain_seq))

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -49,7 +49,9 @@ class Database:
             normalise_url(url),
             pool_size=pool_size,
             max_overflow=max_overflow,
-            pool_pre_ping=True,
+            # No pre-ping (a round trip per request): a dead connection fails its request with a
+            # 503 and is discarded; recycling bounds how stale a pooled connection gets.
+            pool_recycle=1800,
             pool_timeout=5,
             connect_args={
                 "connect_timeout": 3,
@@ -90,10 +92,6 @@ class Database:
             raise DatabaseUnavailable() from None
         finally:
             session.close()
-
-    def before_commit(self, hook: Callable[[Session], None]) -> None:
-        """Run hook(session) as each transaction commits; an exception from it aborts the commit."""
-        event.listen(self._sessions, "before_commit", hook)
 
     def ping(self) -> None:
         with self.transaction() as session:

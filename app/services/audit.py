@@ -4,10 +4,12 @@ Allowed operations write their event in the request's own transaction, so an ope
 committed always has its event and one whose event cannot be written does not happen. Denials are
 written in a transaction of their own, since the request itself is refused and rolled back.
 
-Tamper evidence is one HMAC chain over all events: at commit, under the chain head's row lock, each
-event gets the next sequence number, the previous event's MAC and its own MAC over every field.
-The HMAC key is wrapped by the key provider (KMS), so someone with only the database can neither
-forge an event nor mend the chain after changing, deleting, inserting or reordering events.
+Tamper evidence, in two steps. As it is written, each event gets an HMAC over every field (no lock,
+so writers never queue behind each other). Moments later a sealer (one at a time, cluster-wide)
+chains committed events: each gets the next sequence number, the previous link and a chain MAC
+binding the two. The HMAC key is wrapped by the key provider (KMS), so someone with only the
+database can neither forge an event nor mend the chain after changing, deleting, inserting or
+reordering events. The one gap: an event deleted in the moments before it is sealed leaves no trace.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -40,7 +42,6 @@ Outcome = Literal["allowed", "denied", "error"]
 GENESIS_MAC = bytes(32)
 # The audit key is no record's: its context names its purpose, never a customer.
 AUDIT_KEY_CONTEXT = {"purpose": "piivault-audit-chain"}
-_PENDING = "piivault.audit.pending"
 _NONE = b"\xff"
 
 
@@ -96,20 +97,25 @@ def _part(value: object) -> bytes:
 
 
 def event_mac(key: bytes, event: AuditEvent) -> bytes:
-    """HMAC-SHA256 over every field of the event, its place in the chain and the previous link."""
+    """HMAC-SHA256 over every field the event says, made as it is written."""
     message = length_prefixed(
-        b"piivault.audit.v1",
+        b"piivault.audit.event.v1",
         *(
             _part(value)
             for value in (
-                event.chain_seq, event.key_version, event.prev_mac, event.event_id, event.time,
-                event.request_id, event.principal_id, event.principal_name, event.action, event.outcome,
-                event.reason, event.token, event.customer_id, event.data_type, event.grant_id,
-                event.target_id, event.access_reason, event.source_ip, event.user_agent,
-                event.kms_request_id,
+                event.key_version, event.event_id, event.time, event.request_id, event.principal_id,
+                event.principal_name, event.action, event.outcome, event.reason, event.token,
+                event.customer_id, event.data_type, event.grant_id, event.target_id, event.access_reason,
+                event.source_ip, event.user_agent, event.kms_request_id,
             )
         ),
     )  # fmt: skip
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def chain_mac(key: bytes, seq: int, prev_mac: bytes, one_event_mac: bytes) -> bytes:
+    """The chain link: this event's MAC bound to its place and to the link before it."""
+    message = length_prefixed(b"piivault.audit.chain.v1", str(seq), prev_mac, one_event_mac)
     return hmac.new(key, message, hashlib.sha256).digest()
 
 
@@ -167,20 +173,37 @@ class VerifyReport:
     events_checked: int
     head_seq: int
     first_bad_event: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 class Auditor:
+    """Writes events with their MACs, seals them into the chain, and verifies the chain.
+
+    Writing takes no lock: concurrent requests (and replicas) never wait on each other for the
+    audit. Sealing is one transaction at a time cluster-wide (the chain head's row lock); each
+    replica's sealer runs every fraction of a second, and verify seals first.
+    """
+
     def __init__(self, database: Database, keyring: AuditKeyring, alerter: Alerter | None = None) -> None:
         self._database = database
         self._keyring = keyring
         self._alerter = alerter or Alerter()
-        database.before_commit(self._seal)
 
     def record(self, session: Session, events: Sequence[AuditEvent]) -> None:
-        """Queue events on the caller's transaction; they are chained and written as it commits."""
-        if events:
-            session.info.setdefault(_PENDING, []).extend(events)
+        """Write events in the caller's transaction: if they cannot be written, neither is the rest."""
+        if not events:
+            return
+        # The key service being down is reported as such (503 key_service_unavailable).
+        version, key = self._keyring.current()
+        for event in events:
+            event.key_version = version
+            event.event_mac = event_mac(key, event)
+        try:
+            AuditRepository(session).add_all(events)
+        except DBAPIError as err:
+            log.error("audit write failed: %s", type(err.orig).__name__)
+            raise AuditUnavailable() from None
+        for event in events:
+            AUDIT_EVENTS.labels(event.action, event.outcome).inc()
 
     def record_on_its_own(self, events: Sequence[AuditEvent]) -> None:
         """Write (denial) events in their own transaction, then raise the alarms."""
@@ -193,36 +216,45 @@ class Auditor:
             raise AuditUnavailable() from None
         self._alerter.denied(events)
 
-    def _seal(self, session: Session) -> None:
-        """At commit: chain the transaction's events under the head's lock, as its last statements,
-        so the lock is held only for the commit itself. Failing here fails the whole commit."""
-        pending: list[AuditEvent] = session.info.pop(_PENDING, [])
-        if not pending:
-            return
-        # The key service being down is reported as such (503 key_service_unavailable).
-        version, key = self._keyring.current()
-        try:
-            repository = AuditRepository(session)
-            head = repository.lock_head()
-            seq, prev = head.seq, head.mac
-            for event in pending:
-                seq += 1
-                event.chain_seq, event.key_version, event.prev_mac = seq, version, prev
-                event.mac = prev = event_mac(key, event)
-            repository.add_all(pending)
-            head.seq, head.mac = seq, prev
-            session.flush()
-        except (DBAPIError, LookupError) as err:
-            log.error("audit chain could not be written: %s", type(err).__name__)
-            raise AuditUnavailable() from None
-        for event in pending:
-            AUDIT_EVENTS.labels(event.action, event.outcome).inc()
+    def seal(self, batch: int = 2000) -> int:
+        """Chain committed events not yet sealed, oldest first; returns how many were sealed.
+
+        An event whose own MAC does not verify (written behind the vault's back, or changed
+        before it was sealed) is never chained: it stays outside, and verify names it.
+        """
+        sealed = 0
+        while True:
+            with self._database.transaction() as session:
+                repository = AuditRepository(session)
+                head = repository.lock_head()
+                if head is None:
+                    return sealed  # another replica is sealing right now
+                pending = repository.unsealed(batch)
+                seq, prev = head.seq, head.mac
+                for event in pending:
+                    key = self._keyring.get(event.key_version) if event.key_version is not None else None
+                    if (
+                        key is None
+                        or event.event_mac is None
+                        or not hmac.compare_digest(event_mac(key, event), event.event_mac)
+                    ):
+                        log.error("audit event %s fails its MAC: not sealed", event.event_id)
+                        continue
+                    seq += 1
+                    event.chain_seq, event.prev_mac = seq, prev
+                    event.mac = prev = chain_mac(key, seq, prev, event.event_mac)
+                    sealed += 1
+                head.seq, head.mac = seq, prev
+            if len(pending) < batch:
+                return sealed
 
     def search(self, session: Session, where: AuditFilter, limit: int) -> Sequence[AuditEvent]:
         return AuditRepository(session).search(where, limit)
 
     def verify(self, since: datetime | None = None, until: datetime | None = None) -> VerifyReport:
-        """Check the chain (or the part of it between since and until) and name the first bad event."""
+        """Seal what is pending, then check the chain (or the part of it between since and until)
+        and name the first bad event."""
+        self.seal()
         with self._database.transaction() as session:
             # One snapshot: events and head as of the same instant, whatever writers do meanwhile.
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
@@ -233,12 +265,12 @@ class Auditor:
     ) -> VerifyReport:
         head = repository.head()
         head_seq = head.seq if head else 0
-        for stray in repository.unchained(1):
-            return _bad(0, head_seq, stray, "not in the chain: written behind the vault's back")
+        for stray in repository.unsealed(1):
+            return _bad(0, head_seq, stray, "not in the chain: fails its MAC (forged or modified)")
         low, high = repository.seq_bounds(since, until)
         ranged = since is not None or until is not None
         if low is None or high is None:
-            if not ranged and head is not None and head.seq != 0:
+            if not ranged and head_seq != 0:
                 return VerifyReport(
                     False, 0, head_seq, {"chain_seq": 1, "problem": "every event was deleted"}
                 )
@@ -262,8 +294,16 @@ class Auditor:
             if event.prev_mac != prev:
                 return _bad(checked, head_seq, event, "broken link: events inserted, deleted or reordered")
             key = self._keyring.get(event.key_version) if event.key_version is not None else None
-            if key is None or event.mac is None or not hmac.compare_digest(event_mac(key, event), event.mac):
+            if (
+                key is None
+                or event.event_mac is None
+                or not hmac.compare_digest(event_mac(key, event), event.event_mac)
+            ):
                 return _bad(checked, head_seq, event, "MAC mismatch: event modified or forged")
+            if event.mac is None or not hmac.compare_digest(
+                chain_mac(key, expected, prev, event.event_mac), event.mac
+            ):
+                return _bad(checked, head_seq, event, "chain MAC mismatch: event moved or forged")
             prev, expected, checked = event.mac, expected + 1, checked + 1
         if expected != last + 1:
             return VerifyReport(
@@ -276,7 +316,8 @@ class Auditor:
         return VerifyReport(True, checked, head_seq)
 
     def export(self, since: datetime | None, until: datetime | None) -> Iterator[AuditEvent]:
-        """Events in chain order (oldest first) for shipping to a SIEM, streamed from one snapshot."""
+        """Sealed events in chain order (oldest first) for shipping to a SIEM, from one snapshot."""
+        self.seal()
         with self._database.transaction() as session:
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             repository = AuditRepository(session)

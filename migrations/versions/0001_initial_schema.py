@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 11:28:34.640136
+Create Date: 2026-11-28 11:43:10.619553
 """
 
 from collections.abc import Sequence
@@ -48,8 +48,9 @@ def upgrade() -> None:
         sa.Column("source_ip", sa.String(length=64), nullable=True),
         sa.Column("user_agent", sa.String(length=512), nullable=True),
         sa.Column("kms_request_id", sa.String(length=128), nullable=True),
-        sa.Column("chain_seq", sa.BigInteger(), nullable=True),
         sa.Column("key_version", sa.SmallInteger(), nullable=True),
+        sa.Column("event_mac", sa.LargeBinary(), nullable=True),
+        sa.Column("chain_seq", sa.BigInteger(), nullable=True),
         sa.Column("prev_mac", sa.LargeBinary(), nullable=True),
         sa.Column("mac", sa.LargeBinary(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
@@ -61,6 +62,13 @@ def upgrade() -> None:
     op.create_index("ix_audit_events_principal_id", "audit_events", ["principal_id"], unique=False)
     op.create_index("ix_audit_events_time", "audit_events", ["time"], unique=False)
     op.create_index("ix_audit_events_token", "audit_events", ["token"], unique=False)
+    op.create_index(
+        "ix_audit_events_unsealed",
+        "audit_events",
+        ["id"],
+        unique=False,
+        postgresql_where=sa.text("chain_seq IS NULL"),
+    )
     op.create_table(
         "audit_keys",
         sa.Column("version", sa.SmallInteger(), nullable=False),
@@ -155,6 +163,9 @@ def downgrade() -> None:
     op.drop_table("api_keys")
     op.drop_table("principals")
     op.drop_table("audit_keys")
+    op.drop_index(
+        "ix_audit_events_unsealed", table_name="audit_events", postgresql_where=sa.text("chain_seq IS NULL")
+    )
     op.drop_index("ix_audit_events_token", table_name="audit_events")
     op.drop_index("ix_audit_events_time", table_name="audit_events")
     op.drop_index("ix_audit_events_principal_id", table_name="audit_events")

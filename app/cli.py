@@ -158,11 +158,24 @@ def _vault_for_cli() -> Vault:
 
 
 @audit_cli.command("verify")
-def audit_verify(since: Since = None, until: Until = None) -> None:
+def audit_verify(
+    since: Since = None,
+    until: Until = None,
+    anchor: Annotated[
+        str | None, typer.Option(help="SEQ:MAC from an earlier verify's head_seq and head_mac.")
+    ] = None,
+) -> None:
     """Check the audit chain; exit 1 and name the first bad event if it was tampered with."""
+    anchored: tuple[int, bytes] | None = None
+    if anchor:
+        seq, _, mac = anchor.partition(":")
+        try:
+            anchored = (int(seq), bytes.fromhex(mac))
+        except ValueError:
+            raise typer.BadParameter("--anchor takes SEQ:MAC (hex)") from None
     vault = _vault_for_cli()
     try:
-        report = vault.auditor.verify(_aware(since), _aware(until))
+        report = vault.auditor.verify(_aware(since), _aware(until), anchored)
     finally:
         vault.close()
     typer.echo(json.dumps(dataclasses.asdict(report), default=str))

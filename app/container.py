@@ -77,5 +77,11 @@ def build_vault(
     auditor = Auditor(database, AuditKeyring(database, keys), Alerter(webhook))
     principals = PrincipalService(auditor)
     grants = GrantService(database, auditor, principals, mirror or NoGrantMirror())
-    tokens = TokenService(keys, grants, auditor, max_value_bytes=settings.max_value_bytes)
+    tokens = TokenService(
+        keys,
+        grants,
+        auditor,
+        max_value_bytes=settings.max_value_bytes,
+        require_access_reason=settings.require_access_reason,
+    )
     return Vault(settings, database, keys, auditor, principals, grants, tokens)

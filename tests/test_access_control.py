@@ -209,7 +209,9 @@ def test_missing_or_bad_credentials_get_401(client: TestClient, actors: Actors) 
 def test_revoked_key_and_disabled_principal_get_401(client: TestClient, vault: Vault, actors: Actors) -> None:
     kyc = client.get("/v1/principals", headers=bearer(actors.admin)).json()["principals"]
     kyc_id = next(p["id"] for p in kyc if p["name"] == "kyc-app")
-    rotated = client.post(f"/v1/principals/{kyc_id}/keys", headers=bearer(actors.admin))
+    # The KYC app rotates its own key; the admin may not mint one for a principal holding grants.
+    assert client.post(f"/v1/principals/{kyc_id}/keys", headers=bearer(actors.admin)).status_code == 403
+    rotated = client.post(f"/v1/principals/{kyc_id}/keys", headers=bearer(actors.kyc))
     assert rotated.status_code == 201
     new_key = rotated.json()["api_key"]
     old_key_id = actors.kyc.split("_")[1]
@@ -227,6 +229,31 @@ def test_revoked_key_and_disabled_principal_get_401(client: TestClient, vault: V
     assert disabled.status_code == 200
     assert disabled.json()["disabled_at"] is not None
     assert client.get(f"/v1/tokens/{token}", headers=bearer(new_key)).status_code == 401
+
+
+def test_admin_cannot_mint_keys_for_grantees_or_other_admins(
+    client: TestClient, actors: Actors, db: psycopg.Connection[Any]
+) -> None:
+    admin = bearer(actors.admin)
+    other = create_principal(client, actors.admin, "other-admin", role="admin")
+    fresh = create_principal(client, actors.admin, "no-grants-yet")
+    assert client.post(f"/v1/principals/{actors.kyc_id}/keys", headers=admin).status_code == 403
+    assert client.post(f"/v1/principals/{other['id']}/keys", headers=admin).status_code == 403
+    assert client.post(f"/v1/principals/{fresh['id']}/keys", headers=admin).status_code == 201
+    # One service cannot mint or revoke keys for another.
+    assert (
+        client.post(f"/v1/principals/{actors.kyc_id}/keys", headers=bearer(actors.onboarding)).status_code
+        == 403
+    )
+    kyc_key_id = actors.kyc.split("_")[1]
+    revoke = client.delete(
+        f"/v1/principals/{actors.kyc_id}/keys/{kyc_key_id}", headers=bearer(actors.onboarding)
+    )
+    assert revoke.status_code == 403
+    reasons = [
+        row[0] for row in db.execute("SELECT reason FROM audit_events WHERE outcome = 'denied' ORDER BY id")
+    ]
+    assert reasons == ["grantee_holds_grants", "other_admin", "role_required", "role_required"]
 
 
 def test_second_admin_and_self_disable(client: TestClient, vault: Vault, actors: Actors) -> None:

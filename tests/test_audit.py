@@ -289,3 +289,100 @@ def test_denials_are_logged_as_json_warnings_without_values(
     assert fields["customer_id"] == "12345" and fields["principal_name"] == "onboarding-app"
     assert "SENTINEL-SSN" not in caplog.text
     uuid.UUID(fields["event_id"])
+
+
+def test_malformed_tokens_in_a_batch_fail_alone_and_denials_are_still_audited(
+    client: TestClient, actors: Actors, db: psycopg.Connection[Any]
+) -> None:
+    token = tokenize(client, actors.onboarding)
+    tokens = ["tok_" + "a" * 70, "a\u0000b", token]
+    response = client.post(
+        "/v1/tokens/detokenize", json={"tokens": tokens}, headers=bearer(actors.onboarding)
+    )
+    assert response.status_code == 200, response.text
+    first, second, third = response.json()["results"]
+    assert first["error"]["code"] == second["error"]["code"] == "invalid_input"
+    assert first["error"]["field"] == "tokens[0]"
+    assert third["error"]["code"] == "grant_required"
+    (event,) = events(db, action="Detokenize")
+    assert (event["outcome"], event["reason"], event["token"]) == ("denied", "no_grant", token)
+
+
+def test_a_burst_of_denials_cannot_exhaust_the_connection_pool(
+    database_url: str, kms_key_id: str, db: psycopg.Connection[Any]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.container import build_vault
+    from app.main import create_app
+    from tests.conftest import make_settings
+
+    vault = build_vault(make_settings(database_url, kms_key_id, db_pool_size=2, db_max_overflow=0))
+    try:
+        with TestClient(create_app(vault)) as burst:
+            bad = bearer("pv_0123456789abcdef_" + "z" * 43)
+            with ThreadPoolExecutor(max_workers=12) as pool:
+                statuses = list(
+                    pool.map(lambda _: burst.get("/v1/principals", headers=bad).status_code, range(48))
+                )
+    finally:
+        vault.close()
+    assert statuses == [401] * 48
+    assert db.execute("SELECT count(*) FROM audit_events WHERE reason = 'unknown_key'").fetchone() == (48,)
+
+
+def test_concurrent_creates_of_one_name_conflict_instead_of_failing(
+    client: TestClient, actors: Actors
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def create(_: int) -> int:
+        body = {"name": "twin", "role": "service"}
+        status: int = client.post("/v1/principals", json=body, headers=bearer(actors.admin)).status_code
+        return status
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = sorted(pool.map(create, range(8)))
+    assert statuses == [201] + [409] * 7
+
+
+def test_missing_access_reason_and_foreign_retire_are_audited(
+    database_url: str, kms_key_id: str, db: psycopg.Connection[Any]
+) -> None:
+    from app.container import build_vault
+    from app.main import create_app
+    from tests.conftest import create_admin, create_grant, make_settings
+
+    vault = build_vault(make_settings(database_url, kms_key_id, require_access_reason=True))
+    try:
+        with TestClient(create_app(vault)) as strict:
+            admin = create_admin(vault)
+            reader = create_principal(strict, admin, "reader")
+            other = create_principal(strict, admin, "other")
+            grant = create_grant(strict, admin, grantee="reader", operations=["Decrypt"])
+            token = "tok_" + "r" * 32
+            assert strict.get(f"/v1/tokens/{token}", headers=bearer(reader["api_key"])).status_code == 400
+            assert (
+                strict.post(f"/v1/grants/{grant['id']}/retire", headers=bearer(other["api_key"])).status_code
+                == 404
+            )
+    finally:
+        vault.close()
+    denied = events(db, outcome="denied")
+    assert [(e["action"], e["reason"]) for e in denied] == [
+        ("Detokenize", "access_reason_required"),
+        ("RetireGrant", "not_grantee"),
+    ]
+
+
+def test_request_models_never_show_values_or_keys_in_repr() -> None:
+    from app.api.schemas import PrincipalCreated, RevealedOut, TokenizeRequest
+
+    item = TokenizeRequest(customer_id="1", data_type="SSN", value="SENTINEL-REPR")
+    revealed = RevealedOut(token="t", customer_id="1", data_type="SSN", value="SENTINEL-REPR")
+    assert "SENTINEL-REPR" not in repr(item) + repr(revealed) + str(item)
+    created = PrincipalCreated(
+        id=uuid.uuid4(), name="n", role="service", created_at="2026-01-01T00:00:00Z",
+        key_id="k", api_key="pv_secret_material",
+    )  # fmt: skip
+    assert "pv_secret_material" not in repr(created)

@@ -169,12 +169,12 @@ def test_swapped_events_are_found(
 ) -> None:
     first, second = trail[3], trail[4]
     db.execute(
-        """UPDATE audit_events SET chain_seq = CASE chain_seq WHEN %(a)s THEN -1 ELSE chain_seq END
+        """UPDATE audit_events SET chain_seq = CASE chain_seq WHEN %(a)s THEN 999999999 ELSE chain_seq END
            WHERE chain_seq = %(a)s""",
         {"a": first},
     )
     db.execute("UPDATE audit_events SET chain_seq = %s WHERE chain_seq = %s", (first, second))
-    db.execute("UPDATE audit_events SET chain_seq = %s WHERE chain_seq = -1", (second,))
+    db.execute("UPDATE audit_events SET chain_seq = %s WHERE chain_seq = 999999999", (second,))
     report = verify(client, actors)
     assert report["ok"] is False
     assert report["first_bad_event"]["chain_seq"] == first
@@ -373,3 +373,43 @@ def test_a_dead_webhook_neither_slows_nor_fails_requests(
     # tens of seconds if delivery were inline; printed, not asserted as a timing.
     print(f"20 denials with a dead webhook took {denied_elapsed:.3f} s")
     assert db.execute("SELECT count(*) FROM audit_events WHERE reason = 'unknown_key'").fetchone() == (20,)
+
+
+def test_an_event_numbered_below_the_chain_is_found(
+    client: TestClient, actors: Actors, db: psycopg.Connection[Any], trail: list[int]
+) -> None:
+    # The schema refuses such a row; a forger who owns the database drops the check first.
+    with pytest.raises(psycopg.errors.CheckViolation):
+        db.execute("UPDATE audit_events SET chain_seq = 0 WHERE chain_seq = %s", (trail[-1],))
+    db.execute("ALTER TABLE audit_events DROP CONSTRAINT chain_seq_positive")
+    db.execute(
+        """INSERT INTO audit_events (event_id, time, action, outcome, customer_id, chain_seq, key_version,
+                                     event_mac, prev_mac, mac)
+           SELECT gen_random_uuid(), time, 'Detokenize', 'allowed', '12345', 0, key_version,
+                  event_mac, mac, mac
+           FROM audit_events WHERE chain_seq = 1"""
+    )
+    try:
+        report = verify(client, actors)
+    finally:
+        db.execute("DELETE FROM audit_events WHERE chain_seq = 0")
+        db.execute("ALTER TABLE audit_events ADD CONSTRAINT chain_seq_positive CHECK (chain_seq >= 1)")
+    assert report["ok"] is False
+    assert report["first_bad_event"]["chain_seq"] == 0
+
+
+def test_an_anchor_exposes_the_newest_events_deleted_with_the_head_rolled_back(
+    client: TestClient, actors: Actors, db: psycopg.Connection[Any], trail: list[int]
+) -> None:
+    anchor = verify(client, actors)
+    assert anchor["ok"] is True and anchor["head_mac"]
+    kept = anchor["head_seq"] - 3
+    row = db.execute("SELECT mac FROM audit_events WHERE chain_seq = %s", (kept,)).fetchone()
+    assert row is not None
+    db.execute("DELETE FROM audit_events WHERE chain_seq > %s", (kept,))
+    db.execute("UPDATE audit_chain_head SET seq = %s, mac = %s", (kept, row[0]))
+    # Without an anchor the shortened chain is consistent: that is what anchors are for.
+    assert verify(client, actors)["ok"] is True
+    anchored = verify(client, actors, anchor_seq=str(anchor["head_seq"]), anchor_mac=anchor["head_mac"])
+    assert anchored["ok"] is False
+    assert "newest events were deleted" in anchored["first_bad_event"]["problem"]

@@ -277,7 +277,7 @@ def test_malformed_token_is_422_naming_it(client: TestClient, actors: Actors) ->
 
 
 def test_unknown_well_formed_token_is_404_for_a_decrypt_grantee(client: TestClient, actors: Actors) -> None:
-    response = client.get("/v1/tokens/tok_doesnotexistdoesnotexist00", headers=bearer(actors.kyc))
+    response = client.get("/v1/tokens/tok_doesnotexistdoesnotexist00000000", headers=bearer(actors.kyc))
     assert_problem(response, 404, "not_found")
 
 

@@ -66,7 +66,7 @@ def test_batch_tokenize_and_batch_detokenize_keep_order(client: TestClient, acto
         assert result["customer_id"] == item["customer_id"]
 
     tokens = [result["token"] for _, result in good]
-    tokens.insert(1, "tok_doesnotexistdoesnotexist00")
+    tokens.insert(1, "tok_doesnotexistdoesnotexist00000000")
     revealed = client.post("/v1/tokens/detokenize", json={"tokens": tokens}, headers=bearer(actors.kyc))
     assert revealed.status_code == 200, revealed.text
     out = revealed.json()["results"]

@@ -29,6 +29,7 @@ def event_out(event: AuditEvent) -> AuditEventOut:
         request_id=event.request_id,
         principal_id=event.principal_id,
         principal_name=event.principal_name,
+        api_key_id=event.api_key_id,
         action=event.action,
         outcome=event.outcome,
         reason=event.reason,
@@ -91,13 +92,22 @@ def verify(
     auditor: AuditorDep,
     since: datetime | None = None,
     until: datetime | None = None,
+    anchor_seq: Annotated[
+        int | None, Query(ge=1, description="A head_seq kept from an earlier verify.")
+    ] = None,
+    anchor_mac: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="Its head_mac.")] = None,
 ) -> AuditVerifyOut:
     """Check the audit chain (or a time range of it): detects modified, deleted, inserted and
-    reordered events, and names the first bad one."""
-    report = vault.auditor.verify(since, until)
+    reordered events, and names the first bad one. Keep the returned head_seq and head_mac outside
+    the vault; passed back as an anchor, they also expose the newest events deleted."""
+    if (anchor_seq is None) != (anchor_mac is None):
+        raise InvalidInput("give anchor_seq and anchor_mac together", field="anchor_seq")
+    anchor = (anchor_seq, bytes.fromhex(anchor_mac)) if anchor_seq and anchor_mac else None
+    report = vault.auditor.verify(since, until, anchor)
     return AuditVerifyOut(
         ok=report.ok,
         events_checked=report.events_checked,
         head_seq=report.head_seq,
+        head_mac=report.head_mac,
         first_bad_event=report.first_bad_event,
     )

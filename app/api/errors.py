@@ -97,4 +97,6 @@ def install(app: FastAPI) -> None:
         # Logged with its type only: an exception's text could quote data.
         log.error("unexpected %s on %s %s", type(exc).__name__, request.method, request.url.path)
         err = errors.VaultError()
-        return _respond(request, 500, error_body(err))
+        # This handler runs outside the middleware that stamps the header, so stamp it here.
+        request_id = getattr(request.state, "request_id", None)
+        return _respond(request, 500, error_body(err), {"X-Request-ID": request_id} if request_id else None)

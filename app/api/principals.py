@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from fastapi import APIRouter, status
 
-from app.api.deps import AdminDep, ContextDep, SessionDep, VaultDep
+from app.api.deps import AdminDep, CallerDep, ContextDep, SessionDep, VaultDep
 from app.api.schemas import (
     ApiKeyCreated,
     ApiKeyOut,
@@ -73,10 +73,12 @@ def get_principal(
     responses={404: {"model": ErrorResponse}},
 )
 def create_key(
-    principal_id: uuid.UUID, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
+    principal_id: uuid.UUID, vault: VaultDep, session: SessionDep, caller: CallerDep, ctx: ContextDep
 ) -> ApiKeyCreated:
-    """Issue another key (rotation): both work until the old one is deleted."""
-    issued = vault.principals.add_key(session, admin, principal_id, ctx)
+    """Issue another key (rotation): both work until the old one is deleted. A principal rotates
+    its own keys; an admin may issue keys only to principals that hold no grants and are not
+    admins (separation of duties)."""
+    issued = vault.principals.add_key(session, caller, principal_id, ctx)
     return ApiKeyCreated(key_id=issued.key_id, api_key=issued.secret_key)
 
 
@@ -88,11 +90,11 @@ def revoke_key(
     key_id: str,
     vault: VaultDep,
     session: SessionDep,
-    admin: AdminDep,
+    caller: CallerDep,
     ctx: ContextDep,
 ) -> ApiKeyOut:
-    """Revoke a key: it stops working at once."""
-    key = vault.principals.revoke_key(session, admin, principal_id, key_id, ctx)
+    """Revoke a key (an admin, or the principal itself): it stops working at once."""
+    key = vault.principals.revoke_key(session, caller, principal_id, key_id, ctx)
     return ApiKeyOut(key_id=key.id, created_at=key.created_at, revoked_at=key.revoked_at)
 
 

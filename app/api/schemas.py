@@ -77,12 +77,12 @@ class PrincipalOut(BaseModel):
 
 class PrincipalCreated(PrincipalOut):
     key_id: str
-    api_key: str = Field(description="Shown this once; store it in your secret manager.")
+    api_key: str = Field(repr=False, description="Shown this once; store it in your secret manager.")
 
 
 class ApiKeyCreated(BaseModel):
     key_id: str
-    api_key: str = Field(description="Shown this once; store it in your secret manager.")
+    api_key: str = Field(repr=False, description="Shown this once; store it in your secret manager.")
 
 
 class PrincipalList(BaseModel):
@@ -158,6 +158,7 @@ class TokenizeRequest(Strict):
     customer_id: CustomerId
     data_type: DataType
     value: StrictStr = Field(
+        repr=False,
         min_length=1,
         description="The PII, as UTF-8 text; at most the configured size (4 KiB by default).",
         examples=["D1234-56789-01234"],
@@ -201,7 +202,7 @@ class RevealedOut(BaseModel):
     token: str
     customer_id: str
     data_type: str
-    value: str
+    value: str = Field(repr=False)
 
 
 class DetokenizeRequest(Strict):
@@ -212,7 +213,7 @@ class DetokenizeItemResult(BaseModel):
     token: str
     customer_id: str | None = None
     data_type: str | None = None
-    value: str | None = None
+    value: str | None = Field(default=None, repr=False)
     error: ItemErrorBody | None = None
 
 
@@ -230,6 +231,7 @@ class AuditEventOut(BaseModel):
     request_id: str | None
     principal_id: uuid.UUID | None
     principal_name: str | None
+    api_key_id: str | None
     action: str
     outcome: str
     reason: str | None
@@ -255,4 +257,5 @@ class AuditVerifyOut(BaseModel):
     ok: bool
     events_checked: int
     head_seq: int
+    head_mac: str | None = None
     first_bad_event: dict[str, Any] | None = None

@@ -22,8 +22,7 @@ from app.api.schemas import (
     TokenizeRequest,
     TokenOut,
 )
-from app.errors import AccessReasonRequired, InvalidInput, PayloadTooLarge, VaultError
-from app.services.context import RequestContext
+from app.errors import InvalidInput, PayloadTooLarge, VaultError
 from app.services.tokens import ItemError, TokenizeItem
 
 router = APIRouter(
@@ -40,11 +39,6 @@ router = APIRouter(
 def _check_batch_size(count: int, limit: int, field: str) -> None:
     if count > limit:
         raise PayloadTooLarge(f"{field} has {count} entries; at most {limit} are allowed", field=field)
-
-
-def _require_reason(vault: VaultDep, ctx: RequestContext) -> None:
-    if vault.settings.require_access_reason and not (ctx.access_reason or "").strip():
-        raise AccessReasonRequired(field="X-Access-Reason")
 
 
 def _parse_item(index: int, raw: dict[str, object]) -> TokenizeItem | VaultError:
@@ -127,7 +121,6 @@ def detokenize_batch(
     ctx: ContextDep,
 ) -> DetokenizeResponse:
     """Reveal many tokens; each result is the value or its own error (not_found, grant_required…)."""
-    _require_reason(vault, ctx)
     _check_batch_size(len(body.tokens), vault.settings.max_batch_items, "tokens")
     results = vault.tokens.detokenize(session, caller, body.tokens, ctx)
     return DetokenizeResponse(
@@ -156,7 +149,6 @@ def detokenize(
 ) -> RevealedOut:
     """Reveal a token's value. Needs an active Decrypt grant matching the record's context;
     send X-Access-Reason to record why."""
-    _require_reason(vault, ctx)
     revealed = vault.tokens.detokenize_one(session, caller, token, ctx)
     return RevealedOut(
         token=revealed.token,

@@ -119,6 +119,7 @@ class AuditEvent(Base):
         Index("ix_audit_events_token", "token"),
         Index("ix_audit_events_principal_id", "principal_id"),
         Index("ix_audit_events_action_outcome", "action", "outcome"),
+        CheckConstraint("chain_seq >= 1", name="chain_seq_positive"),
         # The sealer's work list: events not yet in the chain.
         Index("ix_audit_events_unsealed", "id", postgresql_where=text("chain_seq IS NULL")),
     )
@@ -129,6 +130,8 @@ class AuditEvent(Base):
     request_id: Mapped[str | None] = mapped_column(String(128))
     principal_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     principal_name: Mapped[str | None] = mapped_column(String(128))
+    # Which of the principal's keys was used: a key issued to someone else shows here.
+    api_key_id: Mapped[str | None] = mapped_column(String(32))
     action: Mapped[str] = mapped_column(String(64))
     outcome: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(String(64))

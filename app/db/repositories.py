@@ -106,6 +106,15 @@ class GrantRepository:
             query = query.where(~is_active)
         return self.session.scalars(query).all()
 
+    def any_active_for(self, grantee_id: uuid.UUID, now: datetime) -> bool:
+        query = select(Grant.id).where(
+            Grant.grantee_id == grantee_id,
+            Grant.revoked_at.is_(None),
+            Grant.retired_at.is_(None),
+            or_(Grant.expires_at.is_(None), Grant.expires_at > now),
+        )
+        return self.session.scalar(query.limit(1)) is not None
+
     def expired_unaudited(self, now: datetime, limit: int) -> Sequence[Grant]:
         """Grants that expired and whose expiry has no audit event yet; locked, one replica each."""
         query = (
@@ -190,9 +199,14 @@ class AuditRepository:
             .execution_options(populate_existing=True)
         )
 
-    def unsealed(self, limit: int) -> Sequence[AuditEvent]:
-        """Committed events not yet in the chain, oldest first."""
-        query = select(AuditEvent).where(AuditEvent.chain_seq.is_(None)).order_by(AuditEvent.id).limit(limit)
+    def unsealed(self, limit: int, after_id: int) -> Sequence[AuditEvent]:
+        """Committed events not yet in the chain, oldest first, after the given row id."""
+        query = (
+            select(AuditEvent)
+            .where(AuditEvent.chain_seq.is_(None), AuditEvent.id > after_id)
+            .order_by(AuditEvent.id)
+            .limit(limit)
+        )
         return self.session.scalars(query).all()
 
     def head(self) -> AuditChainHead | None:

@@ -8,11 +8,11 @@ from contextlib import contextmanager
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import DatabaseUnavailable
+from app.errors import Conflict, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -45,31 +45,42 @@ class Database:
         max_overflow: int = 10,
         statement_timeout_ms: int = 5000,
     ) -> None:
-        self.engine: Engine = create_engine(
-            normalise_url(url),
-            pool_size=pool_size,
-            max_overflow=max_overflow,
-            # No pre-ping (a round trip per request): a dead connection fails its request with a
-            # 503 and is discarded; recycling bounds how stale a pooled connection gets.
-            pool_recycle=1800,
-            pool_timeout=5,
-            connect_args={
-                "connect_timeout": 3,
-                "options": f"-c statement_timeout={statement_timeout_ms}",
-            },
-        )
+        def engine(size: int, overflow: int) -> Engine:
+            return create_engine(
+                normalise_url(url),
+                pool_size=size,
+                max_overflow=overflow,
+                # No pre-ping (a round trip per request): a dead connection fails its request with
+                # a 503 and is discarded; recycling bounds how stale a pooled connection gets.
+                pool_recycle=1800,
+                pool_timeout=5,
+                # SQL errors (and tracebacks) never show the statement's parameters.
+                hide_parameters=True,
+                connect_args={
+                    "connect_timeout": 3,
+                    "options": f"-c statement_timeout={statement_timeout_ms}",
+                },
+            )
+
+        self.engine = engine(pool_size, max_overflow)
+        # Work a request does beside its own transaction (a denial's audit event, loading the
+        # audit key) uses its own pool, as large as the main one can grow: a request holding a
+        # main connection always gets a side one, so a burst of denials cannot deadlock the pool.
+        self.side_engine = engine(pool_size + max_overflow, 0)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._side_sessions = sessionmaker(self.side_engine, expire_on_commit=False)
 
     def __repr__(self) -> str:
         return f"Database({self.engine.url.render_as_string(hide_password=True)!r})"
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
+    def transaction(self, *, side: bool = False) -> Iterator[Session]:
         """One unit of work: commits if the block completes, rolls back (and compensates) if not.
 
         A lost or refused connection becomes DatabaseUnavailable (503), never a traceback.
+        side=True: a transaction beside the request's own, from the side pool.
         """
-        session = self._sessions()
+        session = self._side_sessions() if side else self._sessions()
         try:
             try:
                 yield session
@@ -82,6 +93,9 @@ class Database:
                     except Exception:
                         log.exception("compensation after rollback failed")
                 raise
+        except IntegrityError:
+            # A unique constraint lost to a concurrent request (two principals of one name, say).
+            raise Conflict("the request conflicts with a concurrent change; retry it") from None
         except DBAPIError as err:
             if _is_connection_failure(err):
                 log.warning("database unavailable: %s", type(err.orig).__name__)
@@ -99,3 +113,4 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self.side_engine.dispose()

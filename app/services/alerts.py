@@ -17,11 +17,13 @@ from app.db.models import AuditEvent
 from app.metrics import ALERTS_DROPPED, ALERTS_FAILED, DENIALS
 
 log = logging.getLogger("piivault.alerts")
+# Errors that mean someone may be tampering, not just an outage.
+ALARMING_ERRORS = frozenset({"record_integrity"})
 
 _FIELDS = (
-    "event_id", "time", "request_id", "principal_id", "principal_name", "action", "outcome", "reason",
-    "token", "customer_id", "data_type", "grant_id", "target_id", "access_reason", "source_ip",
-    "user_agent", "kms_request_id", "chain_seq",
+    "event_id", "time", "request_id", "principal_id", "principal_name", "api_key_id", "action",
+    "outcome", "reason", "token", "customer_id", "data_type", "grant_id", "target_id",
+    "access_reason", "source_ip", "user_agent", "kms_request_id", "chain_seq",
 )  # fmt: skip
 
 
@@ -104,14 +106,16 @@ class Alerter:
         self._webhook = webhook
 
     def denied(self, events: Sequence[AuditEvent]) -> None:
+        """Raise the alarm for refusals, and for records that failed their integrity check."""
         for event in events:
-            if event.outcome != "denied":
+            if event.outcome != "denied" and event.reason not in ALARMING_ERRORS:
                 continue
             DENIALS.labels(event.action, event.reason or "unknown").inc()
             fields = event_fields(event)
-            log.warning(json.dumps({"alert": "denied", **fields}, sort_keys=True))
+            kind = "denied" if event.outcome == "denied" else "integrity"
+            log.warning(json.dumps({"alert": kind, **fields}, sort_keys=True))
             if self._webhook is not None:
-                self._webhook.submit({"alert": "denied", **fields})
+                self._webhook.submit({"alert": kind, **fields})
 
     def close(self) -> None:
         if self._webhook is not None:

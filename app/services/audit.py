@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import threading
 import uuid
@@ -57,6 +58,11 @@ class Subject:
     kms_request_id: str | None = None
 
 
+def _bounded(text: str | None, limit: int) -> str | None:
+    """Caller-supplied text fits its column and holds no NUL: a denial is never lost to its input."""
+    return None if text is None else text.replace("\x00", "\ufffd")[:limit]
+
+
 def build_event(
     action: str,
     outcome: Outcome,
@@ -68,20 +74,21 @@ def build_event(
     return AuditEvent(
         event_id=uuid.uuid4(),
         time=utcnow(),
-        request_id=ctx.request_id,
+        request_id=_bounded(ctx.request_id, 128),
         principal_id=caller.id if caller else None,
         principal_name=caller.name if caller else None,
+        api_key_id=caller.key_id if caller else None,
         action=action,
         outcome=outcome,
         reason=reason,
-        token=subject.token,
-        customer_id=subject.customer_id,
-        data_type=subject.data_type,
+        token=_bounded(subject.token, 64),
+        customer_id=_bounded(subject.customer_id, 128),
+        data_type=_bounded(subject.data_type, 64),
         grant_id=subject.grant_id,
-        target_id=subject.target_id,
-        access_reason=ctx.access_reason,
-        source_ip=ctx.source_ip,
-        user_agent=ctx.user_agent,
+        target_id=_bounded(subject.target_id, 128),
+        access_reason=_bounded(ctx.access_reason, 512),
+        source_ip=_bounded(ctx.source_ip, 64),
+        user_agent=_bounded(ctx.user_agent, 512),
         kms_request_id=subject.kms_request_id,
     )
 
@@ -104,9 +111,9 @@ def event_mac(key: bytes, event: AuditEvent) -> bytes:
             _part(value)
             for value in (
                 event.key_version, event.event_id, event.time, event.request_id, event.principal_id,
-                event.principal_name, event.action, event.outcome, event.reason, event.token,
-                event.customer_id, event.data_type, event.grant_id, event.target_id, event.access_reason,
-                event.source_ip, event.user_agent, event.kms_request_id,
+                event.principal_name, event.api_key_id, event.action, event.outcome, event.reason,
+                event.token, event.customer_id, event.data_type, event.grant_id, event.target_id,
+                event.access_reason, event.source_ip, event.user_agent, event.kms_request_id,
             )
         ),
     )  # fmt: skip
@@ -141,7 +148,7 @@ class AuditKeyring:
     def get(self, version: int) -> bytes | None:
         with self._lock:
             if version not in self._unwrapped:
-                with self._database.transaction() as session:
+                with self._database.transaction(side=True) as session:
                     stored = AuditRepository(session).key(version)
                 if stored is None:
                     return None
@@ -153,7 +160,7 @@ class AuditKeyring:
         self._unwrapped[stored.version] = data_key.plaintext
 
     def _load_or_create(self) -> int:
-        with self._database.transaction() as session:
+        with self._database.transaction(side=True) as session:
             repository = AuditRepository(session)
             stored = repository.latest_key()
             if stored is None:
@@ -173,6 +180,9 @@ class VerifyReport:
     events_checked: int
     head_seq: int
     first_bad_event: dict[str, Any] | None = None
+    # Keep (head_seq, head_mac) outside the database: a later verify with it as anchor finds
+    # the newest events deleted even if the head row was rolled back with them.
+    head_mac: str | None = None
 
 
 class Auditor:
@@ -210,34 +220,38 @@ class Auditor:
         if not events:
             return
         try:
-            with self._database.transaction() as session:
+            with self._database.transaction(side=True) as session:
                 self.record(session, events)
         except DatabaseUnavailable:
             raise AuditUnavailable() from None
         self._alerter.denied(events)
 
+    def _verified_key(self, event: AuditEvent) -> bytes | None:
+        """The event's MAC key if its own MAC holds, else None."""
+        key = self._keyring.get(event.key_version) if event.key_version is not None else None
+        if key is None or event.event_mac is None:
+            return None
+        return key if hmac.compare_digest(event_mac(key, event), event.event_mac) else None
+
     def seal(self, batch: int = 2000) -> int:
         """Chain committed events not yet sealed, oldest first; returns how many were sealed.
 
         An event whose own MAC does not verify (written behind the vault's back, or changed
-        before it was sealed) is never chained: it stays outside, and verify names it.
+        before it was sealed) is never chained: it stays outside, and verify names it. The new
+        head is logged as a checkpoint, so a copy outside the database (the SIEM) can anchor it.
         """
-        sealed = 0
+        sealed, after_id = 0, 0
         while True:
             with self._database.transaction() as session:
                 repository = AuditRepository(session)
                 head = repository.lock_head()
                 if head is None:
                     return sealed  # another replica is sealing right now
-                pending = repository.unsealed(batch)
+                pending = repository.unsealed(batch, after_id)
                 seq, prev = head.seq, head.mac
                 for event in pending:
-                    key = self._keyring.get(event.key_version) if event.key_version is not None else None
-                    if (
-                        key is None
-                        or event.event_mac is None
-                        or not hmac.compare_digest(event_mac(key, event), event.event_mac)
-                    ):
+                    key = self._verified_key(event)
+                    if key is None or event.event_mac is None:
                         log.error("audit event %s fails its MAC: not sealed", event.event_id)
                         continue
                     seq += 1
@@ -245,28 +259,59 @@ class Auditor:
                     event.mac = prev = chain_mac(key, seq, prev, event.event_mac)
                     sealed += 1
                 head.seq, head.mac = seq, prev
+            if pending:
+                after_id = pending[-1].id
             if len(pending) < batch:
-                return sealed
+                break
+        if sealed:
+            log.info(json.dumps({"audit_checkpoint": {"seq": seq, "mac": prev.hex()}}))
+        return sealed
 
     def search(self, session: Session, where: AuditFilter, limit: int) -> Sequence[AuditEvent]:
         return AuditRepository(session).search(where, limit)
 
-    def verify(self, since: datetime | None = None, until: datetime | None = None) -> VerifyReport:
+    def verify(
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        anchor: tuple[int, bytes] | None = None,
+    ) -> VerifyReport:
         """Seal what is pending, then check the chain (or the part of it between since and until)
-        and name the first bad event."""
+        and name the first bad event. An anchor (a checkpoint's seq and MAC kept outside the
+        database) also catches the newest events deleted with the head rolled back."""
         self.seal()
         with self._database.transaction() as session:
             # One snapshot: events and head as of the same instant, whatever writers do meanwhile.
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-            return self._verify(AuditRepository(session), since, until)
+            repository = AuditRepository(session)
+            report = self._verify(repository, since, until)
+            if report.ok and anchor is not None:
+                report = self._check_anchor(repository, report, *anchor)
+            return report
+
+    def _check_anchor(
+        self, repository: AuditRepository, report: VerifyReport, seq: int, mac: bytes
+    ) -> VerifyReport:
+        event = repository.at_seq(seq)
+        if seq > report.head_seq or event is None or event.mac is None:
+            problem = f"the anchored event {seq} is gone: the newest events were deleted"
+            return VerifyReport(
+                False, report.events_checked, report.head_seq, {"chain_seq": seq, "problem": problem}
+            )
+        if not hmac.compare_digest(event.mac, mac):
+            problem = "the anchored event's MAC differs: the chain was rewritten"
+            return _bad(report.events_checked, report.head_seq, event, problem)
+        return report
 
     def _verify(
         self, repository: AuditRepository, since: datetime | None, until: datetime | None
     ) -> VerifyReport:
         head = repository.head()
         head_seq = head.seq if head else 0
-        for stray in repository.unsealed(1):
-            return _bad(0, head_seq, stray, "not in the chain: fails its MAC (forged or modified)")
+        # Events not sealed yet are fine if their own MAC holds (the sealer has not reached them).
+        for stray in repository.unsealed(1000, 0):
+            if self._verified_key(stray) is None:
+                return _bad(0, head_seq, stray, "not in the chain: fails its MAC (forged or modified)")
         low, high = repository.seq_bounds(since, until)
         ranged = since is not None or until is not None
         if low is None or high is None:
@@ -275,6 +320,10 @@ class Auditor:
                     False, 0, head_seq, {"chain_seq": 1, "problem": "every event was deleted"}
                 )
             return VerifyReport(True, 0, head_seq)
+        if low < 1:
+            forged = repository.at_seq(low)
+            if forged is not None:
+                return _bad(0, head_seq, forged, "outside the chain's numbering: forged")
         # Unranged, walk past the head too: an event appended behind the vault's back is found.
         first, last = (low, high) if ranged else (1, max(head_seq, high))
         prev = GENESIS_MAC
@@ -293,12 +342,8 @@ class Auditor:
                 )
             if event.prev_mac != prev:
                 return _bad(checked, head_seq, event, "broken link: events inserted, deleted or reordered")
-            key = self._keyring.get(event.key_version) if event.key_version is not None else None
-            if (
-                key is None
-                or event.event_mac is None
-                or not hmac.compare_digest(event_mac(key, event), event.event_mac)
-            ):
+            key = self._verified_key(event)
+            if key is None or event.event_mac is None:
                 return _bad(checked, head_seq, event, "MAC mismatch: event modified or forged")
             if event.mac is None or not hmac.compare_digest(
                 chain_mac(key, expected, prev, event.event_mac), event.mac
@@ -313,7 +358,7 @@ class Auditor:
             return VerifyReport(
                 False, checked, head_seq, {"chain_seq": head_seq, "problem": "chain head does not match"}
             )
-        return VerifyReport(True, checked, head_seq)
+        return VerifyReport(True, checked, head_seq, head_mac=prev.hex() if not ranged else None)
 
     def export(self, since: datetime | None, until: datetime | None) -> Iterator[AuditEvent]:
         """Sealed events in chain order (oldest first) for shipping to a SIEM, from one snapshot."""

@@ -181,6 +181,10 @@ class GrantService:
         grant = GrantRepository(session).get(grant_id, for_update=True)
         # Only the grantee retires its grant; others learn nothing of grants not theirs.
         if grant is None or grant.grantee_id != caller.id:
+            attempt = build_event(
+                "RetireGrant", "denied", ctx, caller, Subject(target_id=str(grant_id)), "not_grantee"
+            )
+            self._auditor.record_on_its_own([attempt])
             raise NotFound("no grant with this id is held by the caller", field="id")
         if grant.revoked_at is not None or grant.retired_at is not None:
             raise Conflict("the grant is already revoked or retired", field="id")

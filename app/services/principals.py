@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from app.db.models import ApiKey, Principal
-from app.db.repositories import ApiKeyRepository, PrincipalRepository
+from app.db.repositories import ApiKeyRepository, GrantRepository, PrincipalRepository
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, RequestContext, utcnow
@@ -135,6 +135,26 @@ class PrincipalService:
         principal = self.get(session, principal_id)
         if principal.disabled_at is not None:
             raise Conflict("the principal is disabled", field="id")
+        if actor.id != principal.id:
+            # Separation of duties: an admin holding a key of a principal with data access (or of
+            # another admin) could act as it. Such principals rotate their own keys.
+            reason = None
+            if actor.role != "admin":
+                reason = "role_required"
+            elif principal.role == "admin":
+                reason = "other_admin"
+            elif GrantRepository(session).any_active_for(principal.id, utcnow()):
+                reason = "grantee_holds_grants"
+            if reason is not None:
+                refused = build_event(
+                    "CreateApiKey", "denied", ctx, actor, Subject(target_id=str(principal.id)), reason
+                )
+                self._auditor.record_on_its_own([refused])
+                raise Forbidden(
+                    "only the principal itself can get a new key here: it is an admin or holds grants"
+                    if reason != "role_required"
+                    else "this action needs the admin role"
+                )
         row, issued = _new_key(principal.id)
         ApiKeyRepository(session).add(row)
         self._auditor.record(
@@ -150,6 +170,8 @@ class PrincipalService:
         key_id: str,
         ctx: RequestContext,
     ) -> ApiKey:
+        if actor.id != principal_id:
+            self.require_role(actor, {"admin"}, "RevokeApiKey", ctx)
         key = ApiKeyRepository(session).get(key_id)
         if key is None or key.principal_id != principal_id:
             raise NotFound("no such key for this principal", field="key_id")

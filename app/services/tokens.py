@@ -21,14 +21,15 @@ from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
 from app.crypto.keys import KeyProvider
 from app.db.models import AuditEvent, Record
 from app.db.repositories import RecordRepository
-from app.errors import Denied, InvalidInput, NotFound, PayloadTooLarge, VaultError
+from app.errors import AccessReasonRequired, Denied, InvalidInput, NotFound, PayloadTooLarge, VaultError
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, RequestContext, context_of, utcnow
 from app.services.grants import Decision, GrantService
 
 TOKEN_PREFIX = "tok_"  # noqa: S105 (a prefix, not a secret)
-TOKEN_PATTERN = re.compile(r"^tok_[A-Za-z0-9_-]{22,86}$")
 _TOKEN_RANDOM_BYTES = 24  # 192 bits: not derivable from the value, never guessable
+# Exactly what new_token makes: anything else is refused before it reaches a query or the audit.
+TOKEN_PATTERN = re.compile(r"tok_[A-Za-z0-9_-]{32}")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -83,8 +84,10 @@ class TokenService:
         auditor: Auditor,
         *,
         max_value_bytes: int,
+        require_access_reason: bool = False,
         key_concurrency: int = 16,
     ) -> None:
+        self._require_access_reason = require_access_reason
         self._keys = keys
         self._grants = grants
         self._auditor = auditor
@@ -212,14 +215,25 @@ class TokenService:
         tokens: Sequence[str],
         ctx: RequestContext,
     ) -> list[Revealed | ItemError]:
+        if self._require_access_reason and not (ctx.access_reason or "").strip():
+            refused = [
+                build_event("Detokenize", "denied", ctx, caller, Subject(token=t), "access_reason_required")
+                for t in tokens
+            ]
+            self._auditor.record_on_its_own(refused)
+            raise AccessReasonRequired(field="X-Access-Reason")
         grants = self._grants.grants_for(session, caller, "Decrypt")
         may_learn_existence = grants.any_active
-        well_formed = [token for token in tokens if TOKEN_PATTERN.match(token)]
+        well_formed = [token for token in tokens if TOKEN_PATTERN.fullmatch(token)]
         records = RecordRepository(session).get_many(well_formed)
         denials: list[AuditEvent] = []
         results: list[Revealed | ItemError | None] = [None] * len(tokens)
         allowed: list[tuple[int, Record, Decision]] = []
         for index, token in enumerate(tokens):
+            if not TOKEN_PATTERN.fullmatch(token):
+                message = f"tokens[{index}] is not a vault token (tok_ and 32 URL-safe characters)"
+                results[index] = ItemError(InvalidInput(message, field=f"tokens[{index}]"), token[:64])
+                continue
             record = records.get(token)
             if record is None:
                 # Without any Decrypt grant a caller cannot tell an unknown token from a refused one.
@@ -288,8 +302,8 @@ class TokenService:
         return [result for result in results if result is not None]
 
     def detokenize_one(self, session: Session, caller: Caller, token: str, ctx: RequestContext) -> Revealed:
-        if not TOKEN_PATTERN.match(token):
-            raise InvalidInput("token is not a vault token (tok_…)", field="token")
+        if not TOKEN_PATTERN.fullmatch(token):
+            raise InvalidInput("token is not a vault token (tok_ and 32 URL-safe characters)", field="token")
         (result,) = self.detokenize(session, caller, [token], ctx)
         if isinstance(result, ItemError):
             raise result.error

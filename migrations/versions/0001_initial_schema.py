@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 11:43:10.619553
+Create Date: 2026-11-28 11:51:02.003547
 """
 
 from collections.abc import Sequence
@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column("request_id", sa.String(length=128), nullable=True),
         sa.Column("principal_id", sa.UUID(), nullable=True),
         sa.Column("principal_name", sa.String(length=128), nullable=True),
+        sa.Column("api_key_id", sa.String(length=32), nullable=True),
         sa.Column("action", sa.String(length=64), nullable=False),
         sa.Column("outcome", sa.String(length=16), nullable=False),
         sa.Column("reason", sa.String(length=64), nullable=True),
@@ -53,6 +54,7 @@ def upgrade() -> None:
         sa.Column("chain_seq", sa.BigInteger(), nullable=True),
         sa.Column("prev_mac", sa.LargeBinary(), nullable=True),
         sa.Column("mac", sa.LargeBinary(), nullable=True),
+        sa.CheckConstraint("chain_seq >= 1", name="chain_seq_positive"),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("chain_seq"),
         sa.UniqueConstraint("event_id"),

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     key_provider: Literal["kms", "local"] | None = None
     kms_key_id: str | None = None
     kms_endpoint_url: str | None = None
+    # Data keys cross this connection: plain http only for an emulator, and only when said so.
+    kms_allow_insecure_endpoint: bool = False
     kms_region: str | None = None
     kms_connect_timeout_s: float = Field(default=2.0, gt=0, le=30)
     kms_read_timeout_s: float = Field(default=5.0, gt=0, le=60)
@@ -73,6 +75,15 @@ class Settings(BaseSettings):
         if self.alert_webhook_url and not self.alert_webhook_url.startswith(("https://", "http://")):
             problems.append("PIIVAULT_ALERT_WEBHOOK_URL must be an http(s) URL")
         if self.environment == "production":
+            if (
+                self.kms_endpoint_url
+                and not self.kms_endpoint_url.startswith("https://")
+                and not self.kms_allow_insecure_endpoint
+            ):
+                problems.append(
+                    "PIIVAULT_KMS_ENDPOINT_URL must be https in production (data keys cross it); "
+                    "for an emulator set PIIVAULT_KMS_ALLOW_INSECURE_ENDPOINT=true"
+                )
             if self.alert_webhook_url and not self.alert_webhook_url.startswith(
                 ("https://", "http://127.0.0.1", "http://localhost")
             ):

@@ -100,6 +100,7 @@ def stack(kms: Kms, database_url: str, db: psycopg.Connection[Any], tmp_path: Pa
         "PIIVAULT_DATABASE_URL": database_url,
         "PIIVAULT_KMS_KEY_ID": KEY_ALIAS,
         "PIIVAULT_KMS_ENDPOINT_URL": kms.endpoint_url,
+        "PIIVAULT_KMS_ALLOW_INSECURE_ENDPOINT": "true",
         "PIIVAULT_KMS_MIRROR_GRANTS": "true",
         "PIIVAULT_KMS_GRANTEE_PRINCIPAL": GRANTEE_ARN,
         "AWS_ACCESS_KEY_ID": "testing",

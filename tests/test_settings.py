@@ -36,6 +36,14 @@ def test_kms_provider_needs_a_key_and_mirroring_needs_a_grantee() -> None:
     assert ok.effective_key_provider == "kms"
 
 
+def test_production_refuses_a_plain_http_kms_endpoint_unless_told_it_is_an_emulator() -> None:
+    base = {"database_url": "postgresql://db/x", "kms_key_id": "alias/k", "kms_mirror_grants": False}
+    with pytest.raises(ValidationError, match="must be https"):
+        Settings(**base, kms_endpoint_url="http://kms:5000")
+    assert Settings(**base, kms_endpoint_url="https://kms.internal").kms_endpoint_url
+    assert Settings(**base, kms_endpoint_url="http://kms:5000", kms_allow_insecure_endpoint=True)
+
+
 def test_settings_read_the_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIIVAULT_DATABASE_URL", "postgresql://user:hunter2@db/x")
     monkeypatch.setenv("PIIVAULT_KMS_KEY_ID", "alias/piivault")

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint format clean
+.PHONY: install run test lint format clean bench
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ lint: install
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# Not part of make test: several minutes of load on this machine. Writes bench/results/latest.*
+bench: install
+	@command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk) || \
+		(echo "make bench needs wrk (apt-get install wrk)" && exit 1)
+	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,bench]'
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
+import anyio.to_thread
 from fastapi import FastAPI
 
 from app.api import audit, errors, grants, ops, principals, tokens
@@ -55,6 +56,9 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         if owned:
             app.state.vault = build_vault(settings)
         vault: Vault = app.state.vault
+        # As many request threads as database connections: a thread never waits for the pool.
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = settings.db_pool_size + settings.db_max_overflow
         stop = threading.Event()
         background = []
         if settings.grant_sweep_interval_s > 0:

@@ -23,8 +23,9 @@ class Settings(BaseSettings):
     # Empty database URL means "use the embedded PostgreSQL", allowed only in development.
     database_url: SecretStr | None = None
     data_dir: Path = Path(".piivault")
-    db_pool_size: int = Field(default=10, ge=1, le=200)
-    db_max_overflow: int = Field(default=10, ge=0, le=200)
+    # Per worker; request threads match it. The side pool (denials' audit) can grow as large.
+    db_pool_size: int = Field(default=12, ge=1, le=200)
+    db_max_overflow: int = Field(default=12, ge=0, le=200)
     db_statement_timeout_ms: int = Field(default=5000, ge=100)
 
     key_provider: Literal["kms", "local"] | None = None

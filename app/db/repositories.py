@@ -7,11 +7,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from app.db.models import ApiKey, AuditChainHead, AuditEvent, AuditKey, Grant, Principal, Record
+from app.db.models import ApiKey, AuditChainHead, AuditEvent, AuditKey, Base, Grant, Principal, Record
 
 
 class PrincipalRepository:
@@ -40,6 +40,37 @@ class PrincipalRepository:
         return self.session.scalar(query.limit(1)) is not None
 
 
+def _row(instance: Base, skip: tuple[str, ...] = ()) -> dict[str, object]:
+    """An unsaved model instance's column values, for a Core INSERT."""
+    return {
+        column.key: getattr(instance, column.key)
+        for column in instance.__table__.columns
+        if column.key not in skip
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCredentials:
+    secret_hash: bytes
+    key_revoked_at: datetime | None
+    principal_id: uuid.UUID
+    principal_name: str
+    role: str
+    principal_disabled_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class GrantTerms:
+    """The part of a grant an access decision reads; a plain row, not an ORM object."""
+
+    id: uuid.UUID
+    constraint_kind: str | None
+    constraint_context: dict[str, str] | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    retired_at: datetime | None
+
+
 class ApiKeyRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -52,11 +83,21 @@ class ApiKeyRepository:
     def get(self, key_id: str) -> ApiKey | None:
         return self.session.get(ApiKey, key_id)
 
-    def get_with_principal(self, key_id: str) -> tuple[ApiKey, Principal] | None:
+    def credentials(self, key_id: str) -> KeyCredentials | None:
+        """What authentication needs, in one round trip and without ORM objects (the hot path)."""
         row = self.session.execute(
-            select(ApiKey, Principal).join(Principal).where(ApiKey.id == key_id)
+            select(
+                ApiKey.secret_hash,
+                ApiKey.revoked_at,
+                Principal.id,
+                Principal.name,
+                Principal.role,
+                Principal.disabled_at,
+            )
+            .join(Principal, Principal.id == ApiKey.principal_id)
+            .where(ApiKey.id == key_id)
         ).first()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else KeyCredentials(*row)
 
     def list_for(self, principal_id: uuid.UUID) -> Sequence[ApiKey]:
         query = select(ApiKey).where(ApiKey.principal_id == principal_id).order_by(ApiKey.created_at)
@@ -82,14 +123,21 @@ class GrantRepository:
     def get(self, grant_id: uuid.UUID, *, for_update: bool = False) -> Grant | None:
         return self.session.get(Grant, grant_id, with_for_update=for_update)
 
-    def for_grantee(self, grantee_id: uuid.UUID, operation: str) -> Sequence[Grant]:
+    def for_grantee(self, grantee_id: uuid.UUID, operation: str) -> list[GrantTerms]:
         """Every grant of this principal naming this operation, active or not (the caller decides)."""
         query = (
-            select(Grant)
+            select(
+                Grant.id,
+                Grant.constraint_kind,
+                Grant.constraint_context,
+                Grant.expires_at,
+                Grant.revoked_at,
+                Grant.retired_at,
+            )
             .where(Grant.grantee_id == grantee_id, Grant.operations.any_() == operation)
             .order_by(Grant.created_at, Grant.id)
         )
-        return self.session.scalars(query).all()
+        return [GrantTerms(*row) for row in self.session.execute(query)]
 
     def list(self, *, grantee_id: uuid.UUID | None, active: bool | None, now: datetime) -> Sequence[Grant]:
         query = select(Grant).order_by(Grant.created_at, Grant.id)
@@ -156,8 +204,9 @@ class RecordRepository:
         self.session = session
 
     def add_all(self, records: Sequence[Record]) -> None:
-        self.session.add_all(records)
-        self.session.flush()
+        # One multi-row INSERT, without the ORM's unit of work (the hot path).
+        if records:
+            self.session.execute(insert(Record), [_row(record) for record in records])
 
     def get(self, token: str) -> Record | None:
         return self.session.get(Record, token)
@@ -187,8 +236,9 @@ class AuditRepository:
         self.session = session
 
     def add_all(self, events: Sequence[AuditEvent]) -> None:
-        self.session.add_all(events)
-        self.session.flush()
+        # One multi-row INSERT, without the ORM's unit of work (the hot path).
+        if events:
+            self.session.execute(insert(AuditEvent), [_row(event, skip=("id",)) for event in events])
 
     def lock_head(self) -> AuditChainHead | None:
         """The chain head, locked for this transaction; None if another sealer holds it."""
@@ -221,7 +271,7 @@ class AuditRepository:
     def add_key_if_absent(self, key: AuditKey) -> None:
         """Several processes may race to create the first key: one wins, the others read it."""
         self.session.execute(
-            insert(AuditKey)
+            pg_insert(AuditKey)
             .values(version=key.version, wrapped_key=key.wrapped_key, kms_key_id=key.kms_key_id)
             .on_conflict_do_nothing(index_elements=[AuditKey.version])
         )

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.crypto.keys import GrantConstraints, GrantMirror
 from app.db.models import Grant
-from app.db.repositories import GrantRepository
+from app.db.repositories import GrantRepository, GrantTerms
 from app.db.session import Database, on_rollback
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, NotFound
 from app.services.audit import Auditor, Subject, build_event
@@ -25,7 +25,7 @@ SUBSET = "encryption_context_subset"
 EQUALS = "encryption_context_equals"
 
 
-def is_active(grant: Grant, now: datetime) -> bool:
+def is_active(grant: Grant | GrantTerms, now: datetime) -> bool:
     return (
         grant.revoked_at is None
         and grant.retired_at is None
@@ -33,7 +33,7 @@ def is_active(grant: Grant, now: datetime) -> bool:
     )
 
 
-def constraints_match(grant: Grant, context: Mapping[str, str]) -> bool:
+def constraints_match(grant: GrantTerms, context: Mapping[str, str]) -> bool:
     """KMS semantics: subset = every pair is in the context; equals = the context is exactly this."""
     wanted = grant.constraint_context or {}
     if grant.constraint_kind == EQUALS:
@@ -58,7 +58,7 @@ class Decision:
 class GrantSet:
     """One principal's grants for one operation, read once per request and evaluated per record."""
 
-    def __init__(self, grants: Sequence[Grant], now: datetime) -> None:
+    def __init__(self, grants: Sequence[GrantTerms], now: datetime) -> None:
         self._grants = grants
         self._now = now
 

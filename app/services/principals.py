@@ -63,8 +63,8 @@ class PrincipalService:
     def authenticate(self, session: Session, presented: str | None, ctx: RequestContext) -> Caller:
         """Resolve a bearer key to its principal, in constant time for the secret part."""
         match = _API_KEY.match(presented or "")
-        found = ApiKeyRepository(session).get_with_principal(match.group(1)) if match else None
-        expected = found[0].secret_hash if found else _DUMMY_HASH
+        found = ApiKeyRepository(session).credentials(match.group(1)) if match else None
+        expected = found.secret_hash if found else _DUMMY_HASH
         given = _hash_secret(match.group(1), match.group(2)) if match else b""
         secret_ok = hmac.compare_digest(expected, given)
         reason: str | None = None
@@ -72,20 +72,19 @@ class PrincipalService:
             reason = "malformed_key" if presented else "no_key"
         elif found is None or not secret_ok:
             reason = "unknown_key"
-        elif found[0].revoked_at is not None:
+        elif found.key_revoked_at is not None:
             reason = "key_revoked"
-        elif found[1].disabled_at is not None:
+        elif found.principal_disabled_at is not None:
             reason = "principal_disabled"
-        if reason is not None or found is None:
-            principal = found[1] if found and secret_ok else None
-            caller = Caller(principal.id, principal.name, principal.role) if principal else None
+        if reason is not None or found is None or match is None:
+            known = found if found and secret_ok else None
+            caller = Caller(known.principal_id, known.principal_name, known.role) if known else None
             subject = Subject(target_id=match.group(1) if match else None)
             self._auditor.record_on_its_own(
                 [build_event("Authenticate", "denied", ctx, caller, subject, reason)]
             )
             raise Unauthenticated()
-        key, principal = found
-        return Caller(principal.id, principal.name, principal.role, key.id)
+        return Caller(found.principal_id, found.principal_name, found.role, match.group(1))
 
     def create(
         self, session: Session, actor: Caller | None, name: str, role: str, ctx: RequestContext

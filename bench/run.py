@@ -466,7 +466,7 @@ def main() -> None:
         "--workers", str(args.workers), "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
     with started("floor", floor_args, {**base_env, "FLOOR_DATABASE_URL": floor_url, "PYTHONPATH": str(BENCH)},
-                 f"http://127.0.0.1:{port}/docs", BENCH) as floor:  # fmt: skip
+                 f"http://127.0.0.1:{port}/docs", workdir) as floor:  # fmt: skip
         for level in levels:
             rows.append(
                 measure("floor", floor, f"http://127.0.0.1:{port}", "tokenize", level, seconds, args.workers)
@@ -504,10 +504,15 @@ def main() -> None:
                     report.kms_standin_cpu_ms_per_call = cpu_before.get("cpu_ms_per_call")
                     for level in levels:
                         for suite in ("default", "committing-nosign"):
-                            report.esdk.append(esdk(kms, suite, args.workers, level, seconds))
+                            # No more processes than requests in flight: C=1 is one process.
+                            report.esdk.append(esdk(kms, suite, min(args.workers, level), level, seconds))
                 if provider == "vault-local" and not args.quick:
-                    report.scale = scale_stage(url, v, args, seconds)
                     report.leak = leak_stage(v, args.leak_requests)
+            if provider == "vault-local" and not args.quick:
+                # Its own database, holding exactly the 10,000 records its tokens name at first.
+                url = fresh_database(DATABASE)
+                with vault("vault-local-scale", url, None, args.workers, workdir, 10_000) as sized:
+                    report.scale = scale_stage(url, sized, args, seconds)
             if provider == "vault-local":
                 # What the audit costs: the same tokenize rows with the audit switched off.
                 url = fresh_database(DATABASE)
@@ -541,11 +546,10 @@ def scale_stage(url: str, v: Vault, args: argparse.Namespace, seconds: float) ->
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
     for total in (10_000, args.scale_records):
+        add_filler_records(url, total)
         with psycopg.connect(url, autocommit=True) as connection:
             row = connection.execute("SELECT count(*) FROM records").fetchone()
-        if row and row[0] > total:
-            log(f"scale: {row[0]} records already stored, more than {total}; measuring anyway")
-        add_filler_records(url, total)
+        log(f"scale: {row[0] if row else '?'} records stored")
         measured = measure("vault-local", v.process, v.base_url, "detokenize", 8, seconds, args.workers,
                            api_key=v.api_key, tokens=v.tokens)  # fmt: skip
         out[str(total)] = {"records": total, "p50_ms": measured.p50_ms, "p99_ms": measured.p99_ms,

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -248,6 +249,21 @@ class AuditRepository:
             .with_for_update(skip_locked=True)
             .execution_options(populate_existing=True)
         )
+
+    def unsealed_rows(self, limit: int, after_id: int) -> Sequence[Any]:
+        """Like unsealed, as plain rows (the sealer reads many; ORM objects would cost more)."""
+        query = (
+            select(*AuditEvent.__table__.columns)
+            .where(AuditEvent.chain_seq.is_(None), AuditEvent.id > after_id)
+            .order_by(AuditEvent.id)
+            .limit(limit)
+        )
+        return self.session.execute(query).all()
+
+    def set_links(self, links: Sequence[dict[str, object]]) -> None:
+        """Chain positions for many events in one executemany (id, chain_seq, prev_mac, mac)."""
+        if links:
+            self.session.execute(update(AuditEvent), list(links))
 
     def unsealed(self, limit: int, after_id: int) -> Sequence[AuditEvent]:
         """Committed events not yet in the chain, oldest first, after the given row id."""

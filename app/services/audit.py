@@ -103,7 +103,7 @@ def _part(value: object) -> bytes:
     return b"\x00" + str(value).encode("utf-8")
 
 
-def event_mac(key: bytes, event: AuditEvent) -> bytes:
+def event_mac(key: bytes, event: AuditEvent | Any) -> bytes:
     """HMAC-SHA256 over every field the event says, made as it is written."""
     message = length_prefixed(
         b"piivault.audit.event.v1",
@@ -226,7 +226,7 @@ class Auditor:
             raise AuditUnavailable() from None
         self._alerter.denied(events)
 
-    def _verified_key(self, event: AuditEvent) -> bytes | None:
+    def _verified_key(self, event: AuditEvent | Any) -> bytes | None:
         """The event's MAC key if its own MAC holds, else None."""
         key = self._keyring.get(event.key_version) if event.key_version is not None else None
         if key is None or event.event_mac is None:
@@ -247,17 +247,20 @@ class Auditor:
                 head = repository.lock_head()
                 if head is None:
                     return sealed  # another replica is sealing right now
-                pending = repository.unsealed(batch, after_id)
+                pending = repository.unsealed_rows(batch, after_id)
                 seq, prev = head.seq, head.mac
+                links: list[dict[str, object]] = []
                 for event in pending:
                     key = self._verified_key(event)
                     if key is None or event.event_mac is None:
                         log.error("audit event %s fails its MAC: not sealed", event.event_id)
                         continue
                     seq += 1
-                    event.chain_seq, event.prev_mac = seq, prev
-                    event.mac = prev = chain_mac(key, seq, prev, event.event_mac)
+                    mac = chain_mac(key, seq, prev, event.event_mac)
+                    links.append({"id": event.id, "chain_seq": seq, "prev_mac": prev, "mac": mac})
+                    prev = mac
                     sealed += 1
+                repository.set_links(links)
                 head.seq, head.mac = seq, prev
             if pending:
                 after_id = pending[-1].id

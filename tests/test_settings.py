@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
@@ -37,7 +39,11 @@ def test_kms_provider_needs_a_key_and_mirroring_needs_a_grantee() -> None:
 
 
 def test_production_refuses_a_plain_http_kms_endpoint_unless_told_it_is_an_emulator() -> None:
-    base = {"database_url": "postgresql://db/x", "kms_key_id": "alias/k", "kms_mirror_grants": False}
+    base: dict[str, Any] = {
+        "database_url": "postgresql://db/x",
+        "kms_key_id": "alias/k",
+        "kms_mirror_grants": False,
+    }
     with pytest.raises(ValidationError, match="must be https"):
         Settings(**base, kms_endpoint_url="http://kms:5000")
     assert Settings(**base, kms_endpoint_url="https://kms.internal").kms_endpoint_url

@@ -438,6 +438,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short rows, no scale or leak stage")
     parser.add_argument("--leak-requests", type=int, default=100_000)
     parser.add_argument("--scale-records", type=int, default=1_000_000)
+    parser.add_argument(
+        "--audit-cost",
+        action="store_true",
+        help="only the audit's cost: tokenize with and without the audit, alternating, three rounds",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk (make bench does this)")
@@ -457,6 +462,9 @@ def main() -> None:
     )
     base_env = {**os.environ}
     rows = report.rows
+    if args.audit_cost:
+        audit_cost(report, levels, seconds, workdir)
+        return
 
     # The floor.
     floor_url = fresh_database(FLOOR_DATABASE)
@@ -538,6 +546,34 @@ def main() -> None:
 
     report.targets = evaluate(report, levels)
     write(report)
+
+
+def audit_cost(report: Report, levels: list[int], seconds: float, workdir: Path) -> None:
+    """Tokenize with and without the audit, both vaults up at once and measured in turn (A, B, A,
+    B, ...), so that neither gets a quieter machine than the other."""
+    with (
+        vault("vault-local", fresh_database(DATABASE), None, report.workers, workdir, 0) as audited,
+        vault("vault-local-noaudit", fresh_database(DATABASE + "_quiet"), None, report.workers, workdir, 0,
+              audit=False) as quiet,
+    ):  # fmt: skip
+        for _ in range(3):
+            for level in levels:
+                for name, v in (("vault-local", audited), ("vault-local-noaudit", quiet)):
+                    report.rows.append(measure(name, v.process, v.base_url, "tokenize", level, seconds,
+                                               report.workers, api_key=v.api_key))  # fmt: skip
+    summary = []
+    for level in levels:
+        on = [r.items_per_s for r in report.rows if r.target == "vault-local" and r.concurrency == level]
+        off = [
+            r.items_per_s for r in report.rows if r.target == "vault-local-noaudit" and r.concurrency == level
+        ]
+        cost = round(1 - sum(on) / sum(off), 3)
+        summary.append({"target": f"audit cost (1 - with/without), c={level}", "value": cost, "goal": 0.15,
+                        "met": cost <= 0.15, "detail": f"with {on} / without {off} items/s"})  # fmt: skip
+        log(f"audit cost at c={level}: {cost:.1%} (with {on}, without {off})")
+    report.targets = summary
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "audit-cost.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
 
 
 def scale_stage(url: str, v: Vault, args: argparse.Namespace, seconds: float) -> dict[str, Any]:

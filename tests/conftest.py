@@ -153,6 +153,30 @@ def audit_inserts_refused(db: psycopg.Connection[Any]) -> Iterator[None]:
         db.execute("DROP FUNCTION refuse_audit()")
 
 
+def assert_error(response: Any, status: int, code: str, field: str | None = None) -> dict[str, Any]:
+    """The one error shape, with the request id of this very response and no traceback."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error: dict[str, Any] = body["error"]
+    assert {"code", "message", "request_id"} <= set(error), error
+    assert error["code"] == code, error
+    assert error["message"]
+    assert error["request_id"] == response.headers["X-Request-ID"]
+    assert "Traceback" not in response.text
+    if field is not None:
+        assert error.get("field") == field, error
+    return error
+
+
+def tokenize(client: TestClient, key: str, item: dict[str, str]) -> str:
+    """Tokenize one item as this caller, expecting success; returns the token."""
+    response = client.post("/v1/tokens", json=item, headers=bearer(key))
+    assert response.status_code == 201, response.text
+    token: str = response.json()["token"]
+    return token
+
+
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 

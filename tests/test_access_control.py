@@ -10,17 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.container import Vault
-from tests.conftest import Actors, bearer, create_admin, create_grant, create_principal
+from tests.conftest import Actors, bearer, create_admin, create_grant, create_principal, tokenize
 
 LICENCE = {"customer_id": "12345", "data_type": "DriverLicense", "value": "D1234-56789-01234"}
 SSN = {"customer_id": "12345", "data_type": "SSN", "value": "078-05-1120"}
-
-
-def tokenize(client: TestClient, key: str, item: dict[str, str]) -> str:
-    response = client.post("/v1/tokens", json=item, headers=bearer(key))
-    assert response.status_code == 201, response.text
-    token: str = response.json()["token"]
-    return token
 
 
 def grant_encrypt(client: TestClient, admin: str, grantee: str, data_type: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from app.container import Vault
 from app.services.context import RequestContext
-from tests.conftest import Actors, audit_inserts_refused, bearer, create_principal
+from tests.conftest import Actors, audit_inserts_refused, bearer, create_principal, tokenize
 
 LICENCE = {"customer_id": "12345", "data_type": "DriverLicense", "value": "D1234-56789-01234"}
 
@@ -20,13 +20,6 @@ def events(db: psycopg.Connection[Any], **where: Any) -> list[dict[str, Any]]:
     clause = " AND ".join(f"{column} = %({column})s" for column in where) or "true"
     cursor = db.cursor(row_factory=psycopg.rows.dict_row)
     return cursor.execute(f"SELECT * FROM audit_events WHERE {clause} ORDER BY id", where).fetchall()  # noqa: S608
-
-
-def tokenize(client: TestClient, key: str, item: dict[str, str] = LICENCE) -> str:
-    response = client.post("/v1/tokens", json=item, headers=bearer(key))
-    assert response.status_code == 201, response.text
-    token: str = response.json()["token"]
-    return token
 
 
 def grant_id_of(client: TestClient, actors: Actors, grantee: str) -> str:
@@ -94,7 +87,7 @@ def test_each_batch_item_is_its_own_event(
 def test_each_denial_is_one_event_with_its_reason(
     client: TestClient, actors: Actors, db: psycopg.Connection[Any], setup: str, reason: str
 ) -> None:
-    token = tokenize(client, actors.onboarding)
+    token = tokenize(client, actors.onboarding, LICENCE)
     reader = create_principal(client, actors.admin, "reader")
     constraints = {
         "encryption_context_subset": {"dataType": "SSN" if setup == "context" else "DriverLicense"}
@@ -200,7 +193,7 @@ def test_role_refusals_are_audited(client: TestClient, actors: Actors, db: psyco
 def test_audit_write_failure_fails_the_operation_closed(
     client: TestClient, actors: Actors, db: psycopg.Connection[Any]
 ) -> None:
-    token = tokenize(client, actors.onboarding)
+    token = tokenize(client, actors.onboarding, LICENCE)
     with audit_inserts_refused(db):
         refused = client.post(
             "/v1/tokens", json={**LICENCE, "value": "NEVER-STORED"}, headers=bearer(actors.onboarding)
@@ -294,7 +287,7 @@ def test_denials_are_logged_as_json_warnings_without_values(
 def test_malformed_tokens_in_a_batch_fail_alone_and_denials_are_still_audited(
     client: TestClient, actors: Actors, db: psycopg.Connection[Any]
 ) -> None:
-    token = tokenize(client, actors.onboarding)
+    token = tokenize(client, actors.onboarding, LICENCE)
     tokens = ["tok_" + "a" * 70, "a\u0000b", token]
     response = client.post(
         "/v1/tokens/detokenize", json={"tokens": tokens}, headers=bearer(actors.onboarding)

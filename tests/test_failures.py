@@ -27,6 +27,7 @@ from app.main import create_app
 from tests.conftest import (
     TABLES,
     Actors,
+    assert_error,
     bearer,
     make_settings,
 )
@@ -37,20 +38,6 @@ WELL_FORMED_UNKNOWN_KEY = "pv_0123456789abcdef_" + "A" * 43
 SENTINEL = "SENTINEL-7c1f9e-PII"
 
 ClientFactory = Callable[..., tuple[Vault, TestClient]]
-
-
-def assert_error_shape(response: Any, status: int, code: str) -> dict[str, Any]:
-    """The one error shape, with the request id of this very response."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error: dict[str, Any] = body["error"]
-    assert {"code", "message", "request_id"} <= set(error), error
-    assert error["code"] == code, error
-    assert error["message"]
-    assert error["request_id"] == response.headers["X-Request-ID"]
-    assert "Traceback" not in response.text
-    return error
 
 
 def assert_retry_after(response: Any) -> None:
@@ -159,7 +146,7 @@ def test_kms_unreachable_tokenize_is_503_and_writes_nothing(
 
     response = client.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding))
 
-    assert_error_shape(response, 503, "key_service_unavailable")
+    assert_error(response, 503, "key_service_unavailable")
     assert_retry_after(response)
     assert LICENCE["value"] not in response.text
     assert 1 <= len(calls) <= vault.settings.kms_max_attempts
@@ -186,7 +173,7 @@ def test_kms_unreachable_from_the_start_is_503_and_writes_nothing(
             (result,) = response.json()["results"]
             assert result["error"]["code"] in ("key_service_unavailable", "audit_unavailable")
             continue
-        error = assert_error_shape(response, 503, response.json()["error"]["code"])
+        error = assert_error(response, 503, response.json()["error"]["code"])
         assert error["code"] in ("key_service_unavailable", "audit_unavailable")
         assert_retry_after(response)
     assert record_count(db) == 1
@@ -202,7 +189,7 @@ def test_kms_unreachable_batch_writes_nothing_and_reports_each_item(
 
     assert response.status_code in (200, 503), response.text
     if response.status_code == 503:
-        assert_error_shape(response, 503, "key_service_unavailable")
+        assert_error(response, 503, "key_service_unavailable")
         assert_retry_after(response)
     else:
         results = response.json()["results"]
@@ -214,7 +201,7 @@ def test_kms_unreachable_batch_writes_nothing_and_reports_each_item(
 def test_readyz_is_503_when_kms_is_unreachable(make_client: ClientFactory) -> None:
     _, client = unreachable_kms(make_client)
     response = client.get("/readyz")
-    assert_error_shape(response, 503, "key_service_unavailable")
+    assert_error(response, 503, "key_service_unavailable")
     assert_retry_after(response)
 
 
@@ -228,7 +215,7 @@ def test_kms_throttling_is_retried_then_503_and_writes_nothing(
 
     response = client.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding))
 
-    assert_error_shape(response, 503, "key_service_unavailable")
+    assert_error(response, 503, "key_service_unavailable")
     assert_retry_after(response)
     assert vault.settings.kms_max_attempts >= 2
     assert len(calls) == vault.settings.kms_max_attempts  # retried, within the configured bound
@@ -263,7 +250,7 @@ def test_disabled_key_on_tokenize_is_503_key_access_denied(
 
     response = client.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding))
 
-    assert_error_shape(response, 503, "key_access_denied")
+    assert_error(response, 503, "key_access_denied")
     assert_retry_after(response)
     assert calls
     assert record_count(db) == 0
@@ -279,7 +266,7 @@ def test_disabled_key_on_detokenize_is_503_and_never_the_value(
 
     response = client.get(f"/v1/tokens/{token}", headers=bearer(actors.kyc))
 
-    assert_error_shape(response, 503, "key_access_denied")
+    assert_error(response, 503, "key_access_denied")
     assert_retry_after(response)
     assert LICENCE["value"] not in response.text
     assert calls
@@ -300,7 +287,7 @@ def test_kms_throttling_on_detokenize_is_503(client: TestClient, vault: Vault, a
 
     response = client.get(f"/v1/tokens/{created.json()['token']}", headers=bearer(actors.kyc))
 
-    assert_error_shape(response, 503, "key_service_unavailable")
+    assert_error(response, 503, "key_service_unavailable")
     assert_retry_after(response)
     assert LICENCE["value"] not in response.text
 
@@ -316,7 +303,7 @@ def test_database_unreachable_is_503_never_a_500(make_client: ClientFactory, kms
         client.get("/v1/principals", headers=bearer(WELL_FORMED_UNKNOWN_KEY)),
         client.get("/readyz"),
     ):
-        assert_error_shape(response, 503, "database_unavailable")
+        assert_error(response, 503, "database_unavailable")
         assert_retry_after(response)
         assert LICENCE["value"] not in response.text
 

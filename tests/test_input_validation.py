@@ -14,6 +14,7 @@ from app.container import Vault, build_vault
 from app.main import create_app
 from tests.conftest import (
     Actors,
+    assert_error,
     bearer,
     create_admin,
     create_grant,
@@ -23,20 +24,6 @@ from tests.conftest import (
 
 LICENCE = {"customer_id": "12345", "data_type": "DriverLicense", "value": "D1234-56789-01234"}
 JSON = {"content-type": "application/json"}
-
-
-def assert_problem(response: Any, status: int, code: str, field: str | None = None) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error: dict[str, Any] = body["error"]
-    assert {"code", "message", "request_id"} <= set(error), error
-    assert error["code"] == code, error
-    assert error["message"]
-    assert error["request_id"] == response.headers["X-Request-ID"]
-    if field is not None:
-        assert error.get("field") == field, error
-    return error
 
 
 def each_case(cases: Any, check: Callable[[Any], None]) -> None:
@@ -81,7 +68,7 @@ def vault_with(
 def test_malformed_json_is_422_naming_the_body(client: TestClient, actors: Actors) -> None:
     def check(content: bytes) -> None:
         response = client.post("/v1/tokens", content=content, headers={**bearer(actors.onboarding), **JSON})
-        assert_problem(response, 422, "invalid_input", "body")
+        assert_error(response, 422, "invalid_input", "body")
 
     each_case([b"{", b'{"customer_id": "12345",}', b"not json", b'{"value": "x"', b"\xff\xfe"], check)
 
@@ -89,7 +76,7 @@ def test_malformed_json_is_422_naming_the_body(client: TestClient, actors: Actor
 def test_a_body_that_is_not_an_object_is_422(client: TestClient, actors: Actors) -> None:
     def check(body: Any) -> None:
         response = client.post("/v1/tokens", json=body, headers=bearer(actors.onboarding))
-        assert_problem(response, 422, "invalid_input")
+        assert_error(response, 422, "invalid_input")
 
     each_case([[LICENCE], "text", 12, None], check)
 
@@ -98,14 +85,14 @@ def test_missing_field_is_422_naming_it(client: TestClient, actors: Actors) -> N
     def check(missing: str) -> None:
         body = {k: v for k, v in LICENCE.items() if k != missing}
         response = client.post("/v1/tokens", json=body, headers=bearer(actors.onboarding))
-        assert_problem(response, 422, "invalid_input", missing)
+        assert_error(response, 422, "invalid_input", missing)
 
     each_case(["customer_id", "data_type", "value"], check)
 
 
 def test_unknown_field_is_422_naming_it(client: TestClient, actors: Actors) -> None:
     response = client.post("/v1/tokens", json={**LICENCE, "extra": 1}, headers=bearer(actors.onboarding))
-    assert_problem(response, 422, "invalid_input", "extra")
+    assert_error(response, 422, "invalid_input", "extra")
 
 
 def test_bad_customer_id_is_422(client: TestClient, actors: Actors) -> None:
@@ -113,7 +100,7 @@ def test_bad_customer_id_is_422(client: TestClient, actors: Actors) -> None:
         response = client.post(
             "/v1/tokens", json={**LICENCE, "customer_id": customer_id}, headers=bearer(actors.onboarding)
         )
-        assert_problem(response, 422, "invalid_input", "customer_id")
+        assert_error(response, 422, "invalid_input", "customer_id")
 
     each_case(["12 345", "a/b", "x" * 129, "", "ab\u00e9", "12345\n", 12345, None], check)
 
@@ -134,7 +121,7 @@ def test_bad_data_type_is_422(client: TestClient, actors: Actors) -> None:
         response = client.post(
             "/v1/tokens", json={**LICENCE, "data_type": data_type}, headers=bearer(actors.onboarding)
         )
-        assert_problem(response, 422, "invalid_input", "data_type")
+        assert_error(response, 422, "invalid_input", "data_type")
 
     each_case(["1Licence", "Driver-License", "D" * 65, "", "_SSN", "SSN ", 7], check)
 
@@ -155,14 +142,14 @@ def test_value_not_a_string_is_422(client: TestClient, actors: Actors) -> None:
         response = client.post(
             "/v1/tokens", json={**LICENCE, "value": value}, headers=bearer(actors.onboarding)
         )
-        assert_problem(response, 422, "invalid_input", "value")
+        assert_error(response, 422, "invalid_input", "value")
 
     each_case([12345, 1.5, True, ["x"], {"v": "x"}, None], check)
 
 
 def test_empty_value_is_422(client: TestClient, actors: Actors) -> None:
     response = client.post("/v1/tokens", json={**LICENCE, "value": ""}, headers=bearer(actors.onboarding))
-    assert_problem(response, 422, "invalid_input", "value")
+    assert_error(response, 422, "invalid_input", "value")
 
 
 # Sizes
@@ -178,12 +165,12 @@ def test_value_is_measured_in_utf8_bytes(client: TestClient, vault: Vault, actor
     accepted = client.post("/v1/tokens", json={**LICENCE, "value": exact}, headers=bearer(actors.onboarding))
     assert accepted.status_code == 201, accepted.text
     refused = client.post("/v1/tokens", json={**LICENCE, "value": over}, headers=bearer(actors.onboarding))
-    assert_problem(refused, 413, "too_large", "value")
+    assert_error(refused, 413, "too_large", "value")
     three_byte = "\u20ac" * (limit // 3 + 1)  # the euro sign: 3 bytes each
     refused = client.post(
         "/v1/tokens", json={**LICENCE, "value": three_byte}, headers=bearer(actors.onboarding)
     )
-    assert_problem(refused, 413, "too_large", "value")
+    assert_error(refused, 413, "too_large", "value")
 
 
 def test_exact_max_value_reads_back_whole(client: TestClient, vault: Vault, actors: Actors) -> None:
@@ -214,7 +201,7 @@ def test_oversized_batches_are_413_naming_the_list(
 
     items = [{**LICENCE, "customer_id": f"c-{n}"} for n in range(6)]
     response = client.post("/v1/tokens/batch", json={"items": items}, headers=bearer(actors.onboarding))
-    assert_problem(response, 413, "too_large", "items")
+    assert_error(response, 413, "too_large", "items")
     accepted = client.post("/v1/tokens/batch", json={"items": items[:5]}, headers=bearer(actors.onboarding))
     assert accepted.status_code == 200, accepted.text
     tokens = [result["token"] for result in accepted.json()["results"]]
@@ -223,7 +210,7 @@ def test_oversized_batches_are_413_naming_the_list(
     response = client.post(
         "/v1/tokens/detokenize", json={"tokens": [*tokens, tokens[0]]}, headers=bearer(actors.kyc)
     )
-    assert_problem(response, 413, "too_large", "tokens")
+    assert_error(response, 413, "too_large", "tokens")
     accepted = client.post("/v1/tokens/detokenize", json={"tokens": tokens}, headers=bearer(actors.kyc))
     assert accepted.status_code == 200, accepted.text
     assert [r["value"] for r in accepted.json()["results"]] == [LICENCE["value"]] * 5
@@ -231,16 +218,16 @@ def test_oversized_batches_are_413_naming_the_list(
 
 def test_empty_batches_are_422(client: TestClient, actors: Actors) -> None:
     response = client.post("/v1/tokens/batch", json={"items": []}, headers=bearer(actors.onboarding))
-    assert_problem(response, 422, "invalid_input", "items")
+    assert_error(response, 422, "invalid_input", "items")
     response = client.post("/v1/tokens/detokenize", json={"tokens": []}, headers=bearer(actors.kyc))
-    assert_problem(response, 422, "invalid_input", "tokens")
+    assert_error(response, 422, "invalid_input", "tokens")
 
 
 def test_body_larger_than_the_limit_is_413(vault_with: Callable[..., tuple[TestClient, Actors]]) -> None:
     client, actors = vault_with(max_body_bytes=2048)
     body = {**LICENCE, "value": "x" * 3000}
     response = client.post("/v1/tokens", json=body, headers=bearer(actors.onboarding))
-    assert_problem(response, 413, "too_large")
+    assert_error(response, 413, "too_large")
 
 
 def test_chunked_body_larger_than_the_limit_is_413(
@@ -258,7 +245,7 @@ def test_chunked_body_larger_than_the_limit_is_413(
 
     response = client.post("/v1/tokens", content=chunks(), headers={**bearer(actors.onboarding), **JSON})
     assert "content-length" not in {k.lower() for k in response.request.headers}
-    assert_problem(response, 413, "too_large")
+    assert_error(response, 413, "too_large")
 
 
 # Tokens by path
@@ -267,18 +254,18 @@ def test_chunked_body_larger_than_the_limit_is_413(
 def test_malformed_token_is_422_naming_it(client: TestClient, actors: Actors) -> None:
     def check(token: str) -> None:
         response = client.get(f"/v1/tokens/{token}", headers=bearer(actors.kyc))
-        assert_problem(response, 422, "invalid_input", "token")
+        assert_error(response, 422, "invalid_input", "token")
 
     each_case(["not-a-token", "tok_short", "tok_" + "a" * 22 + "!", "TOK_" + "a" * 30], check)
 
     overlong = client.get(f"/v1/tokens/tok_{'a' * 200}", headers=bearer(actors.kyc))
-    error = assert_problem(overlong, 422, "invalid_input")
+    error = assert_error(overlong, 422, "invalid_input")
     assert "token" in error.get("field", ""), error
 
 
 def test_unknown_well_formed_token_is_404_for_a_decrypt_grantee(client: TestClient, actors: Actors) -> None:
     response = client.get("/v1/tokens/tok_doesnotexistdoesnotexist00000000", headers=bearer(actors.kyc))
-    assert_problem(response, 404, "not_found")
+    assert_error(response, 404, "not_found")
 
 
 # Principals
@@ -288,7 +275,7 @@ def test_bad_principal_fields_are_422(client: TestClient, actors: Actors) -> Non
     def check(case: tuple[dict[str, Any], str]) -> None:
         body, field = case
         response = client.post("/v1/principals", json=body, headers=bearer(actors.admin))
-        assert_problem(response, 422, "invalid_input", field)
+        assert_error(response, 422, "invalid_input", field)
 
     roles: list[Any] = ["root", "Admin", "", None, 1]
     names: list[Any] = ["", "has space", "x" * 129, "a/b", 5]
@@ -304,7 +291,7 @@ def test_duplicate_principal_name_is_409(client: TestClient, actors: Actors) -> 
     response = client.post(
         "/v1/principals", json={"name": "kyc-app", "role": "service"}, headers=bearer(actors.admin)
     )
-    assert_problem(response, 409, "conflict")
+    assert_error(response, 409, "conflict")
     listed = client.get("/v1/principals", headers=bearer(actors.admin)).json()["principals"]
     assert [p["name"] for p in listed].count("kyc-app") == 1
 
@@ -328,7 +315,7 @@ def test_bad_grant_fields_are_422(client: TestClient, actors: Actors) -> None:
     def check(case: tuple[dict[str, Any], str]) -> None:
         body, field = case
         response = client.post("/v1/grants", json=body, headers=bearer(actors.admin))
-        assert_problem(response, 422, "invalid_input", field)
+        assert_error(response, 422, "invalid_input", field)
 
     past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
     each_case(
@@ -358,7 +345,7 @@ def test_bad_grant_constraints_are_422(client: TestClient, actors: Actors) -> No
         response = client.post(
             "/v1/grants", json=grant_body(constraints=constraints), headers=bearer(actors.admin)
         )
-        error = assert_problem(response, 422, "invalid_input")
+        error = assert_error(response, 422, "invalid_input")
         assert str(error.get("field", "")).startswith("constraints"), error
 
     each_case(
@@ -392,7 +379,7 @@ def test_admin_or_auditor_grantee_is_422(client: TestClient, actors: Actors) -> 
 
     def check(grantee: str) -> None:
         response = client.post("/v1/grants", json=grant_body(grantee=grantee), headers=bearer(actors.admin))
-        assert_problem(response, 422, "invalid_input", "grantee")
+        assert_error(response, 422, "invalid_input", "grantee")
 
     each_case(["root-admin", "second-admin", "auditor-1"], check)
 
@@ -409,13 +396,13 @@ def test_access_reason_required_when_the_setting_says_so(
     token = created.json()["token"]
 
     missing = client.get(f"/v1/tokens/{token}", headers=bearer(actors.kyc))
-    error = assert_problem(missing, 400, "access_reason_required")
+    error = assert_error(missing, 400, "access_reason_required")
     assert LICENCE["value"] not in missing.text
     assert "X-Access-Reason" in (error.get("field") or error["message"])
     blank = client.get(f"/v1/tokens/{token}", headers={**bearer(actors.kyc), "X-Access-Reason": "   "})
-    assert_problem(blank, 400, "access_reason_required")
+    assert_error(blank, 400, "access_reason_required")
     batch = client.post("/v1/tokens/detokenize", json={"tokens": [token]}, headers=bearer(actors.kyc))
-    assert_problem(batch, 400, "access_reason_required")
+    assert_error(batch, 400, "access_reason_required")
     assert LICENCE["value"] not in batch.text
 
     given = client.get(f"/v1/tokens/{token}", headers={**bearer(actors.kyc), "X-Access-Reason": "loan 991"})
@@ -434,5 +421,5 @@ def test_overlong_access_reason_is_422(client: TestClient, actors: Actors) -> No
     response = client.get(
         f"/v1/tokens/{created.json()['token']}", headers={**bearer(actors.kyc), "X-Access-Reason": "r" * 513}
     )
-    error = assert_problem(response, 422, "invalid_input")
+    error = assert_error(response, 422, "invalid_input")
     assert "X-Access-Reason".lower() in str(error.get("field", "")).lower(), error

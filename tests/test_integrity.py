@@ -10,17 +10,10 @@ import pytest
 from botocore.exceptions import ClientError
 from fastapi.testclient import TestClient
 
-from tests.conftest import Actors, bearer
+from tests.conftest import Actors, bearer, tokenize
 
 ALICE = {"customer_id": "12345", "data_type": "DriverLicense", "value": "ALICE-LICENCE-1"}
 BOB = {"customer_id": "67890", "data_type": "DriverLicense", "value": "BOB-LICENCE-2"}
-
-
-def tokenize(client: TestClient, key: str, item: dict[str, str]) -> str:
-    response = client.post("/v1/tokens", json=item, headers=bearer(key))
-    assert response.status_code == 201, response.text
-    token: str = response.json()["token"]
-    return token
 
 
 def assert_opaque_integrity_failure(response: Any) -> None:

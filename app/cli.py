@@ -97,7 +97,8 @@ def serve(
         banner.append(f"database: embedded PostgreSQL under {settings.data_dir}/pgdata")
     if settings.effective_key_provider == "local":
         banner.append(f"WARNING: {WARNING}")
-    banner.append("first admin key: piivault admin create NAME   (the key is the last line it prints)")
+    command = os.path.relpath(sys.argv[0]) if sys.argv[0].endswith("piivault") else "piivault"
+    banner.append(f"first admin key: {command} admin create NAME   (the key is the last line it prints)")
     for line in banner:
         typer.echo(line, err=True)
     # uvicorn re-raises SIGTERM once it has shut down; exiting through Python instead lets the

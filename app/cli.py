@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -121,10 +122,14 @@ def admin_create(name: Annotated[str, typer.Argument(help="The admin's unique na
     """Create an admin and print its API key (shown once) as the last line."""
     from sqlalchemy.exc import ProgrammingError
 
+    from app.api.schemas import PRINCIPAL_NAME_PATTERN
     from app.container import build_vault
     from app.errors import VaultError
     from app.services.context import RequestContext
 
+    if not re.fullmatch(PRINCIPAL_NAME_PATTERN, name):
+        typer.echo("piivault: NAME must be 1 to 128 characters of [A-Za-z0-9._@-]", err=True)
+        raise typer.Exit(2)
     settings = _settings()
     url = _database_url(settings)
     vault = build_vault(settings, url=url)

@@ -65,3 +65,13 @@ def test_limits_are_bounded() -> None:
         Settings(environment="development", max_value_bytes=0)
     with pytest.raises(ValidationError):
         Settings(environment="development", max_batch_items=100000)
+
+
+def test_admin_create_refuses_a_bad_name_without_a_traceback() -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    result = CliRunner().invoke(cli, ["admin", "create", "x" * 129])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output

@@ -10,6 +10,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictStr, mod
 
 CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 DATA_TYPE_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
+PRINCIPAL_NAME_PATTERN = r"^[A-Za-z0-9._@-]{1,128}$"
 
 CustomerId = Annotated[
     StrictStr,
@@ -29,7 +30,7 @@ DataType = Annotated[
         description="1 to 64 characters, a letter first, then [A-Za-z0-9_]",
     ),
 ]
-PrincipalName = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9._@-]{1,128}$", examples=["kyc-app"])]
+PrincipalName = Annotated[StrictStr, Field(pattern=PRINCIPAL_NAME_PATTERN, examples=["kyc-app"])]
 Role = Literal["admin", "service", "auditor"]
 OperationName = Literal["Encrypt", "Decrypt"]
 

@@ -36,10 +36,6 @@ class PrincipalRepository:
     def list(self) -> Sequence[Principal]:
         return self.session.scalars(select(Principal).order_by(Principal.created_at, Principal.name)).all()
 
-    def any_admin(self) -> bool:
-        query = select(Principal.id).where(Principal.role == "admin", Principal.disabled_at.is_(None))
-        return self.session.scalar(query.limit(1)) is not None
-
 
 def _row(instance: Base, skip: tuple[str, ...] = ()) -> dict[str, object]:
     """An unsaved model instance's column values, for a Core INSERT."""

@@ -50,12 +50,6 @@ def _new_key(principal_id: uuid.UUID) -> tuple[ApiKey, IssuedKey]:
     return row, IssuedKey(key_id, principal_id, f"{API_KEY_PREFIX}{key_id}_{secret}")
 
 
-def key_id_hint(presented: str) -> str | None:
-    """The public key id of a presented key, for the audit of a failed attempt; never the secret."""
-    match = _API_KEY.match(presented)
-    return match.group(1) if match else None
-
-
 class PrincipalService:
     def __init__(self, auditor: Auditor) -> None:
         self._auditor = auditor

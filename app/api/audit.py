@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import datetime
 from typing import Annotated, Literal
@@ -22,27 +23,9 @@ router = APIRouter(
 
 
 def event_out(event: AuditEvent) -> AuditEventOut:
-    return AuditEventOut(
-        id=event.event_id,
-        chain_seq=event.chain_seq,
-        time=event.time,
-        request_id=event.request_id,
-        principal_id=event.principal_id,
-        principal_name=event.principal_name,
-        api_key_id=event.api_key_id,
-        action=event.action,
-        outcome=event.outcome,
-        reason=event.reason,
-        token=event.token,
-        customer_id=event.customer_id,
-        data_type=event.data_type,
-        grant_id=event.grant_id,
-        target_id=event.target_id,
-        access_reason=event.access_reason,
-        source_ip=event.source_ip,
-        user_agent=event.user_agent,
-        kms_request_id=event.kms_request_id,
-    )
+    # The response names the event's public id "id"; every other field has the column's name.
+    fields = {name: getattr(event, name) for name in AuditEventOut.model_fields if name != "id"}
+    return AuditEventOut(id=event.event_id, **fields)
 
 
 @router.get("/events", name="ListAuditEvents")
@@ -104,10 +87,4 @@ def verify(
         raise InvalidInput("give anchor_seq and anchor_mac together", field="anchor_seq")
     anchor = (anchor_seq, bytes.fromhex(anchor_mac)) if anchor_seq and anchor_mac else None
     report = vault.auditor.verify(since, until, anchor)
-    return AuditVerifyOut(
-        ok=report.ok,
-        events_checked=report.events_checked,
-        head_seq=report.head_seq,
-        head_mac=report.head_mac,
-        first_bad_event=report.first_bad_event,
-    )
+    return AuditVerifyOut(**dataclasses.asdict(report))

@@ -79,7 +79,7 @@ def build_vault(
     grants = GrantService(database, auditor, principals, mirror or NoGrantMirror())
     tokens = TokenService(
         keys,
-        grants,
+        principals,
         auditor,
         max_value_bytes=settings.max_value_bytes,
         require_access_reason=settings.require_access_reason,

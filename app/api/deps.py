@@ -11,9 +11,13 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from app.container import Vault
+from app.db.repositories import DataPathRepository
 from app.services.context import Caller, RequestContext
+from app.services.tokens import TokenService
 
 T = TypeVar("T")
+# What a data-path route runs: the token service, the connection's repository, the presented key.
+DataPathOperation = Callable[[TokenService, DataPathRepository, str | None, RequestContext], T]
 
 
 # Dependencies without I/O are async: FastAPI runs sync ones in the thread pool, a hop each.
@@ -25,23 +29,27 @@ async def get_vault(request: Request) -> Vault:
 VaultDep = Annotated[Vault, Depends(get_vault)]
 
 
-async def get_request_context(
-    request: Request,
-    access_reason: Annotated[
-        str | None,
-        Header(
-            alias="X-Access-Reason",
-            max_length=512,
-            description="Why the caller needs the value; recorded in the audit event.",
-        ),
-    ] = None,
-) -> RequestContext:
+AccessReasonHeader = Annotated[
+    str | None,
+    Header(
+        alias="X-Access-Reason",
+        max_length=512,
+        description="Why the caller needs the value; recorded in the audit event.",
+    ),
+]
+
+
+def _context(request: Request, access_reason: str | None) -> RequestContext:
     return RequestContext(
         request_id=request.state.request_id,
         source_ip=request.client.host if request.client else None,
         user_agent=(request.headers.get("user-agent") or "")[:512] or None,
         access_reason=access_reason,
     )
+
+
+async def get_request_context(request: Request, access_reason: AccessReasonHeader = None) -> RequestContext:
+    return _context(request, access_reason)
 
 
 ContextDep = Annotated[RequestContext, Depends(get_request_context)]
@@ -71,27 +79,27 @@ CallerDep = Annotated[Caller, Depends(get_caller)]
 
 @dataclass(frozen=True, slots=True)
 class Work:
-    """The data path's unit of work in one hop to a worker thread: open the transaction,
-    authenticate, run the operation, commit; the response is built only after the commit.
+    """The data path's unit of work in one hop to a worker thread, on one autocommit connection:
+    the operation authenticates, decides, and writes its records and events in one statement; the
+    response is built only after that statement has committed.
 
-    (Each sync dependency is a thread hop of its own; on the hot path they cost more than the
-    crypto does.)"""
+    One dependency for the data path's routes, not several: each costs on every request, and a
+    sync one is a thread hop of its own."""
 
     vault: Vault
     ctx: RequestContext
     presented: str | None
 
-    async def __call__(self, operation: Callable[[Session, Caller], T]) -> T:
+    async def __call__(self, operation: DataPathOperation[T]) -> T:
         return await run_in_threadpool(self._run, operation)
 
-    def _run(self, operation: Callable[[Session, Caller], T]) -> T:
-        with self.vault.database.transaction() as session:
-            caller = self.vault.principals.authenticate(session, self.presented, self.ctx)
-            return operation(session, caller)
+    def _run(self, operation: DataPathOperation[T]) -> T:
+        with self.vault.database.data_connection() as connection:
+            return operation(self.vault.tokens, DataPathRepository(connection), self.presented, self.ctx)
 
 
-async def get_work(vault: VaultDep, ctx: ContextDep, request: Request) -> Work:
-    return Work(vault, ctx, _bearer(request))
+async def get_work(request: Request, access_reason: AccessReasonHeader = None) -> Work:
+    return Work(request.app.state.vault, _context(request, access_reason), _bearer(request))
 
 
 WorkDep = Annotated[Work, Depends(get_work)]

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from app.db.models import AuditEvent
+from app.db.repositories import EventRow
 from app.metrics import ALERTS_DROPPED, ALERTS_FAILED, DENIALS
 
 log = logging.getLogger("piivault.alerts")
@@ -27,11 +28,11 @@ _FIELDS = (
 )  # fmt: skip
 
 
-def event_fields(event: AuditEvent) -> dict[str, Any]:
+def event_fields(event: AuditEvent | EventRow) -> dict[str, Any]:
     """An event as plain JSON-able fields. Events carry identifiers only, never a value."""
     out: dict[str, Any] = {}
     for name in _FIELDS:
-        value = getattr(event, name)
+        value: Any = getattr(event, name, None)  # an event not yet sealed has no chain_seq
         out[name] = (
             value.isoformat()
             if hasattr(value, "isoformat")
@@ -105,7 +106,7 @@ class Alerter:
     def __init__(self, webhook: Webhook | None = None) -> None:
         self._webhook = webhook
 
-    def denied(self, events: Sequence[AuditEvent]) -> None:
+    def denied(self, events: Sequence[EventRow]) -> None:
         """Raise the alarm for refusals, and for records that failed their integrity check."""
         for event in events:
             if event.outcome != "denied" and event.reason not in ALARMING_ERRORS:

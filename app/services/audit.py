@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import psycopg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from app.crypto.keys import KeyProvider, length_prefixed
 from app.db.models import AuditEvent, AuditKey
-from app.db.repositories import AuditFilter, AuditRepository
+from app.db.repositories import AuditFilter, AuditRepository, DataPathRepository, EventRow, RecordRow
 from app.db.session import Database
 from app.errors import AuditUnavailable, DatabaseUnavailable
 from app.metrics import AUDIT_EVENTS
@@ -70,8 +71,8 @@ def build_event(
     caller: Caller | None,
     subject: Subject = Subject(),
     reason: str | None = None,
-) -> AuditEvent:
-    return AuditEvent(
+) -> EventRow:
+    return EventRow(
         event_id=uuid.uuid4(),
         time=utcnow(),
         request_id=_bounded(ctx.request_id, 128),
@@ -103,7 +104,7 @@ def _part(value: object) -> bytes:
     return b"\x00" + str(value).encode("utf-8")
 
 
-def event_mac(key: bytes, event: AuditEvent | Any) -> bytes:
+def event_mac(key: bytes, event: EventRow | AuditEvent | Any) -> bytes:
     """HMAC-SHA256 over every field the event says, made as it is written."""
     message = length_prefixed(
         b"piivault.audit.event.v1",
@@ -198,24 +199,62 @@ class Auditor:
         self._keyring = keyring
         self._alerter = alerter or Alerter()
 
-    def record(self, session: Session, events: Sequence[AuditEvent]) -> None:
-        """Write events in the caller's transaction: if they cannot be written, neither is the rest."""
-        if not events:
-            return
+    def _stamp(self, events: Sequence[EventRow]) -> None:
         # The key service being down is reported as such (503 key_service_unavailable).
         version, key = self._keyring.current()
         for event in events:
             event.key_version = version
             event.event_mac = event_mac(key, event)
+
+    @staticmethod
+    def _counted(events: Sequence[EventRow]) -> None:
+        for event in events:
+            AUDIT_EVENTS.labels(event.action, event.outcome).inc()
+
+    def record(self, session: Session, events: Sequence[EventRow]) -> None:
+        """Write events in the caller's transaction: if they cannot be written, neither is the rest."""
+        if not events:
+            return
+        self._stamp(events)
         try:
             AuditRepository(session).add_all(events)
         except DBAPIError as err:
             log.error("audit write failed: %s", type(err.orig).__name__)
             raise AuditUnavailable() from None
-        for event in events:
-            AUDIT_EVENTS.labels(event.action, event.outcome).inc()
+        self._counted(events)
 
-    def record_on_its_own(self, events: Sequence[AuditEvent]) -> None:
+    def record_with_records(
+        self, store: DataPathRepository, records: Sequence[RecordRow], events: Sequence[EventRow]
+    ) -> None:
+        """The data path's write: records and their events in one statement, so neither commits
+        without the other."""
+        if not events and not records:
+            return
+        self._stamp(events)
+        try:
+            store.add_records_with_events(records, events)
+        except (psycopg.OperationalError, psycopg.IntegrityError):
+            raise  # the database is down, or a token collided: mapped as such by the Database
+        except psycopg.Error as err:
+            log.error("audit write failed: %s", err.sqlstate or type(err).__name__)
+            raise AuditUnavailable() from None
+        self._counted(events)
+
+    def record_denials(self, store: DataPathRepository, events: Sequence[EventRow]) -> None:
+        """The data path's refusals: written at once in their own statement (the connection is in
+        autocommit), whatever happens to the request next; then the alarms."""
+        if not events:
+            return
+        self._stamp(events)
+        try:
+            store.add_events(events)
+        except psycopg.Error as err:
+            log.error("audit write failed: %s", err.sqlstate or type(err).__name__)
+            raise AuditUnavailable() from None
+        self._counted(events)
+        self._alerter.denied(events)
+
+    def record_on_its_own(self, events: Sequence[EventRow]) -> None:
         """Write (denial) events in their own transaction, then raise the alarms."""
         if not events:
             return
@@ -257,7 +296,7 @@ class Auditor:
                         continue
                     seq += 1
                     mac = chain_mac(key, seq, prev, event.event_mac)
-                    links.append({"id": event.id, "chain_seq": seq, "prev_mac": prev, "mac": mac})
+                    links.append({"event_row": event.id, "seq": seq, "prev": prev, "link": mac})
                     prev = mac
                     sealed += 1
                 repository.set_links(links)

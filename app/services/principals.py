@@ -8,12 +8,18 @@ import re
 import secrets
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
 from app.db.models import ApiKey, Principal
-from app.db.repositories import ApiKeyRepository, GrantRepository, PrincipalRepository
+from app.db.repositories import (
+    ApiKeyRepository,
+    EventRow,
+    GrantRepository,
+    KeyCredentials,
+    PrincipalRepository,
+)
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, RequestContext, utcnow
@@ -38,6 +44,19 @@ class IssuedKey:
         return f"IssuedKey(key_id={self.key_id!r}, principal_id={self.principal_id})"
 
 
+@dataclass(frozen=True, slots=True)
+class PresentedKey:
+    """A bearer key split into its public id and its secret. `repr` never shows the secret."""
+
+    key_id: str
+    secret: str = field(repr=False)
+
+
+def parse_api_key(presented: str | None) -> PresentedKey | None:
+    match = _API_KEY.fullmatch(presented or "")
+    return PresentedKey(match.group(1), match.group(2)) if match else None
+
+
 def _hash_secret(key_id: str, secret: str) -> bytes:
     # The secret has 256 bits of entropy, so one SHA-256 is enough; no slow KDF needed.
     return hashlib.sha256(f"piivault.apikey.v1:{key_id}:{secret}".encode()).digest()
@@ -56,13 +75,29 @@ class PrincipalService:
 
     def authenticate(self, session: Session, presented: str | None, ctx: RequestContext) -> Caller:
         """Resolve a bearer key to its principal, in constant time for the secret part."""
-        match = _API_KEY.match(presented or "")
-        found = ApiKeyRepository(session).credentials(match.group(1)) if match else None
+        key = parse_api_key(presented)
+        found = ApiKeyRepository(session).credentials(key.key_id) if key else None
+        caller, refusal = self.admit(presented, key, found, ctx)
+        if refusal is not None:
+            self._auditor.record_on_its_own([refusal])
+            raise Unauthenticated()
+        assert caller is not None  # noqa: S101 (admit returns one or the other)
+        return caller
+
+    def admit(
+        self,
+        presented: str | None,
+        key: PresentedKey | None,
+        found: KeyCredentials | None,
+        ctx: RequestContext,
+    ) -> tuple[Caller | None, EventRow | None]:
+        """The caller the presented key names, or the refusal to record; the secret is compared
+        in constant time, and hashed even for a key id nobody was issued."""
         expected = found.secret_hash if found else _DUMMY_HASH
-        given = _hash_secret(match.group(1), match.group(2)) if match else b""
+        given = _hash_secret(key.key_id, key.secret) if key else b""
         secret_ok = hmac.compare_digest(expected, given)
         reason: str | None = None
-        if not match:
+        if key is None:
             reason = "malformed_key" if presented else "no_key"
         elif found is None or not secret_ok:
             reason = "unknown_key"
@@ -70,15 +105,12 @@ class PrincipalService:
             reason = "key_revoked"
         elif found.principal_disabled_at is not None:
             reason = "principal_disabled"
-        if reason is not None or found is None or match is None:
+        if reason is not None or found is None or key is None:
             known = found if found and secret_ok else None
             caller = Caller(known.principal_id, known.principal_name, known.role) if known else None
-            subject = Subject(target_id=match.group(1) if match else None)
-            self._auditor.record_on_its_own(
-                [build_event("Authenticate", "denied", ctx, caller, subject, reason)]
-            )
-            raise Unauthenticated()
-        return Caller(found.principal_id, found.principal_name, found.role, match.group(1))
+            subject = Subject(target_id=key.key_id if key else None)
+            return None, build_event("Authenticate", "denied", ctx, caller, subject, reason)
+        return Caller(found.principal_id, found.principal_name, found.role, key.key_id), None
 
     def create(
         self, session: Session, actor: Caller | None, name: str, role: str, ctx: RequestContext

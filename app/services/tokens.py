@@ -15,16 +15,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy.orm import Session
-
 from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
 from app.crypto.keys import KeyProvider
-from app.db.models import AuditEvent, Record
-from app.db.repositories import RecordRepository
-from app.errors import AccessReasonRequired, Denied, InvalidInput, NotFound, PayloadTooLarge, VaultError
+from app.db.repositories import DataPathRepository, EventRow, RecordRow
+from app.errors import (
+    AccessReasonRequired,
+    Denied,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    Unauthenticated,
+    VaultError,
+)
 from app.services.audit import Auditor, Subject, build_event
-from app.services.context import Caller, RequestContext, context_of, utcnow
-from app.services.grants import Decision, GrantService
+from app.services.context import Caller, Operation, RequestContext, context_of, utcnow
+from app.services.grants import Decision, GrantSet
+from app.services.principals import PrincipalService, parse_api_key
 
 TOKEN_PREFIX = "tok_"  # noqa: S105 (a prefix, not a secret)
 _TOKEN_RANDOM_BYTES = 24  # 192 bits: not derivable from the value, never guessable
@@ -80,7 +86,7 @@ class TokenService:
     def __init__(
         self,
         keys: KeyProvider,
-        grants: GrantService,
+        principals: PrincipalService,
         auditor: Auditor,
         *,
         max_value_bytes: int,
@@ -89,7 +95,7 @@ class TokenService:
     ) -> None:
         self._require_access_reason = require_access_reason
         self._keys = keys
-        self._grants = grants
+        self._principals = principals
         self._auditor = auditor
         self._max_value_bytes = max_value_bytes
         # Batches call the key service for many records at once; a bounded pool hides its latency.
@@ -119,15 +125,32 @@ class TokenService:
             raise PayloadTooLarge(f"value is larger than {self._max_value_bytes} bytes", field="value")
         return raw
 
+    def _admit(
+        self,
+        store: DataPathRepository,
+        presented: str | None,
+        operation: Operation,
+        ctx: RequestContext,
+        tokens: Sequence[str] = (),
+    ) -> tuple[Caller, GrantSet, dict[str, RecordRow]]:
+        """Authenticate, and read the caller's grants (and the records asked for): one round trip."""
+        key = parse_api_key(presented)
+        found, grants, records = store.access(key.key_id, operation, tokens) if key else (None, [], {})
+        caller, refusal = self._principals.admit(presented, key, found, ctx)
+        if caller is None:
+            self._auditor.record_denials(store, [refusal] if refusal else [])
+            raise Unauthenticated()
+        return caller, GrantSet(grants, utcnow()), records
+
     def tokenize(
         self,
-        session: Session,
-        caller: Caller,
+        store: DataPathRepository,
+        presented: str | None,
         items: Sequence[TokenizeItem | VaultError],
         ctx: RequestContext,
     ) -> list[Tokenized | ItemError]:
-        grants = self._grants.grants_for(session, caller, "Encrypt")
-        denials: list[AuditEvent] = []
+        caller, grants, _ = self._admit(store, presented, "Encrypt", ctx)
+        denials: list[EventRow] = []
         results: list[Tokenized | ItemError | None] = [None] * len(items)
         allowed: list[tuple[int, TokenizeItem, bytes, Decision]] = []
         for index, item in enumerate(items):
@@ -147,14 +170,14 @@ class TokenService:
                 continue
             allowed.append((index, item, raw, decision))
         # Denials first, on their own: a refusal is on record whatever happens next.
-        self._auditor.record_on_its_own(denials)
+        self._auditor.record_denials(store, denials)
 
-        def encrypt(entry: tuple[int, TokenizeItem, bytes, Decision]) -> tuple[Record, str | None]:
+        def encrypt(entry: tuple[int, TokenizeItem, bytes, Decision]) -> tuple[RecordRow, str | None]:
             _, item, raw, _ = entry
             token = new_token()
             data_key = self._keys.generate_data_key(context_of(item.customer_id, item.data_type))
             binding = RecordBinding(token, item.customer_id, item.data_type)
-            record = Record(
+            record = RecordRow(
                 token=token,
                 customer_id=item.customer_id,
                 data_type=item.data_type,
@@ -168,9 +191,9 @@ class TokenService:
             return record, data_key.request_id
 
         sealed = self._map(encrypt, allowed)
-        records: list[Record] = []
-        events: list[AuditEvent] = []
-        failures: list[AuditEvent] = []
+        records: list[RecordRow] = []
+        events: list[EventRow] = []
+        failures: list[EventRow] = []
         for (index, item, _, decision), outcome in zip(allowed, sealed, strict=True):
             if isinstance(outcome, VaultError):
                 subject = Subject(customer_id=item.customer_id, data_type=item.data_type)
@@ -195,40 +218,39 @@ class TokenService:
                 )
             )
             results[index] = Tokenized(record.token, record.customer_id, record.data_type, record.created_at)
-        self._auditor.record_on_its_own(failures)
-        RecordRepository(session).add_all(records)
-        self._auditor.record(session, events)
+        self._auditor.record_denials(store, failures)
+        # The one commit: records and their events, one statement.
+        self._auditor.record_with_records(store, records, events)
         return [result for result in results if result is not None]
 
     def tokenize_one(
-        self, session: Session, caller: Caller, item: TokenizeItem, ctx: RequestContext
+        self, store: DataPathRepository, presented: str | None, item: TokenizeItem, ctx: RequestContext
     ) -> Tokenized:
-        (result,) = self.tokenize(session, caller, [item], ctx)
+        (result,) = self.tokenize(store, presented, [item], ctx)
         if isinstance(result, ItemError):
             raise result.error
         return result
 
     def detokenize(
         self,
-        session: Session,
-        caller: Caller,
+        store: DataPathRepository,
+        presented: str | None,
         tokens: Sequence[str],
         ctx: RequestContext,
     ) -> list[Revealed | ItemError]:
+        well_formed = [token for token in tokens if TOKEN_PATTERN.fullmatch(token)]
+        caller, grants, records = self._admit(store, presented, "Decrypt", ctx, well_formed)
         if self._require_access_reason and not (ctx.access_reason or "").strip():
             refused = [
                 build_event("Detokenize", "denied", ctx, caller, Subject(token=t), "access_reason_required")
                 for t in tokens
             ]
-            self._auditor.record_on_its_own(refused)
+            self._auditor.record_denials(store, refused)
             raise AccessReasonRequired(field="X-Access-Reason")
-        grants = self._grants.grants_for(session, caller, "Decrypt")
         may_learn_existence = grants.any_active
-        well_formed = [token for token in tokens if TOKEN_PATTERN.fullmatch(token)]
-        records = RecordRepository(session).get_many(well_formed)
-        denials: list[AuditEvent] = []
+        denials: list[EventRow] = []
         results: list[Revealed | ItemError | None] = [None] * len(tokens)
-        allowed: list[tuple[int, Record, Decision]] = []
+        allowed: list[tuple[int, RecordRow, Decision]] = []
         for index, token in enumerate(tokens):
             if not TOKEN_PATTERN.fullmatch(token):
                 message = f"tokens[{index}] is not a vault token (tok_ and 32 URL-safe characters)"
@@ -255,9 +277,9 @@ class TokenService:
                 results[index] = ItemError(Denied(decision.deny_reason), token)
                 continue
             allowed.append((index, record, decision))
-        self._auditor.record_on_its_own(denials)
+        self._auditor.record_denials(store, denials)
 
-        def decrypt(entry: tuple[int, Record, Decision]) -> tuple[str, str | None]:
+        def decrypt(entry: tuple[int, RecordRow, Decision]) -> tuple[str, str | None]:
             _, record, _ = entry
             context = context_of(record.customer_id, record.data_type)
             data_key = self._keys.decrypt_data_key(record.wrapped_key, context)
@@ -266,8 +288,8 @@ class TokenService:
             return plaintext.decode("utf-8"), data_key.request_id
 
         opened = self._map(decrypt, allowed)
-        events: list[AuditEvent] = []
-        failures: list[AuditEvent] = []
+        events: list[EventRow] = []
+        failures: list[EventRow] = []
         for (index, record, decision), outcome in zip(allowed, opened, strict=True):
             subject = Subject(
                 token=record.token,
@@ -296,15 +318,18 @@ class TokenService:
                 )
             )
             results[index] = Revealed(record.token, record.customer_id, record.data_type, value)
-        self._auditor.record_on_its_own(failures)
-        # The allowed events commit with the request; the value leaves only after that commit.
-        self._auditor.record(session, events)
+        self._auditor.record_denials(store, failures)
+        # The value leaves only once its allowed event has committed.
+        self._auditor.record_with_records(store, (), events)
         return [result for result in results if result is not None]
 
-    def detokenize_one(self, session: Session, caller: Caller, token: str, ctx: RequestContext) -> Revealed:
+    def detokenize_one(
+        self, store: DataPathRepository, presented: str | None, token: str, ctx: RequestContext
+    ) -> Revealed:
         if not TOKEN_PATTERN.fullmatch(token):
+            self._admit(store, presented, "Decrypt", ctx)  # strangers are refused before anything else
             raise InvalidInput("token is not a vault token (tok_ and 32 URL-safe characters)", field="token")
-        (result,) = self.detokenize(session, caller, [token], ctx)
+        (result,) = self.detokenize(store, presented, [token], ctx)
         if isinstance(result, ItemError):
             raise result.error
         return result

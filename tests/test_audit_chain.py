@@ -3,11 +3,13 @@ tampering; concurrent writers from two vault processes still leave a chain that 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,7 +22,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.container import Vault, build_vault
+from app.db.repositories import EventRow
 from app.main import create_app
+from app.services.audit import chain_mac, event_mac
 from app.settings import Settings
 from tests.conftest import Actors, bearer, create_admin, create_grant, create_principal, make_settings
 from tests.processes import free_port, running, wait_for_http
@@ -413,3 +417,36 @@ def test_an_anchor_exposes_the_newest_events_deleted_with_the_head_rolled_back(
     anchored = verify(client, actors, anchor_seq=str(anchor["head_seq"]), anchor_mac=anchor["head_mac"])
     assert anchored["ok"] is False
     assert "newest events were deleted" in anchored["first_bad_event"]["problem"]
+
+
+def test_event_and_chain_macs_keep_their_v1_bytes() -> None:
+    """Known answers: every MAC already written must keep verifying, so the v1 message layout
+    (field order, None marker, UTC ISO times, length prefixes) can never drift."""
+    event = EventRow(
+        event_id=uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        time=dt.datetime(2026, 11, 28, 13, 0, 0, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        request_id="req-1",
+        principal_id=uuid.UUID("87654321-4321-8765-4321-876543218765"),
+        principal_name="onboarding",
+        api_key_id="0123456789abcdef",
+        action="Tokenize",
+        outcome="allowed",
+        reason=None,
+        token="tok_" + "A" * 32,
+        customer_id="12345",
+        data_type="DriverLicense",
+        grant_id=uuid.UUID("11111111-2222-3333-4444-555555555555"),
+        target_id=None,
+        access_reason="KYC check ü",
+        source_ip="10.0.0.1",
+        user_agent="curl/8",
+        kms_request_id="kms-req-1",
+        key_version=1,
+    )
+    key = b"k" * 32
+    assert event_mac(key, event).hex() == "bc13cc5b50465d520c048a6d17ad2f9bd7da1ec2144a144bb0d16506c457f4ab"
+    assert chain_mac(key, 7, b"p" * 32, b"e" * 32).hex() == (
+        "38693521e6b6304c87f7f158a36b11aa3aba2c8f29b9884164cc8964a0ed26f3"
+    )
+    event.customer_id = "12346"  # one field changed: another MAC
+    assert event_mac(key, event).hex() != "bc13cc5b50465d520c048a6d17ad2f9bd7da1ec2144a144bb0d16506c457f4ab"

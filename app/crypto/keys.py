@@ -62,14 +62,16 @@ class NoGrantMirror:
         return None
 
 
+_length = struct.Struct(">I").pack
+
+
 def length_prefixed(*parts: str | bytes) -> bytes:
     """An unambiguous encoding of a sequence of strings: each part as a 4-byte length, then its bytes."""
-    out = bytearray()
+    out: list[bytes] = []
     for part in parts:
         raw = part.encode("utf-8") if isinstance(part, str) else part
-        out += struct.pack(">I", len(raw))
-        out += raw
-    return bytes(out)
+        out += (_length(len(raw)), raw)
+    return b"".join(out)
 
 
 def canonical_context(context: EncryptionContext) -> bytes:

@@ -7,10 +7,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from operator import attrgetter
-from typing import Any, cast
+from typing import Any
 
 import psycopg
-from sqlalchemy import Table, bindparam, func, insert, or_, select, update
+from psycopg.rows import namedtuple_row
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -273,16 +274,20 @@ _INSERT_ONE_RECORD_AND_EVENT = (
 )
 # Authentication and the caller's grants for one operation, in one round trip. The key id is the
 # public half of an API key; the secret is compared by the caller of this query, in constant time.
-_ACCESS = """
+_ACCESS = f"""
 SELECT k.secret_hash, k.revoked_at, p.id, p.name, p.role, p.disabled_at,
-       g.id, g.constraint_kind, g.constraint_context, g.expires_at, g.revoked_at, g.retired_at
+       g.id, g.constraint_kind, g.constraint_context, g.expires_at, g.revoked_at, g.retired_at,
+       {", ".join("r." + column for column in _RECORD_COLUMNS)}
   FROM api_keys k
   JOIN principals p ON p.id = k.principal_id
   LEFT JOIN grants g ON g.grantee_id = p.id AND %(operation)s = ANY(g.operations)
+  LEFT JOIN records r ON r.token = %(token)s
  WHERE k.id = %(key_id)s
  ORDER BY g.created_at, g.id
-"""
+"""  # noqa: S608 (column names are constants, values parameters)
 _RECORDS = f"SELECT {', '.join(_RECORD_COLUMNS)} FROM records WHERE token = ANY(%(tokens)s::varchar[])"  # noqa: S608
+_GRANT_COLUMNS = slice(6, 12)
+_RECORD_IN_ACCESS = slice(12, None)
 
 
 def _columns(rows: Sequence[Any], columns: Sequence[str], prefix: str) -> dict[str, list[Any]]:
@@ -300,16 +305,31 @@ class DataPathRepository:
         self, key_id: str, operation: str, tokens: Sequence[str] = ()
     ) -> tuple[KeyCredentials | None, list[GrantTerms], dict[str, RecordRow]]:
         """The key's credentials, the principal's grants naming this operation (active or not:
-        the caller decides) and, if tokens are given, their records: one round trip."""
-        with self.connection.pipeline():
-            access = self.connection.execute(_ACCESS, {"key_id": key_id, "operation": operation})
-            found = self.connection.execute(_RECORDS, {"tokens": list(tokens)}) if tokens else None
+        the caller decides) and the records of the tokens given: one round trip.
+
+        One token (most requests) rides along in the access query; several are fetched by a
+        second query in the same pipeline. Results come in binary: uuids and timestamps then
+        cost far less to load."""
+        single = tokens[0] if len(tokens) == 1 else None
+        parameters = {"key_id": key_id, "operation": operation, "token": single}
+        access = self.connection.cursor(binary=True)
+        found = None
+        if len(tokens) > 1:
+            found = self.connection.cursor(binary=True)
+            with self.connection.pipeline():
+                access.execute(_ACCESS, parameters)
+                found.execute(_RECORDS, {"tokens": list(tokens)})
+        else:
+            access.execute(_ACCESS, parameters)
         rows = access.fetchall()
-        records = {row[0]: RecordRow(*row) for row in found.fetchall()} if found is not None else {}
+        if found is not None:
+            records = {row[0]: RecordRow(*row) for row in found.fetchall()}
+        else:
+            records = {row[12]: RecordRow(*row[_RECORD_IN_ACCESS]) for row in rows[:1] if row[12] is not None}
         if not rows:
             return None, [], records
         credentials = KeyCredentials(*rows[0][:6])
-        grants = [GrantTerms(*row[6:]) for row in rows if row[6] is not None]
+        grants = [GrantTerms(*row[_GRANT_COLUMNS]) for row in rows if row[6] is not None]
         return credentials, grants, records
 
     def add_events(self, events: Sequence[EventRow]) -> None:
@@ -328,6 +348,42 @@ class DataPathRepository:
         else:
             parameters = _columns(records, _RECORD_COLUMNS, "r_") | _columns(events, _EVENT_COLUMNS, "e_")
             self.connection.execute(_INSERT_RECORDS_AND_EVENTS, parameters)
+
+
+_UNSEALED = (
+    f"SELECT id, {', '.join(_EVENT_COLUMNS)} FROM audit_events"  # noqa: S608 (constant column names)
+    " WHERE chain_seq IS NULL AND id > %s ORDER BY id LIMIT %s"
+)
+
+
+class SealRepository:
+    """The audit sealer's SQL, on a connection in a transaction of its own."""
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        self.connection = connection
+
+    def lock_head(self) -> tuple[int, bytes] | None:
+        """The chain head (seq, mac), locked for this transaction; None if another sealer holds it."""
+        row = self.connection.execute(
+            "SELECT seq, mac FROM audit_chain_head WHERE id = 1 FOR UPDATE SKIP LOCKED"
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def unsealed(self, limit: int, after_id: int) -> list[Any]:
+        """Committed events not yet in the chain, oldest first, after the given row id."""
+        with self.connection.cursor(binary=True, row_factory=namedtuple_row) as cursor:
+            return cursor.execute(_UNSEALED, (after_id, limit)).fetchall()
+
+    def link(self, links: Sequence[tuple[int, bytes, bytes, int]]) -> None:
+        """Chain positions (seq, prev_mac, mac, row id) for many events, in one pipelined executemany."""
+        if links:
+            with self.connection.cursor() as cursor:
+                cursor.executemany(
+                    "UPDATE audit_events SET chain_seq = %s, prev_mac = %s, mac = %s WHERE id = %s", links
+                )
+
+    def move_head(self, seq: int, mac: bytes) -> None:
+        self.connection.execute("UPDATE audit_chain_head SET seq = %s, mac = %s WHERE id = 1", (seq, mac))
 
 
 class RecordRepository:
@@ -351,14 +407,6 @@ class AuditFilter:
     before_id: int | None = None
 
 
-_EVENTS = cast(Table, AuditEvent.__table__)
-_SET_LINK = (
-    update(_EVENTS)
-    .where(_EVENTS.c.id == bindparam("event_row"))
-    .values(chain_seq=bindparam("seq"), prev_mac=bindparam("prev"), mac=bindparam("link"))
-)
-
-
 class AuditRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -368,31 +416,6 @@ class AuditRepository:
         if events:
             rows = [{column: getattr(event, column) for column in _EVENT_COLUMNS} for event in events]
             self.session.execute(insert(AuditEvent), rows)
-
-    def lock_head(self) -> AuditChainHead | None:
-        """The chain head, locked for this transaction; None if another sealer holds it."""
-        return self.session.scalar(
-            select(AuditChainHead)
-            .where(AuditChainHead.id == 1)
-            .with_for_update(skip_locked=True)
-            .execution_options(populate_existing=True)
-        )
-
-    def unsealed_rows(self, limit: int, after_id: int) -> Sequence[Any]:
-        """Like unsealed, as plain rows (the sealer reads many; ORM objects would cost more)."""
-        query = (
-            select(*AuditEvent.__table__.columns)
-            .where(AuditEvent.chain_seq.is_(None), AuditEvent.id > after_id)
-            .order_by(AuditEvent.id)
-            .limit(limit)
-        )
-        return self.session.execute(query).all()
-
-    def set_links(self, links: Sequence[dict[str, object]]) -> None:
-        """Chain positions for many events in one executemany (id, chain_seq, prev_mac, mac)."""
-        if links:
-            # A Core executemany: the ORM's bulk update costs several times more per row.
-            self.session.execute(_SET_LINK, list(links))
 
     def unsealed(self, limit: int, after_id: int) -> Sequence[AuditEvent]:
         """Committed events not yet in the chain, oldest first, after the given row id."""

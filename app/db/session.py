@@ -146,6 +146,13 @@ class Database:
         except DataPoolTimeout:
             raise DatabaseUnavailable() from None
 
+    @contextmanager
+    def data_transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        """A transaction on a data-path connection, for background work of several statements
+        (the audit sealer); commits if the block completes."""
+        with self.data_connection() as connection, connection.transaction():
+            yield connection
+
     def ping(self) -> None:
         with self.transaction() as session:
             session.execute(text("SELECT 1"))

@@ -103,7 +103,10 @@ class Record(Base):
     wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
     kms_key_id: Mapped[str] = mapped_column(String(2048))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-    created_by: Mapped[uuid.UUID] = mapped_column(ForeignKey("principals.id"))
+    # The principal who stored it. Not a foreign key on purpose: the check would lock the
+    # principal's row (FOR KEY SHARE) on every tokenize, one hot row for all of a service's
+    # requests. Principals are never deleted (only disabled), so the reference cannot dangle.
+    created_by: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
 
     def __repr__(self) -> str:
         return f"Record(token={self.token!r}, data_type={self.data_type!r})"

@@ -98,11 +98,17 @@ class TokenService:
         self._principals = principals
         self._auditor = auditor
         self._max_value_bytes = max_value_bytes
-        # Batches call the key service for many records at once; a bounded pool hides its latency.
-        self._pool = ThreadPoolExecutor(max_workers=key_concurrency, thread_name_prefix="kms")
+        # Batches call a remote key service for many records at once; a bounded pool hides its
+        # latency. A local provider's work is microseconds of CPU: threads would only add hand-offs.
+        self._pool = (
+            ThreadPoolExecutor(max_workers=key_concurrency, thread_name_prefix="kms")
+            if key_concurrency > 1
+            else None
+        )
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R | VaultError]:
         """Apply fn to each item, concurrently for several; a VaultError is kept as that item's result."""
@@ -113,7 +119,7 @@ class TokenService:
             except VaultError as err:
                 return err
 
-        if len(items) <= 1:
+        if len(items) <= 1 or self._pool is None:
             return [guarded(item) for item in items]
         return list(self._pool.map(guarded, items))
 

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from app.container import Vault, build_vault
 from app.db.repositories import EventRow
 from app.main import create_app
-from app.services.audit import chain_mac, event_mac
+from app.services.audit import chain_mac, event_mac, new_event_id
 from app.settings import Settings
 from tests.conftest import Actors, bearer, create_admin, create_grant, create_principal, make_settings
 from tests.processes import free_port, running, wait_for_http
@@ -450,3 +450,14 @@ def test_event_and_chain_macs_keep_their_v1_bytes() -> None:
     )
     event.customer_id = "12346"  # one field changed: another MAC
     assert event_mac(key, event).hex() != "bc13cc5b50465d520c048a6d17ad2f9bd7da1ec2144a144bb0d16506c457f4ab"
+
+
+def test_event_ids_are_uuid7_ordered_by_time_and_unique() -> None:
+    first = new_event_id()
+    time.sleep(0.002)
+    later = [new_event_id() for _ in range(10_000)]
+    assert first.version == 7 and first.variant == uuid.RFC_4122
+    assert all(first < event_id for event_id in later)
+    assert len(set(later)) == len(later)
+    # The first 48 bits are the creation time in Unix milliseconds.
+    assert abs((first.int >> 80) - time.time() * 1000) < 5_000

@@ -18,8 +18,10 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -73,6 +75,16 @@ def _bounded(text: str | None, limit: int) -> str | None:
     return None if text is None else text.replace("\x00", "\ufffd")[:limit]
 
 
+def new_event_id() -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits. Time-ordered ids
+    land at the right edge of the event_id index instead of anywhere in it (measured: a fifth
+    of an event insert's database CPU)."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
+    return uuid.UUID(int=value)
+
+
 def build_event(
     action: str,
     outcome: Outcome,
@@ -82,7 +94,7 @@ def build_event(
     reason: str | None = None,
 ) -> EventRow:
     return EventRow(
-        event_id=uuid.uuid4(),
+        event_id=new_event_id(),
         time=utcnow(),
         request_id=_bounded(ctx.request_id, 128),
         principal_id=caller.id if caller else None,

@@ -33,6 +33,8 @@ class Vault:
         self.tokens.close()
         self.auditor.close()
         self.database.dispose()
+        if isinstance(self.keys, KmsKeyProvider):
+            self.keys.close()  # its pooled KMS connections
 
 
 def database_url(settings: Settings) -> str:

@@ -1,4 +1,8 @@
-"""AWS KMS key provider over boto3: GenerateDataKey / Decrypt with the record's encryption context.
+"""AWS KMS key provider: GenerateDataKey / Decrypt with the record's encryption context.
+
+The two hot-path calls (one per tokenize, one per detokenize) go through KmsWire, a lean JSON 1.1
+path that keeps botocore's credentials, SigV4 signing, retry policy and exceptions but not its
+per-call CPU; everything else (DescribeKey, grants, readiness) uses the boto3 client.
 
 boto and KMS errors stop here and become the vault's own: KeyServiceUnavailable (retry later),
 KeyAccessDenied (an operator must act), IntegrityFailure (the wrapped key does not open under
@@ -10,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import boto3
 from botocore.config import Config
@@ -18,7 +22,8 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from app.crypto.envelope import DATA_KEY_BYTES
 from app.crypto.keys import DataKey, EncryptionContext, GrantConstraints
-from app.errors import IntegrityFailure, KeyAccessDenied, KeyServiceUnavailable
+from app.crypto.kms_wire import KmsWire
+from app.errors import IntegrityFailure, KeyAccessDenied, KeyServiceUnavailable, VaultError
 
 if TYPE_CHECKING:
     from mypy_boto3_kms.client import KMSClient
@@ -40,6 +45,16 @@ _UNAVAILABLE = {
 }
 _INVALID_CIPHERTEXT = {"InvalidCiphertextException", "IncorrectKeyException"}
 _OPERATIONS = {"Encrypt": "GenerateDataKey", "Decrypt": "Decrypt"}
+_BOTO3_METHODS = {"GenerateDataKey": "generate_data_key", "Decrypt": "decrypt"}
+
+
+def _vault_error_for(code: str, status: int) -> VaultError:
+    """The vault's error for a KMS error answer: its code and HTTP status, whichever path it came by."""
+    if code in _INVALID_CIPHERTEXT:
+        return IntegrityFailure()
+    if code in _UNAVAILABLE or status >= 500:
+        return KeyServiceUnavailable()
+    return KeyAccessDenied()
 
 
 def _translate(operation: str, err: Exception) -> Exception:
@@ -48,11 +63,7 @@ def _translate(operation: str, err: Exception) -> Exception:
         code = err.response.get("Error", {}).get("Code", "")
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         log.warning("kms %s failed: %s (HTTP %s)", operation, code, status)
-        if code in _INVALID_CIPHERTEXT:
-            return IntegrityFailure()
-        if code in _UNAVAILABLE or status >= 500:
-            return KeyServiceUnavailable()
-        return KeyAccessDenied()
+        return _vault_error_for(code, status)
     if isinstance(err, NoCredentialsError):
         log.error("kms %s failed: no AWS credentials found", operation)
         return KeyAccessDenied("the vault has no AWS credentials for the key service")
@@ -86,6 +97,8 @@ class KmsKeyProvider:
         self.client: KMSClient = client or boto3.client(
             "kms", endpoint_url=endpoint_url, region_name=region, config=config
         )
+        # None when the client cannot be served the lean way (not SigV4, say): boto3 carries all.
+        self._wire = KmsWire.for_client(self.client)
         self._key_arn: str | None = None
         self._arn_lock = threading.Lock()
 
@@ -96,19 +109,28 @@ class KmsKeyProvider:
     def key_id(self) -> str:
         return self._key_id
 
+    def close(self) -> None:
+        """Close the lean path's pooled connections (the boto3 client keeps its own)."""
+        if self._wire is not None:
+            self._wire.close()
+
     def _call(self, operation: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
         except (ClientError, BotoCoreError) as err:
             raise _translate(operation, err) from None
 
+    def _hot_call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        """GenerateDataKey / Decrypt by the lean path if there is one, else by boto3: same answers, errors."""
+        wire = self._wire
+        if wire is not None:
+            return self._call(operation, lambda: wire.call(operation, params))
+        boto_call: Callable[..., Any] = getattr(self.client, _BOTO3_METHODS[operation])
+        return cast(dict[str, Any], self._call(operation, lambda: boto_call(**params)))
+
     def generate_data_key(self, context: EncryptionContext) -> DataKey:
-        response = self._call(
-            "GenerateDataKey",
-            lambda: self.client.generate_data_key(
-                KeyId=self._key_id, KeySpec="AES_256", EncryptionContext=dict(context)
-            ),
-        )
+        params = {"KeyId": self._key_id, "KeySpec": "AES_256", "EncryptionContext": dict(context)}
+        response = self._hot_call("GenerateDataKey", params)
         plaintext = response["Plaintext"]
         if len(plaintext) != DATA_KEY_BYTES:
             raise KeyAccessDenied("the key service returned a data key of the wrong size")
@@ -121,12 +143,8 @@ class KmsKeyProvider:
 
     def decrypt_data_key(self, wrapped: bytes, context: EncryptionContext) -> DataKey:
         # KeyId pins the master key: a wrapped key from another key is refused, not silently used.
-        response = self._call(
-            "Decrypt",
-            lambda: self.client.decrypt(
-                CiphertextBlob=wrapped, KeyId=self._key_id, EncryptionContext=dict(context)
-            ),
-        )
+        params = {"CiphertextBlob": wrapped, "KeyId": self._key_id, "EncryptionContext": dict(context)}
+        response = self._hot_call("Decrypt", params)
         return DataKey(
             plaintext=response["Plaintext"],
             wrapped=wrapped,

@@ -1,0 +1,275 @@
+"""HttpCarrier, the lean KMS path's HTTP/1.1 client, against a scripted socket server.
+
+Only HTTP is exercised here (framing, keep-alive, timeouts and failures); KMS itself is in
+test_kms_transport.py against moto.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from botocore.awsrequest import AWSPreparedRequest, AWSRequest
+from botocore.exceptions import ConnectionClosedError, HTTPClientError, ReadTimeoutError
+
+from app.crypto.kms_http import MAX_BODY_BYTES, HttpCarrier, Origin
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: 2\r\n\r\n{}"
+
+
+@dataclass
+class ScriptedServer:
+    """Answers each request it reads with the next scripted answer; `None` closes without answering.
+    An answer ending in `CLOSE` is followed by closing the connection."""
+
+    answers: list[bytes | None]
+    requests: list[tuple[bytes, bytes]] = field(default_factory=list)
+    connections: int = 0
+
+    CLOSE = b"<close>"
+
+    def __post_init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self._stopping = threading.Event()
+        self._held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+        self._listener.close()
+        for connection in self._held:
+            connection.close()
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            self._held.append(connection)
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        buffer = b""
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                data = connection.recv(65536)
+                if not data:
+                    return
+                buffer += data
+            head, buffer = buffer.split(b"\r\n\r\n", 1)
+            match = re.search(rb"(?im)^content-length: *(\d+)", head)
+            length = int(match.group(1)) if match else 0
+            while len(buffer) < length:
+                buffer += connection.recv(65536)
+            self.requests.append((head, buffer[:length]))
+            buffer = buffer[length:]
+            answer = self.answers.pop(0) if self.answers else None
+            if answer is None:
+                connection.close()
+                return
+            closing = answer.endswith(self.CLOSE)
+            connection.sendall(answer.removesuffix(self.CLOSE))
+            if closing:
+                connection.close()
+                return
+
+
+@pytest.fixture
+def serve() -> Iterator[list[ScriptedServer]]:
+    started: list[ScriptedServer] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+def scripted(started: list[ScriptedServer], *answers: bytes | None) -> ScriptedServer:
+    server = ScriptedServer(list(answers))
+    started.append(server)
+    return server
+
+
+def carrier_for(url: str, *, read_timeout_s: float = 2.0) -> HttpCarrier:
+    return HttpCarrier(
+        Origin.from_url(url), connect_timeout_s=2.0, read_timeout_s=read_timeout_s, max_idle_connections=4
+    )
+
+
+def request(url: str, body: bytes = b'{"KeyId":"k"}') -> AWSPreparedRequest:
+    prepared: AWSPreparedRequest = AWSRequest(
+        method="POST", url=url + "/", data=body, headers={"X-Amz-Target": "TrentService.Decrypt"}
+    ).prepare()
+    return prepared
+
+
+def test_requests_are_framed_with_host_and_length_and_connections_are_kept_alive(
+    serve: list[ScriptedServer],
+) -> None:
+    server = scripted(serve, OK, OK, OK)
+    carrier = carrier_for(server.url)
+    for _ in range(3):
+        response = carrier.send(request(server.url))
+        assert response.status_code == 200
+        assert response.content == b"{}"
+        assert response.headers["content-type"] == "application/x-amz-json-1.1"
+    assert server.connections == 1
+    head, body = server.requests[0]
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST / HTTP/1.1"
+    assert lines.count(f"Host: {server.url.removeprefix('http://')}") == 1
+    assert "Content-Length: 13" in lines and "X-Amz-Target: TrentService.Decrypt" in lines
+    assert body == b'{"KeyId":"k"}'
+    carrier.close()
+
+
+def test_threads_share_the_pool_without_mixing_answers(serve: list[ScriptedServer]) -> None:
+    threads, rounds = 8, 25
+    answers = [
+        f"HTTP/1.1 200 OK\r\nContent-Length: {len(str(n))}\r\n\r\n{n}".encode()
+        for n in range(threads * rounds)
+    ]
+    server = scripted(serve, *answers)
+    carrier = carrier_for(server.url)
+    seen: list[bytes] = []
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(rounds):
+                seen.append(carrier.send(request(server.url)).content)
+        except BaseException as err:  # reported below, in the test's thread
+            failures.append(err)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+    assert failures == []
+    assert sorted(seen, key=int) == [str(n).encode() for n in range(threads * rounds)]  # each answer once
+    assert server.connections <= threads
+    carrier.close()
+
+
+def test_a_chunked_answer_is_decoded(serve: list[ScriptedServer]) -> None:
+    chunked = (
+        b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'7\r\n{"__typ\r\n12;ext=1\r\ne":"Throttling"}  \r\n0\r\nTrailer: x\r\n\r\n'
+    )
+    server = scripted(serve, chunked, OK)
+    carrier = carrier_for(server.url)
+    response = carrier.send(request(server.url))
+    assert response.status_code == 400
+    assert response.content == b'{"__type":"Throttling"}  '
+    assert carrier.send(request(server.url)).status_code == 200
+    assert server.connections == 1  # still in step after the chunked answer
+    carrier.close()
+
+
+def test_an_answer_delimited_by_close_is_read_and_its_connection_dropped(serve: list[ScriptedServer]) -> None:
+    server = scripted(serve, b'HTTP/1.1 200 OK\r\n\r\n{"a":1}' + ScriptedServer.CLOSE, OK)
+    carrier = carrier_for(server.url)
+    assert carrier.send(request(server.url)).content == b'{"a":1}'
+    assert carrier.send(request(server.url)).content == b"{}"
+    assert server.connections == 2
+    carrier.close()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+)
+def test_a_connection_the_server_will_close_is_not_reused(serve: list[ScriptedServer], first: bytes) -> None:
+    server = scripted(serve, first, OK)
+    carrier = carrier_for(server.url)
+    carrier.send(request(server.url))
+    carrier.send(request(server.url))
+    assert server.connections == 2
+    carrier.close()
+
+
+def test_interim_answers_are_skipped(serve: list[ScriptedServer]) -> None:
+    server = scripted(serve, b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
+    carrier = carrier_for(server.url)
+    assert carrier.send(request(server.url)).status_code == 200
+    carrier.close()
+
+
+def test_an_idle_connection_the_server_closed_is_replaced_without_an_error(
+    serve: list[ScriptedServer],
+) -> None:
+    server = scripted(serve, OK + ScriptedServer.CLOSE, OK)  # keeps alive by its headers, then closes
+    carrier = carrier_for(server.url)
+    carrier.send(request(server.url))
+    threading.Event().wait(0.2)  # let the close arrive
+    assert carrier.send(request(server.url)).status_code == 200
+    assert server.connections == 2
+    carrier.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        None,  # closed without a byte
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}" + ScriptedServer.CLOSE,  # cut short
+        b"SMTP ready\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\n{}",
+        f"HTTP/1.1 200 OK\r\nContent-Length: {MAX_BODY_BYTES + 1}\r\n\r\n".encode(),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
+def test_a_broken_answer_is_a_closed_connection_error(
+    serve: list[ScriptedServer], answer: bytes | None
+) -> None:
+    server = scripted(serve, answer)
+    carrier = carrier_for(server.url)
+    with pytest.raises(ConnectionClosedError):
+        carrier.send(request(server.url))
+    carrier.close()
+
+
+def test_no_answer_within_the_read_timeout_is_a_read_timeout(serve: list[ScriptedServer]) -> None:
+    server = scripted(serve, b"HTTP/1.1 200 OK\r\n")  # a head that never ends
+    carrier = carrier_for(server.url, read_timeout_s=0.2)
+    with pytest.raises(ReadTimeoutError):
+        carrier.send(request(server.url))
+    carrier.close()
+
+
+def test_a_request_for_another_origin_is_refused(serve: list[ScriptedServer]) -> None:
+    server = scripted(serve)
+    carrier = carrier_for(server.url)
+    with pytest.raises(HTTPClientError):
+        carrier.send(request("http://127.0.0.2:1"))
+    assert server.requests == []
+    carrier.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "host_header"),
+    [
+        ("https://kms.eu-west-1.amazonaws.com/", "kms.eu-west-1.amazonaws.com"),
+        ("https://kms.eu-west-1.amazonaws.com:443/", "kms.eu-west-1.amazonaws.com"),
+        ("http://127.0.0.1:4599/", "127.0.0.1:4599"),
+        ("http://[::1]:8080/", "[::1]:8080"),
+        ("HTTPS://KMS.example.com:8443", "kms.example.com:8443"),
+    ],
+)
+def test_the_host_header_is_named_as_botocore_signs_it(url: str, host_header: str) -> None:
+    assert Origin.from_url(url).host_header == host_header

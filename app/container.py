@@ -30,7 +30,6 @@ class Vault:
     tokens: TokenService
 
     def close(self) -> None:
-        self.tokens.close()
         self.auditor.close()
         self.database.dispose()
         if isinstance(self.keys, KmsKeyProvider):

@@ -56,9 +56,11 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         if owned:
             app.state.vault = build_vault(settings)
         vault: Vault = app.state.vault
-        # As many request threads as database connections: a thread never waits for the pool.
+        # Worker threads run the admin routes (ORM sessions) and the data path's key-service calls:
+        # as many as database connections, so an admin request's thread never waits for the pool.
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = settings.db_pool_size + settings.db_max_overflow
+        await vault.database.open_data_path()
         stop = threading.Event()
         background = []
         if settings.grant_sweep_interval_s > 0:
@@ -72,6 +74,7 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
             stop.set()
             for thread in background:
                 thread.join(timeout=5)
+            await vault.database.close_data_path()
             if owned:
                 app.state.vault.close()
 

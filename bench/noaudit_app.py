@@ -6,11 +6,13 @@ audit in the same run. Served with `uvicorn noaudit_app:create --factory`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI
 
 from app.container import build_vault
+from app.db.repositories import DataPathRepository, RecordRow
 from app.main import create_app
 from app.settings import get_settings
 
@@ -21,6 +23,14 @@ def create() -> FastAPI:
     def nothing(*_: Any) -> None:
         return None
 
-    vault.auditor.record = nothing  # type: ignore[method-assign]
-    vault.auditor.record_on_its_own = nothing  # type: ignore[method-assign]
+    async def records_only(store: DataPathRepository, records: Sequence[RecordRow], _: Any) -> None:
+        await store.add_records_with_events(records, [])
+
+    async def no_denials(*_: Any) -> None:
+        return None
+
+    vault.auditor.record = nothing  # type: ignore[method-assign,assignment]
+    vault.auditor.record_on_its_own = nothing  # type: ignore[method-assign,assignment]
+    vault.auditor.record_with_records = records_only  # type: ignore[method-assign,assignment]
+    vault.auditor.record_denials = no_denials  # type: ignore[method-assign,assignment]
     return create_app(vault)

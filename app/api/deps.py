@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, Request
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from app.container import Vault
@@ -17,7 +16,7 @@ from app.services.tokens import TokenService
 
 T = TypeVar("T")
 # What a data-path route runs: the token service, the connection's repository, the presented key.
-DataPathOperation = Callable[[TokenService, DataPathRepository, str | None, RequestContext], T]
+DataPathOperation = Callable[[TokenService, DataPathRepository, str | None, RequestContext], Awaitable[T]]
 
 
 # Dependencies without I/O are async: FastAPI runs sync ones in the thread pool, a hop each.
@@ -79,23 +78,23 @@ CallerDep = Annotated[Caller, Depends(get_caller)]
 
 @dataclass(frozen=True, slots=True)
 class Work:
-    """The data path's unit of work in one hop to a worker thread, on one autocommit connection:
-    the operation authenticates, decides, and writes its records and events in one statement; the
-    response is built only after that statement has committed.
+    """The data path's unit of work on one asynchronous autocommit connection: the operation
+    authenticates, decides, and writes its records and events in one statement; the response is
+    built only after that statement has committed.
 
-    One dependency for the data path's routes, not several: each costs on every request, and a
-    sync one is a thread hop of its own."""
+    One dependency for the data path's routes, not several: each costs on every request. No
+    thread hop either: the data path is asynchronous, and only a remote key service's calls go
+    to worker threads."""
 
     vault: Vault
     ctx: RequestContext
     presented: str | None
 
     async def __call__(self, operation: DataPathOperation[T]) -> T:
-        return await run_in_threadpool(self._run, operation)
-
-    def _run(self, operation: DataPathOperation[T]) -> T:
-        with self.vault.database.data_connection() as connection:
-            return operation(self.vault.tokens, DataPathRepository(connection), self.presented, self.ctx)
+        async with self.vault.database.data_connection() as connection:
+            return await operation(
+                self.vault.tokens, DataPathRepository(connection), self.presented, self.ctx
+            )
 
 
 async def get_work(request: Request, access_reason: AccessReasonHeader = None) -> Work:

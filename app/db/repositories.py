@@ -295,13 +295,13 @@ def _columns(rows: Sequence[Any], columns: Sequence[str], prefix: str) -> dict[s
 
 
 class DataPathRepository:
-    """The data path's SQL on one autocommit connection: every method is one round trip, and every
-    write one statement, so each write commits or fails whole."""
+    """The data path's SQL on one asynchronous autocommit connection: every method is one round
+    trip, and every write one statement, so each write commits or fails whole."""
 
-    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+    def __init__(self, connection: psycopg.AsyncConnection[Any]) -> None:
         self.connection = connection
 
-    def access(
+    async def access(
         self, key_id: str, operation: str, tokens: Sequence[str] = ()
     ) -> tuple[KeyCredentials | None, list[GrantTerms], dict[str, RecordRow]]:
         """The key's credentials, the principal's grants naming this operation (active or not:
@@ -316,14 +316,14 @@ class DataPathRepository:
         found = None
         if len(tokens) > 1:
             found = self.connection.cursor(binary=True)
-            with self.connection.pipeline():
-                access.execute(_ACCESS, parameters)
-                found.execute(_RECORDS, {"tokens": list(tokens)})
+            async with self.connection.pipeline():
+                await access.execute(_ACCESS, parameters)
+                await found.execute(_RECORDS, {"tokens": list(tokens)})
         else:
-            access.execute(_ACCESS, parameters)
-        rows = access.fetchall()
+            await access.execute(_ACCESS, parameters)
+        rows = await access.fetchall()
         if found is not None:
-            records = {row[0]: RecordRow(*row) for row in found.fetchall()}
+            records = {row[0]: RecordRow(*row) for row in await found.fetchall()}
         else:
             records = {row[12]: RecordRow(*row[_RECORD_IN_ACCESS]) for row in rows[:1] if row[12] is not None}
         if not rows:
@@ -332,22 +332,22 @@ class DataPathRepository:
         grants = [GrantTerms(*row[_GRANT_COLUMNS]) for row in rows if row[6] is not None]
         return credentials, grants, records
 
-    def add_events(self, events: Sequence[EventRow]) -> None:
+    async def add_events(self, events: Sequence[EventRow]) -> None:
         if len(events) == 1:
-            self.connection.execute(_INSERT_ONE_EVENT, _event_values(events[0]))
+            await self.connection.execute(_INSERT_ONE_EVENT, _event_values(events[0]))
         elif events:
-            self.connection.execute(_INSERT_EVENTS, _columns(events, _EVENT_COLUMNS, "e_"))
+            await self.connection.execute(_INSERT_EVENTS, _columns(events, _EVENT_COLUMNS, "e_"))
 
-    def add_records_with_events(self, records: Sequence[RecordRow], events: Sequence[EventRow]) -> None:
+    async def add_records_with_events(self, records: Sequence[RecordRow], events: Sequence[EventRow]) -> None:
         if not records:
-            self.add_events(events)
+            await self.add_events(events)
         elif len(records) == 1 and len(events) == 1:
-            self.connection.execute(
+            await self.connection.execute(
                 _INSERT_ONE_RECORD_AND_EVENT, _record_values(records[0]) + _event_values(events[0])
             )
         else:
             parameters = _columns(records, _RECORD_COLUMNS, "r_") | _columns(events, _EVENT_COLUMNS, "e_")
-            self.connection.execute(_INSERT_RECORDS_AND_EVENTS, parameters)
+            await self.connection.execute(_INSERT_RECORDS_AND_EVENTS, parameters)
 
 
 _UNSEALED = (

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool
 from psycopg_pool import PoolTimeout as DataPoolTimeout
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
@@ -73,23 +73,21 @@ class Database:
         self.side_engine = engine(pool_size + max_overflow, 0)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._side_sessions = sessionmaker(self.side_engine, expire_on_commit=False)
-        # The data path (tokenize, detokenize) skips the ORM and the transaction block: its
-        # connections are in autocommit, and each write it makes is one statement, atomic on its
-        # own. Two round trips a request instead of six (BEGIN, reads, two INSERTs, COMMIT).
-        self.data_pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-            make_url(normalise_url(url)).set(drivername="postgresql").render_as_string(hide_password=False),
-            min_size=min(2, pool_size),
-            max_size=pool_size + max_overflow,
-            timeout=5,
-            max_lifetime=1800,
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": 3,
-                "options": f"-c statement_timeout={statement_timeout_ms}",
-            },
-            name="piivault-data",
-            open=True,
+        # The data path (tokenize, detokenize) skips the ORM, the transaction block and the thread
+        # pool: its connections are asynchronous and in autocommit, and each write it makes is one
+        # statement, atomic on its own. Two round trips a request instead of six (BEGIN, reads,
+        # two INSERTs, COMMIT), and no hop to a worker thread. The pool belongs to an event loop,
+        # so it opens with the app (open_data_path) and closes with it.
+        self._data_pool_size = (min(2, pool_size), pool_size + max_overflow)
+        self._data_conninfo = (
+            make_url(normalise_url(url)).set(drivername="postgresql").render_as_string(hide_password=False)
         )
+        self._data_kwargs = {
+            "autocommit": True,
+            "connect_timeout": 3,
+            "options": f"-c statement_timeout={statement_timeout_ms}",
+        }
+        self._data_pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
 
     def __repr__(self) -> str:
         return f"Database({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -128,15 +126,39 @@ class Database:
         finally:
             session.close()
 
-    @contextmanager
-    def data_connection(self) -> Iterator[psycopg.Connection[Any]]:
+    async def open_data_path(self) -> None:
+        """Open the data path's pool in the running event loop."""
+        if self._data_pool is None:
+            low, high = self._data_pool_size
+            self._data_pool = AsyncConnectionPool(
+                self._data_conninfo,
+                min_size=low,
+                max_size=high,
+                timeout=5,
+                max_lifetime=1800,
+                kwargs=self._data_kwargs,
+                name="piivault-data",
+                open=False,
+            )
+            await self._data_pool.open()
+
+    async def close_data_path(self) -> None:
+        if self._data_pool is not None:
+            pool, self._data_pool = self._data_pool, None
+            await pool.close()
+
+    @asynccontextmanager
+    async def data_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """An autocommit connection for the data path's single-statement units of work.
 
         Each write is one statement, so it commits or fails whole; failures become the vault's
         own errors here, as in transaction().
         """
+        if self._data_pool is None:
+            await self.open_data_path()
+        assert self._data_pool is not None  # noqa: S101 (just opened)
         try:
-            with self.data_pool.connection() as connection:
+            async with self._data_pool.connection() as connection:
                 yield connection
         except psycopg.IntegrityError:
             raise Conflict("the request conflicts with a concurrent change; retry it") from None
@@ -147,17 +169,33 @@ class Database:
             raise DatabaseUnavailable() from None
 
     @contextmanager
-    def data_transaction(self) -> Iterator[psycopg.Connection[Any]]:
-        """A transaction on a data-path connection, for background work of several statements
-        (the audit sealer); commits if the block completes."""
-        with self.data_connection() as connection, connection.transaction():
-            yield connection
+    def raw_transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        """A plain psycopg connection from the main pool in a transaction of its own, for
+        background work of many rows (the audit sealer); commits if the block completes."""
+        try:
+            pooled = self.engine.raw_connection()
+        except (PoolTimeout, OperationalError):
+            raise DatabaseUnavailable() from None
+        connection: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
+        try:
+            try:
+                yield connection
+                connection.commit()
+            except BaseException:
+                if not connection.closed:
+                    connection.rollback()
+                raise
+        except psycopg.OperationalError as err:
+            pooled.invalidate()
+            log.warning("database unavailable: %s", type(err).__name__)
+            raise DatabaseUnavailable() from None
+        finally:
+            pooled.close()
 
     def ping(self) -> None:
         with self.transaction() as session:
             session.execute(text("SELECT 1"))
 
     def dispose(self) -> None:
-        self.data_pool.close()
         self.engine.dispose()
         self.side_engine.dispose()

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from operator import attrgetter
 from typing import Any, Literal
 
+import anyio.to_thread
 import psycopg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -167,6 +168,10 @@ class AuditKeyring:
     def __repr__(self) -> str:
         return f"AuditKeyring(versions={sorted(self._unwrapped)})"
 
+    @property
+    def loaded(self) -> bool:
+        return self._current is not None
+
     def current(self) -> tuple[int, bytes]:
         with self._lock:
             if self._current is None:
@@ -250,16 +255,23 @@ class Auditor:
             raise AuditUnavailable() from None
         self._counted(events)
 
-    def record_with_records(
+    async def _stamp_on_loop(self, events: Sequence[EventRow]) -> None:
+        # The keyring loads (a database read and a key-service call) once per process: in a
+        # worker thread, so the event loop never blocks on it.
+        if not self._keyring.loaded:
+            await anyio.to_thread.run_sync(self._keyring.current)
+        self._stamp(events)
+
+    async def record_with_records(
         self, store: DataPathRepository, records: Sequence[RecordRow], events: Sequence[EventRow]
     ) -> None:
         """The data path's write: records and their events in one statement, so neither commits
         without the other."""
         if not events and not records:
             return
-        self._stamp(events)
+        await self._stamp_on_loop(events)
         try:
-            store.add_records_with_events(records, events)
+            await store.add_records_with_events(records, events)
         except (psycopg.OperationalError, psycopg.IntegrityError):
             raise  # the database is down, or a token collided: mapped as such by the Database
         except psycopg.Error as err:
@@ -267,14 +279,14 @@ class Auditor:
             raise AuditUnavailable() from None
         self._counted(events)
 
-    def record_denials(self, store: DataPathRepository, events: Sequence[EventRow]) -> None:
+    async def record_denials(self, store: DataPathRepository, events: Sequence[EventRow]) -> None:
         """The data path's refusals: written at once in their own statement (the connection is in
         autocommit), whatever happens to the request next; then the alarms."""
         if not events:
             return
-        self._stamp(events)
+        await self._stamp_on_loop(events)
         try:
-            store.add_events(events)
+            await store.add_events(events)
         except psycopg.Error as err:
             log.error("audit write failed: %s", err.sqlstate or type(err).__name__)
             raise AuditUnavailable() from None
@@ -308,7 +320,7 @@ class Auditor:
         """
         sealed, after_id = 0, 0
         while True:
-            with self._database.data_transaction() as connection:
+            with self._database.raw_transaction() as connection:
                 repository = SealRepository(connection)
                 head = repository.lock_head()
                 if head is None:

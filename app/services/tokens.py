@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
+
+import anyio
+import anyio.to_thread
 
 from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
 from app.crypto.keys import KeyProvider
@@ -98,20 +100,13 @@ class TokenService:
         self._principals = principals
         self._auditor = auditor
         self._max_value_bytes = max_value_bytes
-        # Batches call a remote key service for many records at once; a bounded pool hides its
-        # latency. A local provider's work is microseconds of CPU: threads would only add hand-offs.
-        self._pool = (
-            ThreadPoolExecutor(max_workers=key_concurrency, thread_name_prefix="kms")
-            if key_concurrency > 1
-            else None
-        )
+        # A remote key service's latency is hidden by calling it from worker threads, up to
+        # key_concurrency at once for a batch. A local provider's work is microseconds of CPU:
+        # it runs inline, since a thread hand-off would cost more than the work.
+        self._key_concurrency = key_concurrency
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R | VaultError]:
-        """Apply fn to each item, concurrently for several; a VaultError is kept as that item's result."""
+    async def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R | VaultError]:
+        """Apply fn to each item; a VaultError is kept as that item's result."""
 
         def guarded(item: T) -> R | VaultError:
             try:
@@ -119,9 +114,20 @@ class TokenService:
             except VaultError as err:
                 return err
 
-        if len(items) <= 1 or self._pool is None:
+        if self._key_concurrency <= 1:
             return [guarded(item) for item in items]
-        return list(self._pool.map(guarded, items))
+        if len(items) == 1:
+            return [await anyio.to_thread.run_sync(guarded, items[0])]
+        results: list[R | VaultError | None] = [None] * len(items)
+        limiter = anyio.CapacityLimiter(self._key_concurrency)
+
+        async def one(index: int, item: T) -> None:
+            results[index] = await anyio.to_thread.run_sync(guarded, item, limiter=limiter)
+
+        async with anyio.create_task_group() as group:
+            for index, item in enumerate(items):
+                group.start_soon(one, index, item)
+        return [result for result in results if result is not None]
 
     def _check_value(self, value: str) -> bytes:
         if not value:
@@ -131,7 +137,7 @@ class TokenService:
             raise PayloadTooLarge(f"value is larger than {self._max_value_bytes} bytes", field="value")
         return raw
 
-    def _admit(
+    async def _admit(
         self,
         store: DataPathRepository,
         presented: str | None,
@@ -141,21 +147,21 @@ class TokenService:
     ) -> tuple[Caller, GrantSet, dict[str, RecordRow]]:
         """Authenticate, and read the caller's grants (and the records asked for): one round trip."""
         key = parse_api_key(presented)
-        found, grants, records = store.access(key.key_id, operation, tokens) if key else (None, [], {})
+        found, grants, records = await store.access(key.key_id, operation, tokens) if key else (None, [], {})
         caller, refusal = self._principals.admit(presented, key, found, ctx)
         if caller is None:
-            self._auditor.record_denials(store, [refusal] if refusal else [])
+            await self._auditor.record_denials(store, [refusal] if refusal else [])
             raise Unauthenticated()
         return caller, GrantSet(grants, utcnow()), records
 
-    def tokenize(
+    async def tokenize(
         self,
         store: DataPathRepository,
         presented: str | None,
         items: Sequence[TokenizeItem | VaultError],
         ctx: RequestContext,
     ) -> list[Tokenized | ItemError]:
-        caller, grants, _ = self._admit(store, presented, "Encrypt", ctx)
+        caller, grants, _ = await self._admit(store, presented, "Encrypt", ctx)
         denials: list[EventRow] = []
         results: list[Tokenized | ItemError | None] = [None] * len(items)
         allowed: list[tuple[int, TokenizeItem, bytes, Decision]] = []
@@ -176,7 +182,7 @@ class TokenService:
                 continue
             allowed.append((index, item, raw, decision))
         # Denials first, on their own: a refusal is on record whatever happens next.
-        self._auditor.record_denials(store, denials)
+        await self._auditor.record_denials(store, denials)
 
         def encrypt(entry: tuple[int, TokenizeItem, bytes, Decision]) -> tuple[RecordRow, str | None]:
             _, item, raw, _ = entry
@@ -196,7 +202,7 @@ class TokenService:
             )
             return record, data_key.request_id
 
-        sealed = self._map(encrypt, allowed)
+        sealed = await self._map(encrypt, allowed)
         records: list[RecordRow] = []
         events: list[EventRow] = []
         failures: list[EventRow] = []
@@ -224,20 +230,20 @@ class TokenService:
                 )
             )
             results[index] = Tokenized(record.token, record.customer_id, record.data_type, record.created_at)
-        self._auditor.record_denials(store, failures)
+        await self._auditor.record_denials(store, failures)
         # The one commit: records and their events, one statement.
-        self._auditor.record_with_records(store, records, events)
+        await self._auditor.record_with_records(store, records, events)
         return [result for result in results if result is not None]
 
-    def tokenize_one(
+    async def tokenize_one(
         self, store: DataPathRepository, presented: str | None, item: TokenizeItem, ctx: RequestContext
     ) -> Tokenized:
-        (result,) = self.tokenize(store, presented, [item], ctx)
+        (result,) = await self.tokenize(store, presented, [item], ctx)
         if isinstance(result, ItemError):
             raise result.error
         return result
 
-    def detokenize(
+    async def detokenize(
         self,
         store: DataPathRepository,
         presented: str | None,
@@ -245,13 +251,13 @@ class TokenService:
         ctx: RequestContext,
     ) -> list[Revealed | ItemError]:
         well_formed = [token for token in tokens if TOKEN_PATTERN.fullmatch(token)]
-        caller, grants, records = self._admit(store, presented, "Decrypt", ctx, well_formed)
+        caller, grants, records = await self._admit(store, presented, "Decrypt", ctx, well_formed)
         if self._require_access_reason and not (ctx.access_reason or "").strip():
             refused = [
                 build_event("Detokenize", "denied", ctx, caller, Subject(token=t), "access_reason_required")
                 for t in tokens
             ]
-            self._auditor.record_denials(store, refused)
+            await self._auditor.record_denials(store, refused)
             raise AccessReasonRequired(field="X-Access-Reason")
         may_learn_existence = grants.any_active
         denials: list[EventRow] = []
@@ -283,7 +289,7 @@ class TokenService:
                 results[index] = ItemError(Denied(decision.deny_reason), token)
                 continue
             allowed.append((index, record, decision))
-        self._auditor.record_denials(store, denials)
+        await self._auditor.record_denials(store, denials)
 
         def decrypt(entry: tuple[int, RecordRow, Decision]) -> tuple[str, str | None]:
             _, record, _ = entry
@@ -293,7 +299,7 @@ class TokenService:
             plaintext = open_sealed(data_key.plaintext, record.ciphertext, binding)
             return plaintext.decode("utf-8"), data_key.request_id
 
-        opened = self._map(decrypt, allowed)
+        opened = await self._map(decrypt, allowed)
         events: list[EventRow] = []
         failures: list[EventRow] = []
         for (index, record, decision), outcome in zip(allowed, opened, strict=True):
@@ -324,18 +330,18 @@ class TokenService:
                 )
             )
             results[index] = Revealed(record.token, record.customer_id, record.data_type, value)
-        self._auditor.record_denials(store, failures)
+        await self._auditor.record_denials(store, failures)
         # The value leaves only once its allowed event has committed.
-        self._auditor.record_with_records(store, (), events)
+        await self._auditor.record_with_records(store, (), events)
         return [result for result in results if result is not None]
 
-    def detokenize_one(
+    async def detokenize_one(
         self, store: DataPathRepository, presented: str | None, token: str, ctx: RequestContext
     ) -> Revealed:
         if not TOKEN_PATTERN.fullmatch(token):
-            self._admit(store, presented, "Decrypt", ctx)  # strangers are refused before anything else
+            await self._admit(store, presented, "Decrypt", ctx)  # strangers are refused before anything else
             raise InvalidInput("token is not a vault token (tok_ and 32 URL-safe characters)", field="token")
-        (result,) = self.detokenize(store, presented, [token], ctx)
+        (result,) = await self.detokenize(store, presented, [token], ctx)
         if isinstance(result, ItemError):
             raise result.error
         return result

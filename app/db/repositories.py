@@ -269,6 +269,7 @@ _INSERT_RECORDS_AND_EVENTS = (
 # The same for one item (most requests), with plain parameters: dumping scalars costs a fraction
 # of dumping arrays.
 _INSERT_ONE_EVENT = _INTO_EVENTS + _values(_EVENT_COLUMNS)
+_INSERT_ONE_RECORD = _INTO_RECORDS + _values(_RECORD_COLUMNS)
 _INSERT_ONE_RECORD_AND_EVENT = (
     f"WITH new_record AS ({_INTO_RECORDS}{_values(_RECORD_COLUMNS)}) {_INSERT_ONE_EVENT}"
 )
@@ -341,6 +342,8 @@ class DataPathRepository:
     async def add_records_with_events(self, records: Sequence[RecordRow], events: Sequence[EventRow]) -> None:
         if not records:
             await self.add_events(events)
+        elif len(records) == 1 and not events:
+            await self.connection.execute(_INSERT_ONE_RECORD, _record_values(records[0]))
         elif len(records) == 1 and len(events) == 1:
             await self.connection.execute(
                 _INSERT_ONE_RECORD_AND_EVENT, _record_values(records[0]) + _event_values(events[0])

@@ -15,7 +15,7 @@ from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from app.db.models import ApiKey, AuditChainHead, AuditEvent, AuditKey, Grant, Principal, Record
+from app.db.models import ApiKey, AuditChainHead, AuditEvent, AuditKey, Grant, Principal
 
 
 class PrincipalRepository:
@@ -113,22 +113,6 @@ class GrantRepository:
 
     def get(self, grant_id: uuid.UUID, *, for_update: bool = False) -> Grant | None:
         return self.session.get(Grant, grant_id, with_for_update=for_update)
-
-    def for_grantee(self, grantee_id: uuid.UUID, operation: str) -> list[GrantTerms]:
-        """Every grant of this principal naming this operation, active or not (the caller decides)."""
-        query = (
-            select(
-                Grant.id,
-                Grant.constraint_kind,
-                Grant.constraint_context,
-                Grant.expires_at,
-                Grant.revoked_at,
-                Grant.retired_at,
-            )
-            .where(Grant.grantee_id == grantee_id, Grant.operations.any_() == operation)
-            .order_by(Grant.created_at, Grant.id)
-        )
-        return [GrantTerms(*row) for row in self.session.execute(query)]
 
     def list(self, *, grantee_id: uuid.UUID | None, active: bool | None, now: datetime) -> Sequence[Grant]:
         query = select(Grant).order_by(Grant.created_at, Grant.id)
@@ -387,14 +371,6 @@ class SealRepository:
 
     def move_head(self, seq: int, mac: bytes) -> None:
         self.connection.execute("UPDATE audit_chain_head SET seq = %s, mac = %s WHERE id = 1", (seq, mac))
-
-
-class RecordRepository:
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def get(self, token: str) -> Record | None:
-        return self.session.get(Record, token)
 
 
 @dataclass(frozen=True, slots=True)

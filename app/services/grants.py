@@ -104,9 +104,6 @@ class GrantService:
         self._principals = principals
         self._mirror = mirror
 
-    def grants_for(self, session: Session, caller: Caller, operation: Operation) -> GrantSet:
-        return GrantSet(GrantRepository(session).for_grantee(caller.id, operation), utcnow())
-
     def create(self, session: Session, actor: Caller, request: GrantRequest, ctx: RequestContext) -> Grant:
         grantee = self._principals.resolve(session, request.grantee)
         if grantee.disabled_at is not None:

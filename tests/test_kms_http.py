@@ -101,9 +101,12 @@ def scripted(started: list[ScriptedServer], *answers: bytes | None) -> ScriptedS
     return server
 
 
-def carrier_for(url: str, *, read_timeout_s: float = 2.0) -> HttpCarrier:
+def carrier_for(url: str, *, read_timeout_s: float = 2.0, max_idle_connections: int = 4) -> HttpCarrier:
     return HttpCarrier(
-        Origin.from_url(url), connect_timeout_s=2.0, read_timeout_s=read_timeout_s, max_idle_connections=4
+        Origin.from_url(url),
+        connect_timeout_s=2.0,
+        read_timeout_s=read_timeout_s,
+        max_idle_connections=max_idle_connections,
     )
 
 
@@ -141,7 +144,10 @@ def test_threads_share_the_pool_without_mixing_answers(serve: list[ScriptedServe
         for n in range(threads * rounds)
     ]
     server = scripted(serve, *answers)
-    carrier = carrier_for(server.url)
+    # Room to keep every thread's connection idle: a new one is then opened only while all the
+    # others are in use, so there are never more connections than threads. (With fewer idle
+    # slots, a connection returned while the slots are full is closed and later replaced.)
+    carrier = carrier_for(server.url, max_idle_connections=threads)
     seen: list[bytes] = []
     failures: list[BaseException] = []
 

@@ -47,6 +47,24 @@ def _every(
     return thread
 
 
+class _TypeOnlyExceptions(logging.Filter):
+    """Keeps an exception's type and drops its text and traceback from a log record.
+
+    Starlette re-raises an unexpected exception after the 500 handler has answered, and uvicorn
+    then logs it with its traceback; the text of, say, a database error can quote row data."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()} ({type(record.exc_info[1]).__name__})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+TYPE_ONLY_EXCEPTIONS = _TypeOnlyExceptions()
+
+
 def create_app(vault: Vault | None = None, settings: Settings | None = None) -> FastAPI:
     settings = vault.settings if vault else (settings or get_settings())
 
@@ -78,6 +96,7 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
             if owned:
                 app.state.vault.close()
 
+    logging.getLogger("uvicorn.error").addFilter(TYPE_ONLY_EXCEPTIONS)  # once: the same instance
     app = FastAPI(
         title="pii-vault",
         version="1",

@@ -575,3 +575,17 @@ def test_data_keys_never_reach_the_logs(
     for key in plaintexts:
         for form in (base64.b64encode(key).decode(), key.hex(), repr(key)):
             assert form not in caplog.text
+
+
+def test_uvicorn_logs_an_unexpected_exception_by_type_only(caplog: pytest.LogCaptureFixture) -> None:
+    """uvicorn logs what Starlette re-raises after the 500 handler; the text could quote data."""
+    create_app(settings=make_settings("postgresql://unused/unused", None))
+    try:
+        raise ValueError("DETAIL: Failing row contains (12345, SENTINEL-LICENCE)")
+    except ValueError:
+        with caplog.at_level("ERROR", logger="uvicorn.error"):
+            logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+    (record,) = [r for r in caplog.records if r.name == "uvicorn.error"]
+    assert record.getMessage() == "Exception in ASGI application (ValueError)"
+    assert "SENTINEL" not in caplog.text and "12345" not in caplog.text
+    assert record.exc_info is None

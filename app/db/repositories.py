@@ -1,4 +1,6 @@
-"""All SQL lives here. Repositories read and write rows in the caller's session; they never commit."""
+"""All SQL lives here. Repositories never commit: the ORM ones work in the caller's session
+(Database.transaction commits it); the data path's run single statements on an autocommit connection,
+each statement committing on its own; the sealer's run in the transaction Database.raw_transaction holds."""
 
 from __future__ import annotations
 

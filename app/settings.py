@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     # Empty database URL means "use the embedded PostgreSQL", allowed only in development.
     database_url: SecretStr | None = None
     data_dir: Path = Path(".piivault")
-    # Per worker; request threads match it. The side pool (denials' audit) can grow as large.
+    # Per worker and per pool: the admin routes' pool (worker threads match it), its side pool for
+    # denials' audit, and the data path's async pool each grow to db_pool_size + db_max_overflow.
     db_pool_size: int = Field(default=12, ge=1, le=200)
     db_max_overflow: int = Field(default=12, ge=0, le=200)
     db_statement_timeout_ms: int = Field(default=5000, ge=100)

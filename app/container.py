@@ -84,6 +84,5 @@ def build_vault(
         auditor,
         max_value_bytes=settings.max_value_bytes,
         require_access_reason=settings.require_access_reason,
-        key_concurrency=1 if isinstance(keys, LocalKeyProvider) else 16,
     )
     return Vault(settings, database, keys, auditor, principals, grants, tokens)

@@ -6,13 +6,15 @@ answers, else an embedded PostgreSQL. Each run works in its own freshly created 
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 import psycopg
@@ -28,6 +30,8 @@ from app.main import create_app
 from app.migrate import upgrade
 from app.services.context import RequestContext
 from app.settings import Settings
+
+T = TypeVar("T")
 
 # moto and botocore must never find real credentials or reach AWS.
 for _name, _value in {
@@ -222,3 +226,29 @@ def actors(client: TestClient, vault: Vault) -> Actors:
     create_grant(client, admin, grantee="onboarding-app", operations=["Encrypt"], constraints=licence_only)
     create_grant(client, admin, grantee="kyc-app", operations=["Decrypt"], constraints=licence_only)
     return Actors(admin, onboarding["api_key"], kyc["api_key"], onboarding["id"], kyc["id"])
+
+
+class LoopThread:
+    """An event loop running in its own thread, for sync tests of code that must run on a loop:
+    `run(coro)` waits for the coroutine's result there. One loop for the whole test, so pools
+    kept per loop persist from one call to the next, as in a served worker."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    running = LoopThread()
+    yield running
+    running.stop()

@@ -6,17 +6,20 @@ test_kms_transport.py against moto.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import pytest
-from botocore.awsrequest import AWSPreparedRequest, AWSRequest
+from botocore.awsrequest import AWSPreparedRequest, AWSRequest, AWSResponse
 from botocore.exceptions import ConnectionClosedError, HTTPClientError, ReadTimeoutError
 
-from app.crypto.kms_http import MAX_BODY_BYTES, HttpCarrier, Origin
+from app.crypto.kms_http import MAX_BODY_BYTES, HttpCarrier, LoopHttpCarrier, Origin
+from tests.conftest import LoopThread
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: 2\r\n\r\n{}"
 
@@ -101,13 +104,40 @@ def scripted(started: list[ScriptedServer], *answers: bytes | None) -> ScriptedS
     return server
 
 
-def carrier_for(url: str, *, read_timeout_s: float = 2.0, max_idle_connections: int = 4) -> HttpCarrier:
-    return HttpCarrier(
-        Origin.from_url(url),
-        connect_timeout_s=2.0,
-        read_timeout_s=read_timeout_s,
-        max_idle_connections=max_idle_connections,
-    )
+class CarrierOnLoop:
+    """LoopHttpCarrier driven from the test's thread: each send runs on the test's one event loop."""
+
+    def __init__(self, carrier: LoopHttpCarrier, loop_thread: LoopThread) -> None:
+        self.carrier = carrier
+        self._loop_thread = loop_thread
+
+    def send(self, prepared: AWSPreparedRequest) -> AWSResponse:
+        return self._loop_thread.run(self.carrier.send(prepared))
+
+    def close(self) -> None:
+        self.carrier.close()
+
+
+class MakeCarrier(Protocol):
+    def __call__(
+        self, url: str, *, read_timeout_s: float = ..., max_idle_connections: int = ...
+    ) -> HttpCarrier | CarrierOnLoop: ...
+
+
+@pytest.fixture(params=["threads", "event-loop"])
+def carrier_for(request: pytest.FixtureRequest, loop_thread: LoopThread) -> MakeCarrier:
+    """Each test runs against both carriers: the threads' and the event loop's."""
+
+    def make(
+        url: str, *, read_timeout_s: float = 2.0, max_idle_connections: int = 4
+    ) -> HttpCarrier | CarrierOnLoop:
+        settings: dict[str, Any] = {"connect_timeout_s": 2.0, "read_timeout_s": read_timeout_s}
+        if request.param == "threads":
+            return HttpCarrier(Origin.from_url(url), max_idle_connections=max_idle_connections, **settings)
+        on_loop = LoopHttpCarrier(Origin.from_url(url), max_connections=max_idle_connections, **settings)
+        return CarrierOnLoop(on_loop, loop_thread)
+
+    return make
 
 
 def request(url: str, body: bytes = b'{"KeyId":"k"}') -> AWSPreparedRequest:
@@ -119,6 +149,7 @@ def request(url: str, body: bytes = b'{"KeyId":"k"}') -> AWSPreparedRequest:
 
 def test_requests_are_framed_with_host_and_length_and_connections_are_kept_alive(
     serve: list[ScriptedServer],
+    carrier_for: MakeCarrier,
 ) -> None:
     server = scripted(serve, OK, OK, OK)
     carrier = carrier_for(server.url)
@@ -137,7 +168,9 @@ def test_requests_are_framed_with_host_and_length_and_connections_are_kept_alive
     carrier.close()
 
 
-def test_threads_share_the_pool_without_mixing_answers(serve: list[ScriptedServer]) -> None:
+def test_threads_share_the_pool_without_mixing_answers(
+    serve: list[ScriptedServer], carrier_for: MakeCarrier
+) -> None:
     threads, rounds = 8, 25
     answers = [
         f"HTTP/1.1 200 OK\r\nContent-Length: {len(str(n))}\r\n\r\n{n}".encode()
@@ -169,7 +202,7 @@ def test_threads_share_the_pool_without_mixing_answers(serve: list[ScriptedServe
     carrier.close()
 
 
-def test_a_chunked_answer_is_decoded(serve: list[ScriptedServer]) -> None:
+def test_a_chunked_answer_is_decoded(serve: list[ScriptedServer], carrier_for: MakeCarrier) -> None:
     chunked = (
         b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n"
         b'7\r\n{"__typ\r\n12;ext=1\r\ne":"Throttling"}  \r\n0\r\nTrailer: x\r\n\r\n'
@@ -184,7 +217,9 @@ def test_a_chunked_answer_is_decoded(serve: list[ScriptedServer]) -> None:
     carrier.close()
 
 
-def test_an_answer_delimited_by_close_is_read_and_its_connection_dropped(serve: list[ScriptedServer]) -> None:
+def test_an_answer_delimited_by_close_is_read_and_its_connection_dropped(
+    serve: list[ScriptedServer], carrier_for: MakeCarrier
+) -> None:
     server = scripted(serve, b'HTTP/1.1 200 OK\r\n\r\n{"a":1}' + ScriptedServer.CLOSE, OK)
     carrier = carrier_for(server.url)
     assert carrier.send(request(server.url)).content == b'{"a":1}'
@@ -200,7 +235,9 @@ def test_an_answer_delimited_by_close_is_read_and_its_connection_dropped(serve: 
         b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
     ],
 )
-def test_a_connection_the_server_will_close_is_not_reused(serve: list[ScriptedServer], first: bytes) -> None:
+def test_a_connection_the_server_will_close_is_not_reused(
+    serve: list[ScriptedServer], carrier_for: MakeCarrier, first: bytes
+) -> None:
     server = scripted(serve, first, OK)
     carrier = carrier_for(server.url)
     carrier.send(request(server.url))
@@ -209,7 +246,7 @@ def test_a_connection_the_server_will_close_is_not_reused(serve: list[ScriptedSe
     carrier.close()
 
 
-def test_interim_answers_are_skipped(serve: list[ScriptedServer]) -> None:
+def test_interim_answers_are_skipped(serve: list[ScriptedServer], carrier_for: MakeCarrier) -> None:
     server = scripted(serve, b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
     carrier = carrier_for(server.url)
     assert carrier.send(request(server.url)).status_code == 200
@@ -218,6 +255,7 @@ def test_interim_answers_are_skipped(serve: list[ScriptedServer]) -> None:
 
 def test_an_idle_connection_the_server_closed_is_replaced_without_an_error(
     serve: list[ScriptedServer],
+    carrier_for: MakeCarrier,
 ) -> None:
     server = scripted(serve, OK + ScriptedServer.CLOSE, OK)  # keeps alive by its headers, then closes
     carrier = carrier_for(server.url)
@@ -241,7 +279,7 @@ def test_an_idle_connection_the_server_closed_is_replaced_without_an_error(
     ],
 )
 def test_a_broken_answer_is_a_closed_connection_error(
-    serve: list[ScriptedServer], answer: bytes | None
+    serve: list[ScriptedServer], carrier_for: MakeCarrier, answer: bytes | None
 ) -> None:
     server = scripted(serve, answer)
     carrier = carrier_for(server.url)
@@ -250,7 +288,9 @@ def test_a_broken_answer_is_a_closed_connection_error(
     carrier.close()
 
 
-def test_no_answer_within_the_read_timeout_is_a_read_timeout(serve: list[ScriptedServer]) -> None:
+def test_no_answer_within_the_read_timeout_is_a_read_timeout(
+    serve: list[ScriptedServer], carrier_for: MakeCarrier
+) -> None:
     server = scripted(serve, b"HTTP/1.1 200 OK\r\n")  # a head that never ends
     carrier = carrier_for(server.url, read_timeout_s=0.2)
     with pytest.raises(ReadTimeoutError):
@@ -258,12 +298,57 @@ def test_no_answer_within_the_read_timeout_is_a_read_timeout(serve: list[Scripte
     carrier.close()
 
 
-def test_a_request_for_another_origin_is_refused(serve: list[ScriptedServer]) -> None:
+def test_a_request_for_another_origin_is_refused(
+    serve: list[ScriptedServer], carrier_for: MakeCarrier
+) -> None:
     server = scripted(serve)
     carrier = carrier_for(server.url)
     with pytest.raises(HTTPClientError):
         carrier.send(request("http://127.0.0.2:1"))
     assert server.requests == []
+    carrier.close()
+
+
+def test_on_the_event_loop_a_burst_waits_for_the_pools_connections_instead_of_opening_more(
+    serve: list[ScriptedServer], loop_thread: LoopThread
+) -> None:
+    burst, pool_size = 24, 3
+    answers = [f"HTTP/1.1 200 OK\r\nContent-Length: {len(str(n))}\r\n\r\n{n}".encode() for n in range(burst)]
+    server = scripted(serve, *answers)
+    carrier = LoopHttpCarrier(
+        Origin.from_url(server.url), connect_timeout_s=2.0, read_timeout_s=5.0, max_connections=pool_size
+    )
+
+    async def send_all() -> list[bytes]:
+        responses = await asyncio.gather(*(carrier.send(request(server.url)) for _ in range(burst)))
+        return [response.content for response in responses]
+
+    seen = loop_thread.run(send_all())
+    assert sorted(seen, key=int) == [str(n).encode() for n in range(burst)]  # each answer once
+    assert server.connections == pool_size
+    carrier.close()
+
+
+def test_on_the_event_loop_a_cancelled_request_never_leaves_its_connection_for_the_next(
+    serve: list[ScriptedServer], loop_thread: LoopThread
+) -> None:
+    server = scripted(serve, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", OK)  # the first head never ends
+    carrier = LoopHttpCarrier(
+        Origin.from_url(server.url), connect_timeout_s=2.0, read_timeout_s=5.0, max_connections=4
+    )
+
+    async def cancel_then_send() -> bytes:
+        waiting = asyncio.ensure_future(carrier.send(request(server.url)))
+        while not server.requests:
+            await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return (await carrier.send(request(server.url))).content
+
+    # Were the first connection reused, the rest of its answer would be read as the second's.
+    assert loop_thread.run(cancel_then_send()) == b"{}"
+    assert server.connections == 2
     carrier.close()
 
 

@@ -42,7 +42,10 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from app.crypto.keys import DataKey
 from app.crypto.kms import KmsKeyProvider
+from app.crypto.kms_http import HttpCarrier
+from app.crypto.kms_wire import KmsWire
 from app.errors import IntegrityFailure, KeyAccessDenied, KeyServiceUnavailable
+from tests.conftest import LoopThread
 
 if TYPE_CHECKING:
     from mypy_boto3_kms.client import KMSClient
@@ -176,11 +179,39 @@ def expected_sigv4_signature(request: AWSPreparedRequest, secret_key: str, regio
     return hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
 
 
+@pytest.fixture(autouse=True, params=["threads", "event-loop"])
+def hot_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, loop_thread: LoopThread) -> str:
+    """Every test runs twice: the provider's blocking calls (as a thread calls them), and its calls
+    awaited on an event loop (as the data path makes them), which the test reaches through the
+    blocking names."""
+    if request.param == "event-loop":
+
+        def generate(self: KmsKeyProvider, context: dict[str, str]) -> DataKey:
+            return loop_thread.run(self.generate_data_key_async(context))
+
+        def decrypt(self: KmsKeyProvider, wrapped: bytes, context: dict[str, str]) -> DataKey:
+            return loop_thread.run(self.decrypt_data_key_async(wrapped, context))
+
+        def blocking(*_: Any, **__: Any) -> Any:
+            raise AssertionError("a call awaited on the event loop took the blocking path")
+
+        monkeypatch.setattr(KmsKeyProvider, "generate_data_key", generate)
+        monkeypatch.setattr(KmsKeyProvider, "decrypt_data_key", decrypt)
+        monkeypatch.setattr(KmsWire, "call", blocking)
+        monkeypatch.setattr(HttpCarrier, "send", blocking)
+    return str(request.param)
+
+
 @pytest.fixture
 def pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The pauses between attempts, recorded instead of waited."""
     recorded: list[float] = []
+
+    async def record(seconds: float) -> None:
+        recorded.append(seconds)
+
     monkeypatch.setattr("app.crypto.kms_wire._sleep", recorded.append)
+    monkeypatch.setattr("app.crypto.kms_wire._sleep_async", record)
     return recorded
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 EncryptionContext = Mapping[str, str]
 
@@ -32,6 +32,16 @@ class KeyProvider(Protocol):
 
     def check(self) -> None:
         """Raise KeyServiceUnavailable / KeyAccessDenied unless the master key is usable."""
+
+
+@runtime_checkable
+class RemoteKeyProvider(KeyProvider, Protocol):
+    """A provider whose key service is a network hop away: the data path awaits its calls on the
+    event loop, many at once, instead of blocking a thread for each."""
+
+    async def generate_data_key_async(self, context: EncryptionContext) -> DataKey: ...
+
+    async def decrypt_data_key_async(self, wrapped: bytes, context: EncryptionContext) -> DataKey: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,8 @@
 
 The two hot-path calls (one per tokenize, one per detokenize) go through KmsWire, a lean JSON 1.1
 path that keeps botocore's credentials, SigV4 signing, retry policy and exceptions but not its
-per-call CPU; everything else (DescribeKey, grants, readiness) uses the boto3 client.
+per-call CPU, and that the data path awaits on its event loop (`*_async`); everything else
+(DescribeKey, grants, readiness) uses the boto3 client.
 
 boto and KMS errors stop here and become the vault's own: KeyServiceUnavailable (retry later),
 KeyAccessDenied (an operator must act), IntegrityFailure (the wrapped key does not open under
@@ -11,6 +12,7 @@ this context).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -71,6 +73,27 @@ def _translate(operation: str, err: Exception) -> Exception:
     return KeyServiceUnavailable()
 
 
+def _generated(response: dict[str, Any]) -> DataKey:
+    plaintext = response["Plaintext"]
+    if len(plaintext) != DATA_KEY_BYTES:
+        raise KeyAccessDenied("the key service returned a data key of the wrong size")
+    return DataKey(
+        plaintext=plaintext,
+        wrapped=response["CiphertextBlob"],
+        key_id=response["KeyId"],
+        request_id=response["ResponseMetadata"].get("RequestId"),
+    )
+
+
+def _decrypted(wrapped: bytes, response: dict[str, Any]) -> DataKey:
+    return DataKey(
+        plaintext=response["Plaintext"],
+        wrapped=wrapped,
+        key_id=response["KeyId"],
+        request_id=response["ResponseMetadata"].get("RequestId"),
+    )
+
+
 class KmsKeyProvider:
     def __init__(
         self,
@@ -128,29 +151,36 @@ class KmsKeyProvider:
         boto_call: Callable[..., Any] = getattr(self.client, _BOTO3_METHODS[operation])
         return cast(dict[str, Any], self._call(operation, lambda: boto_call(**params)))
 
+    async def _hot_call_async(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        """_hot_call on the event loop (the lean path's own), else in a thread (boto3 blocks)."""
+        wire = self._wire
+        if wire is None:
+            return await asyncio.to_thread(self._hot_call, operation, params)
+        try:
+            return await wire.call_async(operation, params)
+        except (ClientError, BotoCoreError) as err:
+            raise _translate(operation, err) from None
+
+    def _generate_params(self, context: EncryptionContext) -> dict[str, Any]:
+        return {"KeyId": self._key_id, "KeySpec": "AES_256", "EncryptionContext": dict(context)}
+
+    def _decrypt_params(self, wrapped: bytes, context: EncryptionContext) -> dict[str, Any]:
+        # KeyId pins the master key: a wrapped key from another key is refused, not silently used.
+        return {"CiphertextBlob": wrapped, "KeyId": self._key_id, "EncryptionContext": dict(context)}
+
     def generate_data_key(self, context: EncryptionContext) -> DataKey:
-        params = {"KeyId": self._key_id, "KeySpec": "AES_256", "EncryptionContext": dict(context)}
-        response = self._hot_call("GenerateDataKey", params)
-        plaintext = response["Plaintext"]
-        if len(plaintext) != DATA_KEY_BYTES:
-            raise KeyAccessDenied("the key service returned a data key of the wrong size")
-        return DataKey(
-            plaintext=plaintext,
-            wrapped=response["CiphertextBlob"],
-            key_id=response["KeyId"],
-            request_id=response["ResponseMetadata"].get("RequestId"),
-        )
+        return _generated(self._hot_call("GenerateDataKey", self._generate_params(context)))
 
     def decrypt_data_key(self, wrapped: bytes, context: EncryptionContext) -> DataKey:
-        # KeyId pins the master key: a wrapped key from another key is refused, not silently used.
-        params = {"CiphertextBlob": wrapped, "KeyId": self._key_id, "EncryptionContext": dict(context)}
-        response = self._hot_call("Decrypt", params)
-        return DataKey(
-            plaintext=response["Plaintext"],
-            wrapped=wrapped,
-            key_id=response["KeyId"],
-            request_id=response["ResponseMetadata"].get("RequestId"),
-        )
+        return _decrypted(wrapped, self._hot_call("Decrypt", self._decrypt_params(wrapped, context)))
+
+    async def generate_data_key_async(self, context: EncryptionContext) -> DataKey:
+        params = self._generate_params(context)
+        return _generated(await self._hot_call_async("GenerateDataKey", params))
+
+    async def decrypt_data_key_async(self, wrapped: bytes, context: EncryptionContext) -> DataKey:
+        params = self._decrypt_params(wrapped, context)
+        return _decrypted(wrapped, await self._hot_call_async("Decrypt", params))
 
     def key_arn(self) -> str:
         """The master key's ARN (CreateGrant takes no alias); looked up once."""

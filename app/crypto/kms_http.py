@@ -16,14 +16,16 @@ as it treats its own transport's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import select
 import socket
 import ssl
 import threading
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from botocore.awsrequest import AWSPreparedRequest, AWSResponse
@@ -43,6 +45,7 @@ _RECV_BYTES = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 SocketOption = tuple[int, int, int]
+T = TypeVar("T")
 
 
 class _PeerClosed(Exception):
@@ -88,60 +91,45 @@ class _BufferedBody:
         yield self._payload
 
 
-class _Connection:
-    __slots__ = ("buffer", "poller", "sock")
+# Reading an answer, without I/O: each reader is a generator that yields when it needs more bytes
+# in the buffer, and is thrown _PeerClosed when there are none to come. One parser, two drivers:
+# the blocking socket's (_Connection) and the event loop's (_LoopConnection).
+_Reader = Generator[None, None, T]
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-        self.poller = select.poll()
-        self.poller.register(sock, select.POLLIN)
 
-    def is_dropped(self) -> bool:
-        """An idle keep-alive connection is readable only if the server closed it (or misbehaved)."""
-        return bool(self.poller.poll(0))
+def _read_until(buffer: bytearray, delimiter: bytes, limit: int) -> _Reader[bytes]:
+    start = 0
+    while True:
+        end = buffer.find(delimiter, start)
+        if end >= 0:
+            data = bytes(buffer[:end])
+            del buffer[: end + len(delimiter)]
+            return data
+        if len(buffer) > limit:
+            raise _Malformed("response head or chunk line too long")
+        start = max(0, len(buffer) - len(delimiter) + 1)
+        yield
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
 
-    def _fill(self) -> None:
-        chunk = self.sock.recv(_RECV_BYTES)
-        if not chunk:
-            raise _PeerClosed
-        self.buffer += chunk
+def _read_exact(buffer: bytearray, size: int) -> _Reader[bytes]:
+    while len(buffer) < size:
+        yield
+    data = bytes(buffer[:size])
+    del buffer[:size]
+    return data
 
-    def read_until(self, delimiter: bytes, limit: int) -> bytes:
-        start = 0
-        while True:
-            end = self.buffer.find(delimiter, start)
-            if end >= 0:
-                data = bytes(self.buffer[:end])
-                del self.buffer[: end + len(delimiter)]
-                return data
-            if len(self.buffer) > limit:
-                raise _Malformed("response head or chunk line too long")
-            start = max(0, len(self.buffer) - len(delimiter) + 1)
-            self._fill()
 
-    def read_exact(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            self._fill()
-        data = bytes(self.buffer[:size])
-        del self.buffer[:size]
-        return data
-
-    def read_to_close(self) -> bytes:
-        while True:
-            if len(self.buffer) > MAX_BODY_BYTES:
-                raise _Malformed("response body too large")
-            try:
-                self._fill()
-            except _PeerClosed:
-                break
-        data = bytes(self.buffer)
-        self.buffer.clear()
-        return data
+def _read_to_close(buffer: bytearray) -> _Reader[bytes]:
+    while True:
+        if len(buffer) > MAX_BODY_BYTES:
+            raise _Malformed("response body too large")
+        try:
+            yield
+        except _PeerClosed:
+            break
+    data = bytes(buffer)
+    buffer.clear()
+    return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,10 +158,10 @@ def _parse_head(head: bytes) -> tuple[bool, int, dict[str, str]]:
     return version == b"HTTP/1.1", int(status_text), headers
 
 
-def _read_chunked(connection: _Connection) -> bytes:
+def _read_chunked(buffer: bytearray) -> _Reader[bytes]:
     body = bytearray()
     while True:
-        size_line = connection.read_until(b"\r\n", MAX_HEAD_BYTES)
+        size_line = yield from _read_until(buffer, b"\r\n", MAX_HEAD_BYTES)
         size_text = size_line.split(b";", 1)[0].strip()
         try:
             size = int(size_text, 16)
@@ -182,17 +170,18 @@ def _read_chunked(connection: _Connection) -> bytes:
         if size < 0 or len(body) + size > MAX_BODY_BYTES:
             raise _Malformed("response body too large")
         if size == 0:
-            while connection.read_until(b"\r\n", MAX_HEAD_BYTES):  # trailers, up to the empty line
+            while (yield from _read_until(buffer, b"\r\n", MAX_HEAD_BYTES)):  # trailers, up to the empty line
                 pass
             return bytes(body)
-        body += connection.read_exact(size)
-        if connection.read_exact(2) != b"\r\n":
+        body += yield from _read_exact(buffer, size)
+        if (yield from _read_exact(buffer, 2)) != b"\r\n":
             raise _Malformed("malformed chunk")
 
 
-def _read_answer(connection: _Connection) -> _Answer:
+def _read_answer(buffer: bytearray) -> _Reader[_Answer]:
     while True:
-        is_http11, status, headers = _parse_head(connection.read_until(b"\r\n\r\n", MAX_HEAD_BYTES))
+        head = yield from _read_until(buffer, b"\r\n\r\n", MAX_HEAD_BYTES)
+        is_http11, status, headers = _parse_head(head)
         if not 100 <= status < 200 or status == 101:
             break  # interim 1xx answers (100 Continue, 103) precede the real one
     tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
@@ -202,9 +191,9 @@ def _read_answer(connection: _Connection) -> _Answer:
         body = b""
     elif transfer_encoding:
         if transfer_encoding.rsplit(",", 1)[-1].strip() == "chunked":
-            body = _read_chunked(connection)
+            body = yield from _read_chunked(buffer)
         else:
-            body, reusable = connection.read_to_close(), False
+            body, reusable = (yield from _read_to_close(buffer)), False
     elif "content-length" in headers:
         lengths = {part.strip() for part in headers["content-length"].split(",")}
         if len(lengths) != 1 or not next(iter(lengths)).isdigit():
@@ -212,11 +201,107 @@ def _read_answer(connection: _Connection) -> _Answer:
         length = int(lengths.pop())
         if length > MAX_BODY_BYTES:
             raise _Malformed("response body too large")
-        body = connection.read_exact(length)
+        body = yield from _read_exact(buffer, length)
     else:
-        body, reusable = connection.read_to_close(), False
+        body, reusable = (yield from _read_to_close(buffer)), False
     # Bytes beyond the answer mean the stream is out of step: never reuse it.
-    return _Answer(status, headers, body, reusable and not connection.buffer)
+    return _Answer(status, headers, body, reusable and not buffer)
+
+
+class _Connection:
+    """A blocking socket (its timeout is the read timeout) and the bytes read from it."""
+
+    __slots__ = ("buffer", "poller", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+
+    def is_dropped(self) -> bool:
+        """An idle keep-alive connection is readable only if the server closed it (or misbehaved)."""
+        return bool(self.poller.poll(0))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def read_answer(self) -> _Answer:
+        reader = _read_answer(self.buffer)
+        try:
+            reader.send(None)
+            while True:
+                chunk = self.sock.recv(_RECV_BYTES)
+                if chunk:
+                    self.buffer += chunk
+                    reader.send(None)
+                else:
+                    reader.throw(_PeerClosed())
+        except StopIteration as done:
+            answer: _Answer = done.value
+            return answer
+
+
+class _LoopConnection(asyncio.Protocol):
+    """A connection on the event loop: what arrives is buffered, and wakes the one reader waiting."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.closed = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # Ours
+
+    def is_dropped(self) -> bool:
+        """Idle, it should have had nothing to say: closed, or bytes out of turn, means drop it."""
+        return self.closed or bool(self.buffer) or self.transport is None or self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def read_answer(self) -> _Answer:
+        reader = _read_answer(self.buffer)
+        loop = asyncio.get_running_loop()
+        try:
+            reader.send(None)
+            while True:
+                if self.closed:
+                    reader.throw(_PeerClosed())
+                    continue
+                start = len(self.buffer)
+                self._waiter = loop.create_future()
+                await self._waiter
+                if len(self.buffer) > start:
+                    reader.send(None)
+        except StopIteration as done:
+            answer: _Answer = done.value
+            return answer
 
 
 def _transport_error(url: str, err: BaseException) -> Exception | None:
@@ -236,12 +321,8 @@ def _has_line_break(text: str) -> bool:
     return "\r" in text or "\n" in text
 
 
-class HttpCarrier:
-    """Sends prepared (signed) requests to one origin over a pool of keep-alive connections.
-
-    Thread-safe. Like botocore's pool it never blocks for a connection: a caller that finds no
-    idle one opens its own, and at most `max_idle_connections` are kept once returned.
-    """
+class _CarrierBase:
+    """What both carriers share: the origin, the timeouts, TLS, and how a request is written."""
 
     def __init__(
         self,
@@ -261,45 +342,15 @@ class HttpCarrier:
         self._max_idle = max_idle_connections
         self._ssl_context = ssl_context if origin.scheme == "https" else None
         self._socket_options = list(socket_options)
-        self._idle: list[_Connection] = []
         self._lock = threading.Lock()
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"HttpCarrier({self._origin.scheme}://{self._origin.host_header})"
+        return f"{type(self).__name__}({self._origin.scheme}://{self._origin.host_header})"
 
     @property
     def origin(self) -> Origin:
         return self._origin
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.close()
-
-    def send(self, request: AWSPreparedRequest) -> AWSResponse:
-        url = request.url
-        message = self._serialize(request)
-        connection = self._checkout(url)
-        try:
-            connection.sock.sendall(message)
-            answer = _read_answer(connection)
-        except BaseException as err:
-            connection.close()
-            mapped = _transport_error(url, err)
-            if mapped is None:
-                raise
-            raise mapped from err
-        if answer.reusable:
-            self._checkin(connection)
-        else:
-            connection.close()
-        # AWSResponse keeps any mapping as a case-insensitive HeadersDict; the stubs ask for more.
-        return AWSResponse(url, answer.status, cast(Any, answer.headers), _BufferedBody(answer.body))
-
-    # Writing the request
 
     def _serialize(self, request: AWSPreparedRequest) -> bytes:
         parts = urlsplit(request.url)
@@ -327,6 +378,70 @@ class HttpCarrier:
         head = "\r\n".join(lines) + "\r\n\r\n"
         # One send for head and body: one syscall, and no Nagle/delayed-ACK stall between them.
         return head.encode("latin-1") + bytes(body)
+
+    def _configure(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for level, option, value in self._socket_options:
+            sock.setsockopt(level, option, value)
+
+
+def _response(url: str, answer: _Answer) -> AWSResponse:
+    # AWSResponse keeps any mapping as a case-insensitive HeadersDict; the stubs ask for more.
+    return AWSResponse(url, answer.status, cast(Any, answer.headers), _BufferedBody(answer.body))
+
+
+class HttpCarrier(_CarrierBase):
+    """Sends prepared (signed) requests to one origin over a pool of keep-alive connections.
+
+    Thread-safe. Like botocore's pool it never blocks for a connection: a caller that finds no
+    idle one opens its own, and at most `max_idle_connections` are kept once returned.
+    """
+
+    def __init__(
+        self,
+        origin: Origin,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        max_idle_connections: int,
+        ssl_context: ssl.SSLContext | None = None,
+        socket_options: Sequence[SocketOption] = (),
+    ) -> None:
+        super().__init__(
+            origin,
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            max_idle_connections=max_idle_connections,
+            ssl_context=ssl_context,
+            socket_options=socket_options,
+        )
+        self._idle: list[_Connection] = []
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    def send(self, request: AWSPreparedRequest) -> AWSResponse:
+        url = request.url
+        message = self._serialize(request)
+        connection = self._checkout(url)
+        try:
+            connection.sock.sendall(message)
+            answer = connection.read_answer()
+        except BaseException as err:
+            connection.close()
+            mapped = _transport_error(url, err)
+            if mapped is None:
+                raise
+            raise mapped from err
+        if answer.reusable:
+            self._checkin(connection)
+        else:
+            connection.close()
+        return _response(url, answer)
 
     # The pool
 
@@ -356,9 +471,7 @@ class HttpCarrier:
         except OSError as err:
             raise EndpointConnectionError(endpoint_url=url, error=err) from err
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for level, option, value in self._socket_options:
-                sock.setsockopt(level, option, value)
+            self._configure(sock)
             if self._ssl_context is not None:
                 # The handshake runs under the connect timeout, as with urllib3.
                 sock = self._ssl_context.wrap_socket(sock, server_hostname=origin.host)
@@ -373,3 +486,128 @@ class HttpCarrier:
                 raise EndpointConnectionError(endpoint_url=url, error=err) from err
             raise
         return _Connection(sock)
+
+
+@dataclass(slots=True)
+class _LoopPool:
+    """One event loop's connections: the idle ones, and a slot for each one open or in use."""
+
+    idle: list[_LoopConnection]
+    slots: asyncio.Semaphore
+
+
+class LoopHttpCarrier(_CarrierBase):
+    """HttpCarrier for the event loop: a request waits for KMS without holding a thread.
+
+    Connections belong to the loop that opened them, so each loop has its own pool (a uvicorn
+    worker has one loop; tests may run several). Unlike the thread carrier, a request waits for
+    a free connection once `max_connections` are in use: a burst on the event loop (batches of
+    hundreds) then reuses connections instead of opening and dropping one per call. The read
+    timeout bounds the whole exchange, writing the request and reading the answer.
+    """
+
+    def __init__(
+        self,
+        origin: Origin,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        max_connections: int,
+        ssl_context: ssl.SSLContext | None = None,
+        socket_options: Sequence[SocketOption] = (),
+    ) -> None:
+        super().__init__(
+            origin,
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            max_idle_connections=max_connections,
+            ssl_context=ssl_context,
+            socket_options=socket_options,
+        )
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPool]
+        self._pools = weakref.WeakKeyDictionary()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pools = [(loop, pool.idle[:]) for loop, pool in self._pools.items()]
+            for _, pool in self._pools.items():
+                pool.idle.clear()
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for loop, idle in pools:
+            for connection in idle:
+                if loop is running:
+                    connection.close()
+                elif not loop.is_closed():
+                    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                        loop.call_soon_threadsafe(connection.close)
+
+    def _pool(self, loop: asyncio.AbstractEventLoop) -> _LoopPool:
+        with self._lock:
+            pool = self._pools.get(loop)
+            if pool is None:
+                pool = self._pools[loop] = _LoopPool([], asyncio.Semaphore(self._max_idle))
+            return pool
+
+    async def send(self, request: AWSPreparedRequest) -> AWSResponse:
+        url = request.url
+        message = self._serialize(request)
+        pool = self._pool(asyncio.get_running_loop())
+        async with pool.slots:
+            connection = await self._checkout(pool, url)
+            try:
+                async with asyncio.timeout(self._read_timeout_s):
+                    cast(asyncio.Transport, connection.transport).write(message)
+                    answer = await connection.read_answer()
+            except BaseException as err:
+                connection.close()
+                mapped = _transport_error(url, err)
+                if mapped is None:
+                    raise  # cancelled, say: the connection is closed, the cancellation goes on
+                raise mapped from err
+            if answer.reusable and not self._closed:
+                pool.idle.append(connection)
+            else:
+                connection.close()
+        return _response(url, answer)
+
+    async def _checkout(self, pool: _LoopPool, url: str) -> _LoopConnection:
+        # Only this loop touches its pool's idle list, so no lock is needed here.
+        while pool.idle:
+            connection = pool.idle.pop()
+            if not connection.is_dropped():
+                return connection
+            connection.close()
+        return await self._connect(url)
+
+    async def _connect(self, url: str) -> _LoopConnection:
+        origin = self._origin
+        tls = self._ssl_context
+        loop = asyncio.get_running_loop()
+        try:
+            # The TLS handshake runs under the connect timeout, as with urllib3.
+            async with asyncio.timeout(self._connect_timeout_s):
+                transport, connection = await loop.create_connection(
+                    _LoopConnection,
+                    origin.host,
+                    origin.port,
+                    ssl=tls,
+                    server_hostname=origin.host if tls is not None else None,
+                )
+        except TimeoutError as err:
+            raise ConnectTimeoutError(endpoint_url=url, error=err) from err
+        except ssl.SSLError as err:
+            raise SSLError(endpoint_url=url, error=err) from err
+        except OSError as err:
+            raise EndpointConnectionError(endpoint_url=url, error=err) from err
+        sock = transport.get_extra_info("socket")
+        try:
+            if sock is not None:
+                self._configure(sock)
+        except OSError as err:
+            transport.close()
+            raise EndpointConnectionError(endpoint_url=url, error=err) from err
+        return connection

@@ -16,19 +16,23 @@ these two operations take this path instead. What stays botocore's own:
   network: moto's mock_aws and fault injectors rely on it), `needs-retry`, `after-call` and
   `after-call-error` are emitted on the client's event system as botocore emits them.
 
-The bytes go through HttpCarrier (app/crypto/kms_http.py), or through the client's own HTTP
-session when a proxy applies to the endpoint. Nothing here logs; payloads hold data keys.
+A call is written once, without I/O (`_steps`), and driven two ways: `call` blocks a thread,
+`call_async` waits on the event loop, so a request waiting for KMS holds no thread and pays no
+thread hand-off. The bytes go through HttpCarrier or LoopHttpCarrier (app/crypto/kms_http.py),
+or through the client's own HTTP session (in a thread) when a proxy applies to the endpoint.
+Nothing here logs; payloads hold data keys.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import os.path
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import urlsplit
@@ -41,7 +45,7 @@ from botocore.hooks import first_non_none_response
 from botocore.httpsession import create_urllib3_context, get_cert_path
 from botocore.model import OperationModel
 
-from app.crypto.kms_http import HttpCarrier, Origin, SocketOption
+from app.crypto.kms_http import HttpCarrier, LoopHttpCarrier, Origin, SocketOption
 
 if TYPE_CHECKING:
     from mypy_boto3_kms.client import KMSClient
@@ -52,8 +56,9 @@ _USER_AGENT = f"pii-vault-lean-kms Botocore/{botocore.__version__}"
 # Members the JSON protocol carries as base64 (blobs), for the operations this path serves.
 _BLOB_MEMBERS = frozenset({"CiphertextBlob", "Plaintext"})
 LEAN_OPERATIONS = ("GenerateDataKey", "Decrypt")
-# The pause between attempts; a module attribute so tests can record it instead of waiting.
+# The pause between attempts; module attributes so tests can record it instead of waiting.
 _sleep = time.sleep
+_sleep_async = asyncio.sleep
 
 
 class MalformedKmsResponse(BotoCoreError):
@@ -64,6 +69,24 @@ class MalformedKmsResponse(BotoCoreError):
 
 class _Sender(Protocol):
     def __call__(self, request: AWSPreparedRequest) -> AWSResponse: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Pause:
+    """A step of a call: wait this long before the next attempt."""
+
+    seconds: float
+
+
+# A step of a call is a request to send, or a pause.
+_Step = AWSPreparedRequest | _Pause
+
+
+def _attempt(send: _Sender, request: AWSPreparedRequest) -> tuple[AWSResponse | None, Exception | None]:
+    try:
+        return send(request), None
+    except Exception as err:
+        return None, err
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +176,10 @@ def _ssl_context(verify: bool | str, client_cert: object) -> ssl.SSLContext:
     return context
 
 
-def _carrier_for(client: Any, url: str, origin: Origin) -> HttpCarrier | None:
-    """A carrier with the client's HTTP settings, or None when the client's own session must carry
-    the bytes (a proxy applies, or its settings are not the ones this module knows how to read)."""
+def _carriers_for(client: Any, url: str, origin: Origin) -> tuple[HttpCarrier, LoopHttpCarrier] | None:
+    """Carriers (threads', event loop's) with the client's HTTP settings, or None when the client's
+    own session must carry the bytes (a proxy applies, or its settings are not the ones this module
+    knows how to read)."""
     http_session = client._endpoint.http_session
     proxy_config = getattr(http_session, "_proxy_config", None)
     verify = getattr(http_session, "_verify", None)
@@ -163,13 +187,16 @@ def _carrier_for(client: Any, url: str, origin: Origin) -> HttpCarrier | None:
         return None
     config = client.meta.config
     socket_options: list[SocketOption] = list(getattr(http_session, "_socket_options", None) or [])
-    return HttpCarrier(
-        origin,
-        connect_timeout_s=float(config.connect_timeout),
-        read_timeout_s=float(config.read_timeout),
-        max_idle_connections=int(config.max_pool_connections),
-        ssl_context=_ssl_context(verify, config.client_cert) if origin.scheme == "https" else None,
-        socket_options=socket_options,
+    settings: dict[str, Any] = {
+        "connect_timeout_s": float(config.connect_timeout),
+        "read_timeout_s": float(config.read_timeout),
+        "ssl_context": _ssl_context(verify, config.client_cert) if origin.scheme == "https" else None,
+        "socket_options": socket_options,
+    }
+    pool_size = int(config.max_pool_connections)
+    return (
+        HttpCarrier(origin, max_idle_connections=pool_size, **settings),
+        LoopHttpCarrier(origin, max_connections=pool_size, **settings),
     )
 
 
@@ -179,7 +206,14 @@ class KmsWire:
     Use `for_client`: it declines (None) a client whose requests it cannot sign as botocore would.
     """
 
-    def __init__(self, client: KMSClient, *, url: str, origin: Origin, carrier: HttpCarrier | None) -> None:
+    def __init__(
+        self,
+        client: KMSClient,
+        *,
+        url: str,
+        origin: Origin,
+        carriers: tuple[HttpCarrier, LoopHttpCarrier] | None,
+    ) -> None:
         raw: Any = client
         signer = raw._request_signer
         self._client: Any = raw
@@ -191,8 +225,9 @@ class KmsWire:
         self._region: str = signer.region_name
         self._signing_name: str = signer.signing_name
         self._credentials = signer._credentials  # the client's chain; None if it found none
-        self._carrier = carrier
-        self._send: _Sender = carrier.send if carrier is not None else raw._endpoint.http_session.send
+        self._carrier: HttpCarrier | None = carriers[0] if carriers is not None else None
+        self._loop_carrier: LoopHttpCarrier | None = carriers[1] if carriers is not None else None
+        self._send: _Sender = carriers[0].send if carriers is not None else raw._endpoint.http_session.send
         service_id = raw.meta.service_model.service_id.hyphenize()
         self._operations = {
             name: _Operation(
@@ -227,7 +262,7 @@ class KmsWire:
             origin = Origin.from_url(url)
         except ValueError:
             return None
-        return cls(client, url=url, origin=origin, carrier=_carrier_for(raw, url, origin))
+        return cls(client, url=url, origin=origin, carriers=_carriers_for(raw, url, origin))
 
     def __repr__(self) -> str:
         return f"KmsWire({self._url!r})"
@@ -235,9 +270,50 @@ class KmsWire:
     def close(self) -> None:
         if self._carrier is not None:
             self._carrier.close()
+        if self._loop_carrier is not None:
+            self._loop_carrier.close()
 
     def call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
         """Run `operation` with boto3-style params; returns boto3's response shape or raises as boto3."""
+        steps = self._steps(operation, params)
+        try:
+            step = next(steps)
+            while True:
+                if isinstance(step, _Pause):
+                    _sleep(step.seconds)
+                    step = steps.send(None)
+                else:
+                    step = steps.send(_attempt(self._send, step))
+        except StopIteration as done:
+            result: dict[str, Any] = done.value
+            return result
+
+    async def call_async(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        """`call` on the event loop: the request waits for KMS (and for a retry's pause) without
+        holding a thread. Through a proxy the client's own session carries it, in a thread."""
+        carrier = self._loop_carrier
+        if carrier is None:
+            return await asyncio.to_thread(self.call, operation, params)
+        steps = self._steps(operation, params)
+        try:
+            step = next(steps)
+            while True:
+                if isinstance(step, _Pause):
+                    await _sleep_async(step.seconds)
+                    step = steps.send(None)
+                else:
+                    try:
+                        sent: tuple[AWSResponse | None, Exception | None] = (await carrier.send(step), None)
+                    except Exception as err:
+                        sent = (None, err)
+                    step = steps.send(sent)
+        except StopIteration as done:
+            result: dict[str, Any] = done.value
+            return result
+
+    def _steps(self, operation: str, params: dict[str, Any]) -> Generator[_Step, Any, dict[str, Any]]:
+        """The call without its I/O: yields each request to send (and is sent back the response or
+        the exception) and each pause between attempts; returns boto3's response shape or raises."""
         op = self._operations[operation]
         context: dict[str, Any] = {
             "client_region": self._region,
@@ -261,9 +337,12 @@ class KmsWire:
             caught: Exception | None = None
             try:
                 answered = first_non_none_response(self._events.emit(op.before_send_event, request=request))
-                http_response = answered if answered is not None else self._send(request)
             except Exception as err:
-                caught = err
+                answered, caught = None, err
+            if answered is not None:
+                http_response = answered
+            elif caught is None:
+                http_response, caught = yield request
             if http_response is not None and http_response.status_code < 300:
                 break
             if http_response is not None:
@@ -271,7 +350,7 @@ class KmsWire:
             delay = self._retry_delay(op, attempts, http_response, parsed_error, caught, context)
             if delay is None:
                 break
-            _sleep(delay)
+            yield _Pause(delay)
 
         if http_response is None:
             self._events.emit(op.after_call_error_event, exception=caught, context=context)

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
 import anyio
-import anyio.to_thread
 
 from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
-from app.crypto.keys import KeyProvider
+from app.crypto.keys import DataKey, EncryptionContext, KeyProvider, RemoteKeyProvider
 from app.db.repositories import DataPathRepository, EventRow, RecordRow
 from app.errors import (
     AccessReasonRequired,
@@ -93,36 +92,46 @@ class TokenService:
         *,
         max_value_bytes: int,
         require_access_reason: bool = False,
-        key_concurrency: int = 16,
+        key_concurrency: int = 32,
     ) -> None:
         self._require_access_reason = require_access_reason
         self._keys = keys
         self._principals = principals
         self._auditor = auditor
         self._max_value_bytes = max_value_bytes
-        # A remote key service's latency is hidden by calling it from worker threads, up to
-        # key_concurrency at once for a batch. A local provider's work is microseconds of CPU:
-        # it runs inline, since a thread hand-off would cost more than the work.
+        # A remote key service's latency is hidden by awaiting its calls on the event loop, up to
+        # key_concurrency at once for a batch. A local provider's work is microseconds of CPU: it
+        # runs inline, one item after another.
+        self._remote_keys = keys if isinstance(keys, RemoteKeyProvider) else None
         self._key_concurrency = key_concurrency
 
-    async def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R | VaultError]:
+    async def _generate_data_key(self, context: EncryptionContext) -> DataKey:
+        if self._remote_keys is not None:
+            return await self._remote_keys.generate_data_key_async(context)
+        return self._keys.generate_data_key(context)
+
+    async def _decrypt_data_key(self, wrapped: bytes, context: EncryptionContext) -> DataKey:
+        if self._remote_keys is not None:
+            return await self._remote_keys.decrypt_data_key_async(wrapped, context)
+        return self._keys.decrypt_data_key(wrapped, context)
+
+    async def _map(self, fn: Callable[[T], Awaitable[R]], items: Sequence[T]) -> list[R | VaultError]:
         """Apply fn to each item; a VaultError is kept as that item's result."""
 
-        def guarded(item: T) -> R | VaultError:
+        async def guarded(item: T) -> R | VaultError:
             try:
-                return fn(item)
+                return await fn(item)
             except VaultError as err:
                 return err
 
-        if self._key_concurrency <= 1:
-            return [guarded(item) for item in items]
-        if len(items) == 1:
-            return [await anyio.to_thread.run_sync(guarded, items[0])]
+        if self._remote_keys is None or len(items) <= 1:
+            return [await guarded(item) for item in items]
         results: list[R | VaultError | None] = [None] * len(items)
-        limiter = anyio.CapacityLimiter(self._key_concurrency)
+        limiter = anyio.Semaphore(self._key_concurrency)
 
         async def one(index: int, item: T) -> None:
-            results[index] = await anyio.to_thread.run_sync(guarded, item, limiter=limiter)
+            async with limiter:
+                results[index] = await guarded(item)
 
         async with anyio.create_task_group() as group:
             for index, item in enumerate(items):
@@ -184,10 +193,10 @@ class TokenService:
         # Denials first, on their own: a refusal is on record whatever happens next.
         await self._auditor.record_denials(store, denials)
 
-        def encrypt(entry: tuple[int, TokenizeItem, bytes, Decision]) -> tuple[RecordRow, str | None]:
+        async def encrypt(entry: tuple[int, TokenizeItem, bytes, Decision]) -> tuple[RecordRow, str | None]:
             _, item, raw, _ = entry
             token = new_token()
-            data_key = self._keys.generate_data_key(context_of(item.customer_id, item.data_type))
+            data_key = await self._generate_data_key(context_of(item.customer_id, item.data_type))
             binding = RecordBinding(token, item.customer_id, item.data_type)
             record = RecordRow(
                 token=token,
@@ -291,10 +300,10 @@ class TokenService:
             allowed.append((index, record, decision))
         await self._auditor.record_denials(store, denials)
 
-        def decrypt(entry: tuple[int, RecordRow, Decision]) -> tuple[str, str | None]:
+        async def decrypt(entry: tuple[int, RecordRow, Decision]) -> tuple[str, str | None]:
             _, record, _ = entry
             context = context_of(record.customer_id, record.data_type)
-            data_key = self._keys.decrypt_data_key(record.wrapped_key, context)
+            data_key = await self._decrypt_data_key(record.wrapped_key, context)
             binding = RecordBinding(record.token, record.customer_id, record.data_type)
             plaintext = open_sealed(data_key.plaintext, record.ciphertext, binding)
             return plaintext.decode("utf-8"), data_key.request_id

@@ -74,8 +74,8 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         if owned:
             app.state.vault = build_vault(settings)
         vault: Vault = app.state.vault
-        # Worker threads run the admin routes (ORM sessions) and the data path's key-service calls:
-        # as many as database connections, so an admin request's thread never waits for the pool.
+        # Worker threads run the admin routes (ORM sessions): as many as database connections, so
+        # an admin request's thread never waits for the pool. (The data path runs on the loop.)
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = settings.db_pool_size + settings.db_max_overflow
         await vault.database.open_data_path()

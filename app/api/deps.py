@@ -83,8 +83,7 @@ class Work:
     built only after that statement has committed.
 
     One dependency for the data path's routes, not several: each costs on every request. No
-    thread hop either: the data path is asynchronous, and only a remote key service's calls go
-    to worker threads."""
+    thread hop either: the data path is asynchronous, a remote key service's calls included."""
 
     vault: Vault
     ctx: RequestContext

@@ -393,8 +393,10 @@ class KmsWire:
         # Frozen per request: refreshable credentials (roles, SSO) refresh here when due.
         credentials = self._credentials.get_frozen_credentials()
         SigV4Auth(credentials, self._signing_name, self._region).add_auth(request)
-        prepared: AWSPreparedRequest = request.prepare()
-        return prepared
+        # What request.prepare() makes of a bytes body and no query, without copying the headers.
+        headers = request.headers
+        headers["Content-Length"] = str(len(body))
+        return AWSPreparedRequest("POST", self._url, headers, body, False, request.context)
 
     def _retry_delay(
         self,

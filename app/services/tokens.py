@@ -7,14 +7,13 @@ data type. Access is decided by GrantSet.decide, once per record; every decision
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
-
-import anyio
 
 from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
 from app.crypto.keys import DataKey, EncryptionContext, KeyProvider, RemoteKeyProvider
@@ -126,16 +125,18 @@ class TokenService:
 
         if self._remote_keys is None or len(items) <= 1:
             return [await guarded(item) for item in items]
+        # key_concurrency workers share the items: that many calls in flight, no more, and no
+        # task (or semaphore wait) per item.
         results: list[R | VaultError | None] = [None] * len(items)
-        limiter = anyio.Semaphore(self._key_concurrency)
+        pending = iter(enumerate(items))
 
-        async def one(index: int, item: T) -> None:
-            async with limiter:
+        async def worker() -> None:
+            for index, item in pending:
                 results[index] = await guarded(item)
 
-        async with anyio.create_task_group() as group:
-            for index, item in enumerate(items):
-                group.start_soon(one, index, item)
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(self._key_concurrency, len(items))):
+                group.create_task(worker())
         return [result for result in results if result is not None]
 
     def _check_value(self, value: str) -> bytes:

@@ -23,6 +23,9 @@ DATABASE_URL = os.environ["FLOOR_DATABASE_URL"]
 TABLE = """CREATE TABLE IF NOT EXISTS floor_records (
                token text PRIMARY KEY, customer_id text NOT NULL, data_type text NOT NULL,
                value bytea NOT NULL, created_at timestamptz NOT NULL DEFAULT now())"""
+# Every worker creates the table at start; CREATE TABLE IF NOT EXISTS is not safe against a
+# concurrent one (a unique violation in pg_type), so the workers take turns.
+_CREATE_LOCK = "SELECT pg_advisory_xact_lock(7340001)"
 INSERT = "INSERT INTO floor_records (token, customer_id, data_type, value) VALUES (%s, %s, %s, %s)"
 CONNECTION: dict[str, Any] = {"autocommit": True}
 
@@ -47,7 +50,8 @@ def _sync_pool() -> ConnectionPool[Any]:
     global _pool
     if _pool is None:
         _pool = ConnectionPool(DATABASE_URL, min_size=4, max_size=20, kwargs=CONNECTION, open=True)
-        with _pool.connection() as connection:
+        with _pool.connection() as connection, connection.transaction():
+            connection.execute(_CREATE_LOCK)
             connection.execute(TABLE)
     return _pool
 
@@ -67,7 +71,8 @@ _async_pool = AsyncConnectionPool(DATABASE_URL, min_size=4, max_size=20, kwargs=
 @asynccontextmanager
 async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
     await _async_pool.open()
-    async with _async_pool.connection() as connection:
+    async with _async_pool.connection() as connection, connection.transaction():
+        await connection.execute(_CREATE_LOCK)
         await connection.execute(TABLE)
     yield
     await _async_pool.close()

@@ -9,9 +9,11 @@ process's CPU time (time.process_time: user + system, all threads) by the calls:
 - boto3: `client.generate_data_key(...)` / `client.decrypt(...)` on the boto3 client KmsKeyProvider
   builds (the vault's timeouts, pool and "standard" retries), as the provider called it before;
 - lean: `KmsKeyProvider.generate_data_key` / `decrypt_data_key`, i.e. the whole provider call
-  through the lean path, DataKey included.
+  through the lean path, DataKey included;
+- lean-async: `generate_data_key_async` / `decrypt_data_key_async` awaited one after another on a
+  uvloop event loop, as the vault's data path calls them.
 
-Both sign with SigV4 from the same credentials (fixed bench ones: the stand-in checks no
+All sign with SigV4 from the same credentials (fixed bench ones: the stand-in checks no
 signature). The stand-in counts every call, and each measured loop must account for exactly
 `--calls` of them, so neither path can be skipping the wire. Paths alternate round by round and
 the median round is reported; figures move with whatever else the machine is doing.
@@ -20,6 +22,7 @@ the median round is reported; figures move with whatever else the machine is doi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -27,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -84,13 +87,39 @@ def kms_standin() -> Iterator[str]:
             process.kill()
 
 
-def cpu_us_per_call(call: Callable[[], object], *, calls: int, warmup: int, standin: str) -> float:
-    for _ in range(warmup):
-        call()
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's, as uvicorn serves the vault on it when it is installed (it is a dependency)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def repeated(call: Callable[[], object]) -> Callable[[int], None]:
+    def run(times: int) -> None:
+        for _ in range(times):
+            call()
+
+    return run
+
+
+def awaited(loop: asyncio.AbstractEventLoop, call: Callable[[], Awaitable[object]]) -> Callable[[int], None]:
+    """Sequential calls awaited on an event loop, as the vault's data path makes them."""
+
+    async def many(times: int) -> None:
+        for _ in range(times):
+            await call()
+
+    return lambda times: loop.run_until_complete(many(times))
+
+
+def cpu_us_per_call(run: Callable[[int], None], *, calls: int, warmup: int, standin: str) -> float:
+    run(warmup)
     standin_request(standin, "/_reset", method="POST")
     started = time.process_time()
-    for _ in range(calls):
-        call()
+    run(calls)
     spent = time.process_time() - started
     served = standin_request(standin, "/_stats")["total_calls"]
     if served != calls:
@@ -118,18 +147,25 @@ def main() -> None:
         provider = KmsKeyProvider(KEY_ALIAS, endpoint_url=standin, region="us-east-1")
         client = provider.client
         wrapped = provider.generate_data_key(CONTEXT).wrapped
-        paths: dict[str, dict[str, Callable[[], object]]] = {
+        loop = new_event_loop()
+        paths: dict[str, dict[str, Callable[[int], None]]] = {
             "boto3": {
-                "GenerateDataKey": lambda: client.generate_data_key(
-                    KeyId=KEY_ALIAS, KeySpec="AES_256", EncryptionContext=CONTEXT
+                "GenerateDataKey": repeated(
+                    lambda: client.generate_data_key(
+                        KeyId=KEY_ALIAS, KeySpec="AES_256", EncryptionContext=CONTEXT
+                    )
                 ),
-                "Decrypt": lambda: client.decrypt(
-                    CiphertextBlob=wrapped, KeyId=KEY_ALIAS, EncryptionContext=CONTEXT
+                "Decrypt": repeated(
+                    lambda: client.decrypt(CiphertextBlob=wrapped, KeyId=KEY_ALIAS, EncryptionContext=CONTEXT)
                 ),
             },
             "lean": {
-                "GenerateDataKey": lambda: provider.generate_data_key(CONTEXT),
-                "Decrypt": lambda: provider.decrypt_data_key(wrapped, CONTEXT),
+                "GenerateDataKey": repeated(lambda: provider.generate_data_key(CONTEXT)),
+                "Decrypt": repeated(lambda: provider.decrypt_data_key(wrapped, CONTEXT)),
+            },
+            "lean-async": {
+                "GenerateDataKey": awaited(loop, lambda: provider.generate_data_key_async(CONTEXT)),
+                "Decrypt": awaited(loop, lambda: provider.decrypt_data_key_async(wrapped, CONTEXT)),
             },
         }
         rounds: dict[str, dict[str, list[float]]] = {p: {op: [] for op in OPERATIONS} for p in paths}
@@ -142,6 +178,7 @@ def main() -> None:
                         )
                     )
         provider.close()
+        loop.close()
 
     median = {p: {op: statistics.median(rounds[p][op]) for op in OPERATIONS} for p in paths}
     if args.json:
@@ -158,12 +195,14 @@ def main() -> None:
     print(
         f"client CPU per call, us (median of {args.rounds} rounds of {args.calls} calls after {args.warmup})"
     )
-    print(f"{'operation':<16} {'boto3':>9} {'lean':>9} {'boto3/lean':>11}   rounds boto3 | lean")
+    print(
+        f"{'operation':<16} {'boto3':>9} {'lean':>9} {'lean-async':>11} {'boto3/lean':>11}"
+        "   rounds boto3 | lean | lean-async"
+    )
     for operation in OPERATIONS:
-        boto, lean = median["boto3"][operation], median["lean"][operation]
-        detail = " ".join(f"{v:.0f}" for v in rounds["boto3"][operation])
-        detail += " | " + " ".join(f"{v:.0f}" for v in rounds["lean"][operation])
-        print(f"{operation:<16} {boto:>9.0f} {lean:>9.0f} {boto / lean:>10.1f}x   {detail}")
+        boto, lean, on_loop = (median[path][operation] for path in ("boto3", "lean", "lean-async"))
+        detail = " | ".join(" ".join(f"{v:.0f}" for v in rounds[path][operation]) for path in paths)
+        print(f"{operation:<16} {boto:>9.0f} {lean:>9.0f} {on_loop:>11.0f} {boto / lean:>10.1f}x   {detail}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import asyncio
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -350,6 +351,45 @@ def test_on_the_event_loop_a_cancelled_request_never_leaves_its_connection_for_t
     assert loop_thread.run(cancel_then_send()) == b"{}"
     assert server.connections == 2
     carrier.close()
+
+
+def test_on_the_event_loop_an_answer_that_came_while_the_loop_was_busy_is_no_timeout(
+    loop_thread: LoopThread,
+) -> None:
+    """The read timeout is a socket's: time without bytes, not a stall of the loop itself."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    received = threading.Event()
+
+    def answer_late() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            received.set()
+            time.sleep(0.1)  # the answer comes 0.1 s into the loop's 0.5 s stall
+            connection.sendall(OK)
+            connection.recv(1)  # until the client closes
+
+    server = threading.Thread(target=answer_late, daemon=True)
+    server.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    carrier = LoopHttpCarrier(
+        Origin.from_url(url), connect_timeout_s=2.0, read_timeout_s=0.3, max_connections=4
+    )
+
+    async def send_while_the_loop_stalls() -> bytes:
+        sending = asyncio.ensure_future(carrier.send(request(url)))
+        while not received.is_set():
+            await asyncio.sleep(0.002)
+        time.sleep(0.5)  # the loop blocked past the read timeout, the answer arriving meanwhile
+        return (await sending).content
+
+    try:
+        assert loop_thread.run(send_while_the_loop_stalls()) == b"{}"
+    finally:
+        carrier.close()
+        loop_thread.run(asyncio.sleep(0))
+        server.join(timeout=5)
+        listener.close()
 
 
 @pytest.mark.parametrize(

@@ -414,10 +414,14 @@ def test_requests_are_sigv4_signed_with_the_clients_credentials(aws: None) -> No
     provider.close()
 
 
-def test_refreshable_credentials_are_read_again_for_each_request(aws: None) -> None:
+def test_refreshable_credentials_are_read_again_for_each_request(
+    aws: None, hot_path: str, loop_thread: LoopThread
+) -> None:
     issued: list[str] = []
+    refreshed_on: list[threading.Thread] = []
 
     def refresh() -> dict[str, str]:
+        refreshed_on.append(threading.current_thread())
         issued.append(f"AKIAREFRESHED{len(issued):07d}")
         expiry = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)  # due again at once
         return {"access_key": issued[-1], "secret_key": "s", "token": "t", "expiry_time": expiry.isoformat()}
@@ -435,6 +439,9 @@ def test_refreshable_credentials_are_read_again_for_each_request(aws: None) -> N
     named = [str(r.headers["Authorization"]).split("Credential=")[1].split("/")[0] for r in requests]
     assert len(set(named)) == 2, named
     assert set(named) <= set(issued)
+    # A refresh is a blocking call (STS, instance metadata): never made on the event loop.
+    assert len(refreshed_on) >= 3
+    assert loop_thread.thread not in refreshed_on
     provider.close()
 
 

@@ -250,7 +250,8 @@ class _LoopConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.closed = False
-        self._waiter: asyncio.Future[None] | None = None
+        # Resolved with False when bytes arrive or the peer closes, True when the read times out.
+        self._waiter: asyncio.Future[bool] | None = None
 
     # asyncio.Protocol
 
@@ -273,7 +274,7 @@ class _LoopConnection(asyncio.Protocol):
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(False)
 
     # Ours
 
@@ -285,7 +286,15 @@ class _LoopConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def read_answer(self) -> _Answer:
+    def _expire(self, waiter: asyncio.Future[bool]) -> None:
+        if self._waiter is waiter:
+            self._waiter = None
+        if not waiter.done():
+            waiter.set_result(True)
+
+    async def read_answer(self, timeout_s: float) -> _Answer:
+        """The next answer; TimeoutError if nothing arrives for timeout_s at any point, as a
+        socket's read timeout. Bytes that came in while the loop was busy count as arrived."""
         reader = _read_answer(self.buffer)
         loop = asyncio.get_running_loop()
         try:
@@ -295,10 +304,16 @@ class _LoopConnection(asyncio.Protocol):
                     reader.throw(_PeerClosed())
                     continue
                 start = len(self.buffer)
-                self._waiter = loop.create_future()
-                await self._waiter
+                waiter = self._waiter = loop.create_future()
+                timer = loop.call_later(timeout_s, self._expire, waiter)
+                try:
+                    expired = await waiter
+                finally:
+                    timer.cancel()
                 if len(self.buffer) > start:
                     reader.send(None)
+                elif expired and not self.closed:
+                    raise TimeoutError("no answer within the read timeout")
         except StopIteration as done:
             answer: _Answer = done.value
             return answer
@@ -496,6 +511,12 @@ class _LoopPool:
     slots: asyncio.Semaphore
 
 
+def _close_idle(pool: _LoopPool) -> None:
+    idle, pool.idle = pool.idle, []
+    for connection in idle:
+        connection.close()
+
+
 class LoopHttpCarrier(_CarrierBase):
     """HttpCarrier for the event loop: a request waits for KMS without holding a thread.
 
@@ -503,7 +524,7 @@ class LoopHttpCarrier(_CarrierBase):
     worker has one loop; tests may run several). Unlike the thread carrier, a request waits for
     a free connection once `max_connections` are in use: a burst on the event loop (batches of
     hundreds) then reuses connections instead of opening and dropping one per call. The read
-    timeout bounds the whole exchange, writing the request and reading the answer.
+    timeout applies to each wait for bytes, as a socket's does.
     """
 
     def __init__(
@@ -528,27 +549,31 @@ class LoopHttpCarrier(_CarrierBase):
         self._pools = weakref.WeakKeyDictionary()
 
     def close(self) -> None:
+        """Close the idle connections; ones in use are closed when their request ends. Each
+        loop's pool is emptied by that loop itself, so no other thread touches its list."""
         with self._lock:
             self._closed = True
-            pools = [(loop, pool.idle[:]) for loop, pool in self._pools.items()]
-            for _, pool in self._pools.items():
-                pool.idle.clear()
+            pools = list(self._pools.items())
+            self._pools.clear()
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        for loop, idle in pools:
-            for connection in idle:
-                if loop is running:
-                    connection.close()
-                elif not loop.is_closed():
-                    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                        loop.call_soon_threadsafe(connection.close)
+        for loop, pool in pools:
+            if loop is running:
+                _close_idle(pool)
+            elif not loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(_close_idle, pool)
 
     def _pool(self, loop: asyncio.AbstractEventLoop) -> _LoopPool:
         with self._lock:
             pool = self._pools.get(loop)
             if pool is None:
+                # A new loop: forget the pools of loops that have closed (their connections
+                # hold their loop, so it would never be collected).
+                for gone in [other for other in self._pools if other.is_closed()]:
+                    del self._pools[gone]
                 pool = self._pools[loop] = _LoopPool([], asyncio.Semaphore(self._max_idle))
             return pool
 
@@ -559,9 +584,8 @@ class LoopHttpCarrier(_CarrierBase):
         async with pool.slots:
             connection = await self._checkout(pool, url)
             try:
-                async with asyncio.timeout(self._read_timeout_s):
-                    cast(asyncio.Transport, connection.transport).write(message)
-                    answer = await connection.read_answer()
+                cast(asyncio.Transport, connection.transport).write(message)
+                answer = await connection.read_answer(self._read_timeout_s)
             except BaseException as err:
                 connection.close()
                 mapped = _transport_error(url, err)

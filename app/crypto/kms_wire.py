@@ -78,8 +78,14 @@ class _Pause:
     seconds: float
 
 
-# A step of a call is a request to send, or a pause.
-_Step = AWSPreparedRequest | _Pause
+class _Credentials:
+    """A step of a call: freeze the client's credentials for signing (refreshing them when due,
+    which blocks on STS or instance metadata) and send them back."""
+
+
+_CREDENTIALS = _Credentials()
+# A step of a call is a request to send, a pause, or credentials to fetch.
+_Step = AWSPreparedRequest | _Pause | _Credentials
 
 
 def _attempt(send: _Sender, request: AWSPreparedRequest) -> tuple[AWSResponse | None, Exception | None]:
@@ -282,6 +288,8 @@ class KmsWire:
                 if isinstance(step, _Pause):
                     _sleep(step.seconds)
                     step = steps.send(None)
+                elif isinstance(step, _Credentials):
+                    step = steps.send(self._freeze_credentials())
                 else:
                     step = steps.send(_attempt(self._send, step))
         except StopIteration as done:
@@ -301,6 +309,12 @@ class KmsWire:
                 if isinstance(step, _Pause):
                     await _sleep_async(step.seconds)
                     step = steps.send(None)
+                elif isinstance(step, _Credentials):
+                    # A refresh blocks (STS, instance metadata): then in a thread, never on the loop.
+                    if self._refresh_due():
+                        step = steps.send(await asyncio.to_thread(self._freeze_credentials))
+                    else:
+                        step = steps.send(self._freeze_credentials())
                 else:
                     try:
                         sent: tuple[AWSResponse | None, Exception | None] = (await carrier.send(step), None)
@@ -312,8 +326,9 @@ class KmsWire:
             return result
 
     def _steps(self, operation: str, params: dict[str, Any]) -> Generator[_Step, Any, dict[str, Any]]:
-        """The call without its I/O: yields each request to send (and is sent back the response or
-        the exception) and each pause between attempts; returns boto3's response shape or raises."""
+        """The call without its I/O: yields for the credentials to sign each attempt with, each
+        request to send (and is sent back the response or the exception) and each pause between
+        attempts; returns boto3's response shape or raises."""
         op = self._operations[operation]
         context: dict[str, Any] = {
             "client_region": self._region,
@@ -331,7 +346,8 @@ class KmsWire:
             context.setdefault("retries", {})["attempt"] = attempts
             # Signed per attempt (a fresh X-Amz-Date), as botocore re-signs each retry. A missing
             # credential raises NoCredentialsError here, outside the retried part, as in botocore.
-            request = self._signed_request(op, body)
+            credentials = yield _CREDENTIALS
+            request = self._signed_request(op, body, credentials)
             http_response: AWSResponse | None = None
             parsed_error: dict[str, Any] | None = None
             caught: Exception | None = None
@@ -376,7 +392,18 @@ class KmsWire:
         self._after_call(op, http_response, parsed, context)
         return parsed
 
-    def _signed_request(self, op: _Operation, body: bytes) -> AWSPreparedRequest:
+    def _refresh_due(self) -> bool:
+        """Whether freezing the credentials now would refresh them (refreshable ones only)."""
+        refresh_needed = getattr(self._credentials, "refresh_needed", None)
+        return bool(refresh_needed()) if refresh_needed is not None else False
+
+    def _freeze_credentials(self) -> Any:
+        if self._credentials is None:
+            raise NoCredentialsError()
+        # Frozen per request: refreshable credentials (roles, SSO) refresh here when due.
+        return self._credentials.get_frozen_credentials()
+
+    def _signed_request(self, op: _Operation, body: bytes, credentials: Any) -> AWSPreparedRequest:
         request = AWSRequest(
             method="POST",
             url=self._url,
@@ -388,10 +415,6 @@ class KmsWire:
                 "User-Agent": _USER_AGENT,
             },
         )
-        if self._credentials is None:
-            raise NoCredentialsError()
-        # Frozen per request: refreshable credentials (roles, SSO) refresh here when due.
-        credentials = self._credentials.get_frozen_credentials()
         SigV4Auth(credentials, self._signing_name, self._region).add_auth(request)
         # What request.prepare() makes of a bytes body and no query, without copying the headers.
         headers = request.headers

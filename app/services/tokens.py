@@ -134,9 +134,14 @@ class TokenService:
             for index, item in pending:
                 results[index] = await guarded(item)
 
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(self._key_concurrency, len(items))):
-                group.create_task(worker())
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(self._key_concurrency, len(items))):
+                    group.create_task(worker())
+        except ExceptionGroup as failed:
+            # Not a VaultError: a bug. Raised as itself (the others were cancelled with it), so it
+            # reaches the error handler as any other unexpected error does.
+            raise failed.exceptions[0] from None
         return [result for result in results if result is not None]
 
     def _check_value(self, value: str) -> bytes:

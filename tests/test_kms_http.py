@@ -13,13 +13,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import pytest
 from botocore.awsrequest import AWSPreparedRequest, AWSRequest, AWSResponse
 from botocore.exceptions import ConnectionClosedError, HTTPClientError, ReadTimeoutError
 
-from app.crypto.kms_http import MAX_BODY_BYTES, HttpCarrier, LoopHttpCarrier, Origin
+from app.crypto.kms_http import MAX_BODY_BYTES, CarrierSettings, HttpCarrier, LoopHttpCarrier, Origin
 from tests.conftest import LoopThread
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: 2\r\n\r\n{}"
@@ -121,7 +121,7 @@ class CarrierOnLoop:
 
 class MakeCarrier(Protocol):
     def __call__(
-        self, url: str, *, read_timeout_s: float = ..., max_idle_connections: int = ...
+        self, url: str, *, read_timeout_s: float = ..., pool_size: int = ...
     ) -> HttpCarrier | CarrierOnLoop: ...
 
 
@@ -129,14 +129,15 @@ class MakeCarrier(Protocol):
 def carrier_for(request: pytest.FixtureRequest, loop_thread: LoopThread) -> MakeCarrier:
     """Each test runs against both carriers: the threads' and the event loop's."""
 
-    def make(
-        url: str, *, read_timeout_s: float = 2.0, max_idle_connections: int = 4
-    ) -> HttpCarrier | CarrierOnLoop:
-        settings: dict[str, Any] = {"connect_timeout_s": 2.0, "read_timeout_s": read_timeout_s}
+    def make(url: str, *, read_timeout_s: float = 2.0, pool_size: int = 4) -> HttpCarrier | CarrierOnLoop:
+        settings: CarrierSettings = {
+            "connect_timeout_s": 2.0,
+            "read_timeout_s": read_timeout_s,
+            "pool_size": pool_size,
+        }
         if request.param == "threads":
-            return HttpCarrier(Origin.from_url(url), max_idle_connections=max_idle_connections, **settings)
-        on_loop = LoopHttpCarrier(Origin.from_url(url), max_connections=max_idle_connections, **settings)
-        return CarrierOnLoop(on_loop, loop_thread)
+            return HttpCarrier(Origin.from_url(url), **settings)
+        return CarrierOnLoop(LoopHttpCarrier(Origin.from_url(url), **settings), loop_thread)
 
     return make
 
@@ -181,7 +182,7 @@ def test_threads_share_the_pool_without_mixing_answers(
     # Room to keep every thread's connection idle: a new one is then opened only while all the
     # others are in use, so there are never more connections than threads. (With fewer idle
     # slots, a connection returned while the slots are full is closed and later replaced.)
-    carrier = carrier_for(server.url, max_idle_connections=threads)
+    carrier = carrier_for(server.url, pool_size=threads)
     seen: list[bytes] = []
     failures: list[BaseException] = []
 
@@ -317,7 +318,7 @@ def test_on_the_event_loop_a_burst_waits_for_the_pools_connections_instead_of_op
     answers = [f"HTTP/1.1 200 OK\r\nContent-Length: {len(str(n))}\r\n\r\n{n}".encode() for n in range(burst)]
     server = scripted(serve, *answers)
     carrier = LoopHttpCarrier(
-        Origin.from_url(server.url), connect_timeout_s=2.0, read_timeout_s=5.0, max_connections=pool_size
+        Origin.from_url(server.url), connect_timeout_s=2.0, read_timeout_s=5.0, pool_size=pool_size
     )
 
     async def send_all() -> list[bytes]:
@@ -335,7 +336,7 @@ def test_on_the_event_loop_a_cancelled_request_never_leaves_its_connection_for_t
 ) -> None:
     server = scripted(serve, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", OK)  # the first head never ends
     carrier = LoopHttpCarrier(
-        Origin.from_url(server.url), connect_timeout_s=2.0, read_timeout_s=5.0, max_connections=4
+        Origin.from_url(server.url), connect_timeout_s=2.0, read_timeout_s=5.0, pool_size=4
     )
 
     async def cancel_then_send() -> bytes:
@@ -372,9 +373,7 @@ def test_on_the_event_loop_an_answer_that_came_while_the_loop_was_busy_is_no_tim
     server = threading.Thread(target=answer_late, daemon=True)
     server.start()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    carrier = LoopHttpCarrier(
-        Origin.from_url(url), connect_timeout_s=2.0, read_timeout_s=0.3, max_connections=4
-    )
+    carrier = LoopHttpCarrier(Origin.from_url(url), connect_timeout_s=2.0, read_timeout_s=0.3, pool_size=4)
 
     async def send_while_the_loop_stalls() -> bytes:
         sending = asyncio.ensure_future(carrier.send(request(url)))

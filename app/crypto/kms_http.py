@@ -25,7 +25,7 @@ import threading
 import weakref
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, NotRequired, TypedDict, TypeVar, Unpack, cast
 from urllib.parse import urlsplit
 
 from botocore.awsrequest import AWSPreparedRequest, AWSResponse
@@ -336,27 +336,29 @@ def _has_line_break(text: str) -> bool:
     return "\r" in text or "\n" in text
 
 
+class CarrierSettings(TypedDict):
+    """How a carrier connects: the boto3 client's timeouts, pool size and TLS settings."""
+
+    connect_timeout_s: float
+    read_timeout_s: float
+    pool_size: int
+    ssl_context: NotRequired[ssl.SSLContext | None]
+    socket_options: NotRequired[Sequence[SocketOption]]
+
+
 class _CarrierBase:
     """What both carriers share: the origin, the timeouts, TLS, and how a request is written."""
 
-    def __init__(
-        self,
-        origin: Origin,
-        *,
-        connect_timeout_s: float,
-        read_timeout_s: float,
-        max_idle_connections: int,
-        ssl_context: ssl.SSLContext | None = None,
-        socket_options: Sequence[SocketOption] = (),
-    ) -> None:
+    def __init__(self, origin: Origin, **settings: Unpack[CarrierSettings]) -> None:
+        ssl_context = settings.get("ssl_context")
         if origin.scheme == "https" and ssl_context is None:
             raise ValueError("an https origin needs an SSL context")
         self._origin = origin
-        self._connect_timeout_s = connect_timeout_s
-        self._read_timeout_s = read_timeout_s
-        self._max_idle = max_idle_connections
+        self._connect_timeout_s = settings["connect_timeout_s"]
+        self._read_timeout_s = settings["read_timeout_s"]
+        self._pool_size = settings["pool_size"]
         self._ssl_context = ssl_context if origin.scheme == "https" else None
-        self._socket_options = list(socket_options)
+        self._socket_options = list(settings.get("socket_options", ()))
         self._lock = threading.Lock()
         self._closed = False
 
@@ -409,27 +411,11 @@ class HttpCarrier(_CarrierBase):
     """Sends prepared (signed) requests to one origin over a pool of keep-alive connections.
 
     Thread-safe. Like botocore's pool it never blocks for a connection: a caller that finds no
-    idle one opens its own, and at most `max_idle_connections` are kept once returned.
+    idle one opens its own, and at most `pool_size` are kept once returned.
     """
 
-    def __init__(
-        self,
-        origin: Origin,
-        *,
-        connect_timeout_s: float,
-        read_timeout_s: float,
-        max_idle_connections: int,
-        ssl_context: ssl.SSLContext | None = None,
-        socket_options: Sequence[SocketOption] = (),
-    ) -> None:
-        super().__init__(
-            origin,
-            connect_timeout_s=connect_timeout_s,
-            read_timeout_s=read_timeout_s,
-            max_idle_connections=max_idle_connections,
-            ssl_context=ssl_context,
-            socket_options=socket_options,
-        )
+    def __init__(self, origin: Origin, **settings: Unpack[CarrierSettings]) -> None:
+        super().__init__(origin, **settings)
         self._idle: list[_Connection] = []
 
     def close(self) -> None:
@@ -472,7 +458,7 @@ class HttpCarrier(_CarrierBase):
 
     def _checkin(self, connection: _Connection) -> None:
         with self._lock:
-            if not self._closed and len(self._idle) < self._max_idle:
+            if not self._closed and len(self._idle) < self._pool_size:
                 self._idle.append(connection)
                 return
         connection.close()
@@ -522,29 +508,13 @@ class LoopHttpCarrier(_CarrierBase):
 
     Connections belong to the loop that opened them, so each loop has its own pool (a uvicorn
     worker has one loop; tests may run several). Unlike the thread carrier, a request waits for
-    a free connection once `max_connections` are in use: a burst on the event loop (batches of
+    a free connection once `pool_size` are in use: a burst on the event loop (batches of
     hundreds) then reuses connections instead of opening and dropping one per call. The read
     timeout applies to each wait for bytes, as a socket's does.
     """
 
-    def __init__(
-        self,
-        origin: Origin,
-        *,
-        connect_timeout_s: float,
-        read_timeout_s: float,
-        max_connections: int,
-        ssl_context: ssl.SSLContext | None = None,
-        socket_options: Sequence[SocketOption] = (),
-    ) -> None:
-        super().__init__(
-            origin,
-            connect_timeout_s=connect_timeout_s,
-            read_timeout_s=read_timeout_s,
-            max_idle_connections=max_connections,
-            ssl_context=ssl_context,
-            socket_options=socket_options,
-        )
+    def __init__(self, origin: Origin, **settings: Unpack[CarrierSettings]) -> None:
+        super().__init__(origin, **settings)
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPool]
         self._pools = weakref.WeakKeyDictionary()
 
@@ -574,7 +544,7 @@ class LoopHttpCarrier(_CarrierBase):
                 # hold their loop, so it would never be collected).
                 for gone in [other for other in self._pools if other.is_closed()]:
                     del self._pools[gone]
-                pool = self._pools[loop] = _LoopPool([], asyncio.Semaphore(self._max_idle))
+                pool = self._pools[loop] = _LoopPool([], asyncio.Semaphore(self._pool_size))
             return pool
 
     async def send(self, request: AWSPreparedRequest) -> AWSResponse:

@@ -45,7 +45,7 @@ from botocore.hooks import first_non_none_response
 from botocore.httpsession import create_urllib3_context, get_cert_path
 from botocore.model import OperationModel
 
-from app.crypto.kms_http import HttpCarrier, LoopHttpCarrier, Origin, SocketOption
+from app.crypto.kms_http import CarrierSettings, HttpCarrier, LoopHttpCarrier, Origin, SocketOption
 
 if TYPE_CHECKING:
     from mypy_boto3_kms.client import KMSClient
@@ -193,17 +193,14 @@ def _carriers_for(client: Any, url: str, origin: Origin) -> tuple[HttpCarrier, L
         return None
     config = client.meta.config
     socket_options: list[SocketOption] = list(getattr(http_session, "_socket_options", None) or [])
-    settings: dict[str, Any] = {
+    settings: CarrierSettings = {
         "connect_timeout_s": float(config.connect_timeout),
         "read_timeout_s": float(config.read_timeout),
+        "pool_size": int(config.max_pool_connections),
         "ssl_context": _ssl_context(verify, config.client_cert) if origin.scheme == "https" else None,
         "socket_options": socket_options,
     }
-    pool_size = int(config.max_pool_connections)
-    return (
-        HttpCarrier(origin, max_idle_connections=pool_size, **settings),
-        LoopHttpCarrier(origin, max_connections=pool_size, **settings),
-    )
+    return HttpCarrier(origin, **settings), LoopHttpCarrier(origin, **settings)
 
 
 class KmsWire:

@@ -11,7 +11,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -389,6 +389,121 @@ def test_on_the_event_loop_an_answer_that_came_while_the_loop_was_busy_is_no_tim
         loop_thread.run(asyncio.sleep(0))
         server.join(timeout=5)
         listener.close()
+
+
+class GatedServer:
+    """Answers every request with OK (keep-alive), but only once the gate is open."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.gate = threading.Event()
+        self.received = 0
+        self.connections = 0
+        self.closed_by_client = 0
+        self._stopping = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            worker = threading.Thread(target=self._serve, args=(connection,), daemon=True)
+            self._threads.append(worker)
+            worker.start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        connection.settimeout(5)
+        with connection:
+            try:
+                while connection.recv(65536):  # each request is small enough for one read
+                    self.received += 1
+                    self.gate.wait(10)
+                    connection.sendall(OK)
+            except TimeoutError:
+                return  # the client kept it open
+            self.closed_by_client += 1
+
+    @staticmethod
+    def _until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 3
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert condition()
+
+    def wait_for(self, requests: int) -> None:
+        self._until(lambda: self.received >= requests)
+
+    def wait_for_closed(self, connections: int) -> None:
+        self._until(lambda: self.closed_by_client >= connections)
+
+    def stop(self) -> None:
+        self.gate.set()
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.listener.close()
+
+
+@pytest.fixture
+def gated() -> Iterator[GatedServer]:
+    server = GatedServer()
+    yield server
+    server.stop()
+
+
+def test_on_the_event_loop_closing_from_another_thread_lets_requests_in_flight_finish_and_keeps_none(
+    gated: GatedServer, loop_thread: LoopThread
+) -> None:
+    carrier = LoopHttpCarrier(
+        Origin.from_url(gated.url), connect_timeout_s=2.0, read_timeout_s=5.0, pool_size=4
+    )
+    in_flight = [
+        asyncio.run_coroutine_threadsafe(carrier.send(request(gated.url)), loop_thread.loop) for _ in range(2)
+    ]
+    gated.wait_for(2)
+
+    carrier.close()  # from the test's thread, while both wait for their answers
+    gated.gate.set()
+
+    assert [future.result(timeout=5).content for future in in_flight] == [b"{}", b"{}"]
+    gated.wait_for_closed(2)  # closed once answered, not kept for a pool that is gone
+    assert loop_thread.run(carrier.send(request(gated.url))).content == b"{}"
+    assert gated.connections == 3
+
+
+def test_on_the_event_loop_a_request_cancelled_while_waiting_for_a_connection_frees_nothing_it_never_held(
+    gated: GatedServer, loop_thread: LoopThread
+) -> None:
+    carrier = LoopHttpCarrier(
+        Origin.from_url(gated.url), connect_timeout_s=2.0, read_timeout_s=5.0, pool_size=1
+    )
+
+    async def cancel_a_waiter_then_send() -> list[bytes]:
+        holding = asyncio.ensure_future(carrier.send(request(gated.url)))
+        while gated.received < 1:
+            await asyncio.sleep(0.005)
+        waiting = asyncio.ensure_future(carrier.send(request(gated.url)))  # no free connection
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        gated.gate.set()
+        first = (await holding).content
+        again = await asyncio.wait_for(carrier.send(request(gated.url)), 5)  # the one slot is free
+        return [first, again.content]
+
+    assert loop_thread.run(cancel_a_waiter_then_send()) == [b"{}", b"{}"]
+    assert gated.connections == 1 and gated.received == 2
+    carrier.close()
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ os.environ.pop("AWS_PROFILE", None)
 
 GRANTEE_ARN = "arn:aws:iam::123456789012:role/piivault"
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
-TABLES = ("audit_events", "audit_keys", "records", "grants", "api_keys", "principals")
+TABLES = ("audit_events", "audit_chain", "audit_keys", "records", "grants", "api_keys", "principals")
 
 
 def _answers(url: str) -> bool:
@@ -90,7 +90,9 @@ def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
     """A plain connection for arranging and inspecting rows with SQL; tables start empty."""
     with psycopg.connect(database_url, autocommit=True) as connection:
         connection.execute("TRUNCATE " + ", ".join(TABLES) + " RESTART IDENTITY CASCADE")
-        connection.execute("UPDATE audit_chain_head SET seq = 0, mac = decode(repeat('00', 32), 'hex')")
+        connection.execute(
+            "UPDATE audit_chain_head SET seq = 0, mac = decode(repeat('00', 32), 'hex'), sealed_below = 0"
+        )
         yield connection
 
 

@@ -20,11 +20,13 @@ import httpx
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from app.container import Vault, build_vault
 from app.db.repositories import EventRow
 from app.main import create_app
-from app.services.audit import chain_mac, event_mac, new_event_id
+from app.services.audit import build_event, chain_mac, event_mac, new_event_id
+from app.services.context import RequestContext
 from app.settings import Settings
 from tests.conftest import Actors, bearer, create_admin, create_grant, create_principal, make_settings
 from tests.processes import free_port, running, wait_for_http
@@ -44,7 +46,15 @@ def trail(client: TestClient, actors: Actors, vault: Vault, db: psycopg.Connecti
         client.get(f"/v1/tokens/{token.json()['token']}", headers=bearer(actors.onboarding))
     # Tampering comes later than the sealer (which runs every half second in a served vault).
     assert vault.auditor.seal() > 0
-    return [row[0] for row in db.execute("SELECT chain_seq FROM audit_events ORDER BY chain_seq")]
+    return chain_seqs(db)
+
+
+def chain_seqs(db: psycopg.Connection[Any]) -> list[int]:
+    return [row[0] for row in db.execute("SELECT seq FROM audit_chain ORDER BY seq")]
+
+
+# The row id of the event at a place in the chain, for tampering with plain SQL.
+AT_SEQ = "(SELECT event_row_id FROM audit_chain WHERE seq = %s)"
 
 
 def verify(client: TestClient, actors: Actors, **params: str) -> dict[str, Any]:
@@ -55,7 +65,7 @@ def verify(client: TestClient, actors: Actors, **params: str) -> dict[str, Any]:
 
 
 def event_id_at(db: psycopg.Connection[Any], seq: int) -> str:
-    row = db.execute("SELECT event_id FROM audit_events WHERE chain_seq = %s", (seq,)).fetchone()
+    row = db.execute(f"SELECT event_id FROM audit_events WHERE id = {AT_SEQ}", (seq,)).fetchone()  # noqa: S608
     assert row is not None
     return str(row[0])
 
@@ -64,12 +74,42 @@ def test_events_are_written_with_their_mac_and_sealed_in_order(
     client: TestClient, actors: Actors, vault: Vault, db: psycopg.Connection[Any]
 ) -> None:
     client.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding))
-    rows = db.execute("SELECT event_mac, chain_seq FROM audit_events ORDER BY id").fetchall()
-    assert rows and all(mac is not None and seq is None for mac, seq in rows)
+    rows = db.execute("SELECT event_mac FROM audit_events ORDER BY id").fetchall()
+    assert rows and all(mac is not None for (mac,) in rows)
+    assert chain_seqs(db) == []
     assert vault.auditor.seal() == len(rows)
-    sealed = [row[0] for row in db.execute("SELECT chain_seq FROM audit_events ORDER BY id")]
+    sealed = [row[0] for row in db.execute("SELECT seq FROM audit_chain ORDER BY event_row_id")]
     assert sealed == list(range(1, len(rows) + 1))
     assert vault.auditor.seal() == 0
+    # Sealed events are never looked at again: the sealer's horizon has passed their writers.
+    horizon = db.execute("SELECT sealed_below FROM audit_chain_head").fetchone()
+    newest = db.execute("SELECT max(written_xid) FROM audit_events").fetchone()
+    assert horizon is not None and newest is not None and horizon[0] > newest[0]
+
+
+def test_an_event_committed_after_newer_ones_were_sealed_is_still_sealed(
+    client: TestClient, actors: Actors, vault: Vault, db: psycopg.Connection[Any]
+) -> None:
+    # Row ids are handed out at insert, not at commit: a slow transaction's event has a lower id
+    # than events sealed before it commits. The sealer must neither skip it nor wait for it.
+    late = build_event("GrantCreated", "allowed", RequestContext(request_id="slow"), None)
+    with vault.database.transaction() as session:
+        vault.auditor.record(session, [late])
+        (open_xid,) = session.execute(text("SELECT (pg_current_xact_id()::text)::bigint")).one()
+        client.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding))
+        assert vault.auditor.seal() > 0
+        horizon = db.execute("SELECT sealed_below FROM audit_chain_head").fetchone()
+        assert horizon is not None and horizon[0] <= open_xid
+    unsealed_then = db.execute("SELECT count(*) FROM audit_events WHERE request_id = 'slow'").fetchone()
+    assert unsealed_then == (1,)
+    assert vault.auditor.seal() == 1
+    late_row = db.execute(
+        "SELECT c.seq FROM audit_chain c JOIN audit_events e ON e.id = c.event_row_id"
+        " WHERE e.request_id = 'slow'"
+    ).fetchone()
+    assert late_row is not None and late_row[0] == max(chain_seqs(db))
+    report = verify(client, actors)
+    assert report["ok"] is True, report
 
 
 def test_an_event_changed_before_sealing_is_never_chained(
@@ -80,7 +120,8 @@ def test_an_event_changed_before_sealing_is_never_chained(
     report = verify(client, actors)
     assert report["ok"] is False
     assert "fails its MAC" in report["first_bad_event"]["problem"]
-    assert db.execute("SELECT chain_seq FROM audit_events WHERE action = 'Tokenize'").fetchone() == (None,)
+    linked = "SELECT count(*) FROM audit_chain c JOIN audit_events e ON e.id = c.event_row_id"
+    assert db.execute(linked + " WHERE e.action = 'Tokenize'").fetchone() == (0,)
 
 
 def event_id_of_action(db: psycopg.Connection[Any], action: str) -> str:
@@ -111,7 +152,7 @@ def test_an_updated_field_is_found(
     client: TestClient, actors: Actors, db: psycopg.Connection[Any], trail: list[int], column: str, value: str
 ) -> None:
     target = trail[len(trail) // 2]
-    db.execute(f"UPDATE audit_events SET {column} = {value} WHERE chain_seq = %s", (target,))  # noqa: S608
+    db.execute(f"UPDATE audit_events SET {column} = {value} WHERE id = {AT_SEQ}", (target,))  # noqa: S608
     report = verify(client, actors)
     assert report["ok"] is False
     assert report["first_bad_event"]["event_id"] == event_id_at(db, target)
@@ -122,17 +163,44 @@ def test_a_deleted_event_is_found(
     client: TestClient, actors: Actors, db: psycopg.Connection[Any], trail: list[int]
 ) -> None:
     target = trail[5]
-    db.execute("DELETE FROM audit_events WHERE chain_seq = %s", (target,))
+    db.execute(f"DELETE FROM audit_events WHERE id = {AT_SEQ}", (target,))  # noqa: S608
+    report = verify(client, actors)
+    assert report["ok"] is False
+    assert report["first_bad_event"]["chain_seq"] == target
+    assert "deleted" in report["first_bad_event"]["problem"]
+
+
+def test_a_deleted_event_with_its_link_is_found(
+    client: TestClient, actors: Actors, db: psycopg.Connection[Any], trail: list[int]
+) -> None:
+    target = trail[5]
+    db.execute(f"DELETE FROM audit_events WHERE id = {AT_SEQ}", (target,))  # noqa: S608
+    db.execute("DELETE FROM audit_chain WHERE seq = %s", (target,))
     report = verify(client, actors)
     assert report["ok"] is False
     assert report["first_bad_event"]["chain_seq"] == target + 1
     assert "deleted" in report["first_bad_event"]["problem"]
 
 
+def test_a_deleted_link_is_found(
+    client: TestClient, actors: Actors, db: psycopg.Connection[Any], trail: list[int]
+) -> None:
+    target = trail[5]
+    db.execute("DELETE FROM audit_chain WHERE seq = %s", (target,))
+    report = verify(client, actors)
+    assert report["ok"] is False
+    # The event outlives its link: it is named as out of the chain though the sealer passed it.
+    assert "link was deleted" in report["first_bad_event"]["problem"]
+
+
 def test_deleting_the_newest_events_is_found(
     client: TestClient, actors: Actors, db: psycopg.Connection[Any], trail: list[int]
 ) -> None:
-    db.execute("DELETE FROM audit_events WHERE chain_seq >= %s", (trail[-3],))
+    db.execute(
+        "DELETE FROM audit_events WHERE id IN (SELECT event_row_id FROM audit_chain WHERE seq >= %s)",
+        (trail[-3],),
+    )
+    db.execute("DELETE FROM audit_chain WHERE seq >= %s", (trail[-3],))
     report = verify(client, actors)
     assert report["ok"] is False
 
@@ -140,13 +208,19 @@ def test_deleting_the_newest_events_is_found(
 def test_a_forged_event_is_found(
     client: TestClient, actors: Actors, db: psycopg.Connection[Any], trail: list[int]
 ) -> None:
-    # A forger with the database copies a real event's row and changes what it says.
-    db.execute(
+    # A forger with the database copies a real event's row and link and changes what it says.
+    forged_id = db.execute(
         """INSERT INTO audit_events (event_id, time, action, outcome, principal_name, customer_id,
-                                     chain_seq, key_version, prev_mac, mac)
-           SELECT gen_random_uuid(), time, 'Detokenize', 'allowed', 'kyc-app', '99999',
-                  (SELECT max(chain_seq) + 1 FROM audit_events), key_version, mac, mac
-           FROM audit_events WHERE chain_seq = (SELECT max(chain_seq) FROM audit_events)"""
+                                     key_version, event_mac)
+           SELECT gen_random_uuid(), time, 'Detokenize', 'allowed', 'kyc-app', '99999', key_version, event_mac
+           FROM audit_events WHERE id = (SELECT event_row_id FROM audit_chain ORDER BY seq DESC LIMIT 1)
+           RETURNING id"""
+    ).fetchone()
+    assert forged_id is not None
+    db.execute(
+        """INSERT INTO audit_chain (seq, event_row_id, prev_mac, mac)
+           SELECT seq + 1, %s, mac, mac FROM audit_chain ORDER BY seq DESC LIMIT 1""",
+        forged_id,
     )
     report = verify(client, actors)
     assert report["ok"] is False
@@ -172,13 +246,12 @@ def test_swapped_events_are_found(
     client: TestClient, actors: Actors, db: psycopg.Connection[Any], trail: list[int]
 ) -> None:
     first, second = trail[3], trail[4]
-    db.execute(
-        """UPDATE audit_events SET chain_seq = CASE chain_seq WHEN %(a)s THEN 999999999 ELSE chain_seq END
-           WHERE chain_seq = %(a)s""",
-        {"a": first},
-    )
-    db.execute("UPDATE audit_events SET chain_seq = %s WHERE chain_seq = %s", (first, second))
-    db.execute("UPDATE audit_events SET chain_seq = %s WHERE chain_seq = 999999999", (second,))
+    (a,), (b,) = db.execute(
+        "SELECT event_row_id FROM audit_chain WHERE seq IN (%s, %s) ORDER BY seq", (first, second)
+    ).fetchall()
+    db.execute("UPDATE audit_chain SET event_row_id = -1 WHERE seq = %s", (first,))
+    db.execute("UPDATE audit_chain SET event_row_id = %s WHERE seq = %s", (a, second))
+    db.execute("UPDATE audit_chain SET event_row_id = %s WHERE seq = %s", (b, first))
     report = verify(client, actors)
     assert report["ok"] is False
     assert report["first_bad_event"]["chain_seq"] == first
@@ -187,12 +260,12 @@ def test_swapped_events_are_found(
 def test_a_time_range_verifies_on_its_own(
     client: TestClient, actors: Actors, db: psycopg.Connection[Any], trail: list[int]
 ) -> None:
-    middle = db.execute("SELECT time FROM audit_events WHERE chain_seq = %s", (trail[6],)).fetchone()
+    middle = db.execute(f"SELECT time FROM audit_events WHERE id = {AT_SEQ}", (trail[6],)).fetchone()  # noqa: S608
     assert middle is not None
     since = middle[0].isoformat()
     ranged = verify(client, actors, since=since)
     assert ranged["ok"] is True and 0 < ranged["events_checked"] < ranged["head_seq"]
-    db.execute("UPDATE audit_events SET reason = 'x' WHERE chain_seq = %s", (trail[1],))
+    db.execute(f"UPDATE audit_events SET reason = 'x' WHERE id = {AT_SEQ}", (trail[1],))  # noqa: S608
     assert verify(client, actors, since=since)["ok"] is True  # the damage is before the range
     assert verify(client, actors)["ok"] is False
 
@@ -224,7 +297,7 @@ def test_cli_verifies_and_exports(
     assert [line["chain_seq"] for line in lines] == sorted(line["chain_seq"] for line in lines)
     assert len(lines) >= len(trail)
     assert "D1234" not in out.read_text()
-    db.execute("DELETE FROM audit_events WHERE chain_seq = %s", (trail[2],))
+    db.execute(f"DELETE FROM audit_events WHERE id = {AT_SEQ}", (trail[2],))  # noqa: S608
     broken = runner.invoke(cli.cli, ["audit", "verify"])
     assert broken.exit_code == 1
     assert json.loads(broken.stdout)["ok"] is False
@@ -285,8 +358,13 @@ def test_two_vault_processes_writing_at_once_leave_a_chain_that_verifies(
         report = httpx.get(f"{urls[1]}/v1/audit/verify", headers=bearer(admin)).json()
     assert report["ok"] is True, report
     assert report["events_checked"] >= 200 + 4
-    seqs = [row[0] for row in db.execute("SELECT chain_seq FROM audit_events ORDER BY chain_seq")]
+    seqs = chain_seqs(db)
     assert seqs == list(range(1, len(seqs) + 1))
+    unlinked = (
+        "SELECT count(*) FROM audit_events e"
+        " WHERE NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.event_row_id = e.id)"
+    )
+    assert db.execute(unlinked).fetchone() == (0,)
 
 
 class _Receiver(BaseHTTPRequestHandler):
@@ -382,22 +460,27 @@ def test_a_dead_webhook_neither_slows_nor_fails_requests(
 def test_an_event_numbered_below_the_chain_is_found(
     client: TestClient, actors: Actors, db: psycopg.Connection[Any], trail: list[int]
 ) -> None:
-    # The schema refuses such a row; a forger who owns the database drops the check first.
+    # The schema refuses such a link; a forger who owns the database drops the check first.
     with pytest.raises(psycopg.errors.CheckViolation):
-        db.execute("UPDATE audit_events SET chain_seq = 0 WHERE chain_seq = %s", (trail[-1],))
-    db.execute("ALTER TABLE audit_events DROP CONSTRAINT chain_seq_positive")
+        db.execute("UPDATE audit_chain SET seq = 0 WHERE seq = %s", (trail[-1],))
+    db.execute("ALTER TABLE audit_chain DROP CONSTRAINT audit_chain_seq_positive")
+    forged_id = db.execute(
+        """INSERT INTO audit_events (event_id, time, action, outcome, customer_id, key_version, event_mac)
+           SELECT gen_random_uuid(), time, 'Detokenize', 'allowed', '12345', key_version, event_mac
+           FROM audit_events WHERE id = (SELECT event_row_id FROM audit_chain WHERE seq = 1)
+           RETURNING id"""
+    ).fetchone()
+    assert forged_id is not None
     db.execute(
-        """INSERT INTO audit_events (event_id, time, action, outcome, customer_id, chain_seq, key_version,
-                                     event_mac, prev_mac, mac)
-           SELECT gen_random_uuid(), time, 'Detokenize', 'allowed', '12345', 0, key_version,
-                  event_mac, mac, mac
-           FROM audit_events WHERE chain_seq = 1"""
+        "INSERT INTO audit_chain (seq, event_row_id, prev_mac, mac)"
+        " SELECT 0, %s, mac, mac FROM audit_chain WHERE seq = 1",
+        forged_id,
     )
     try:
         report = verify(client, actors)
     finally:
-        db.execute("DELETE FROM audit_events WHERE chain_seq = 0")
-        db.execute("ALTER TABLE audit_events ADD CONSTRAINT chain_seq_positive CHECK (chain_seq >= 1)")
+        db.execute("DELETE FROM audit_chain WHERE seq = 0")
+        db.execute("ALTER TABLE audit_chain ADD CONSTRAINT audit_chain_seq_positive CHECK (seq >= 1)")
     assert report["ok"] is False
     assert report["first_bad_event"]["chain_seq"] == 0
 
@@ -408,9 +491,12 @@ def test_an_anchor_exposes_the_newest_events_deleted_with_the_head_rolled_back(
     anchor = verify(client, actors)
     assert anchor["ok"] is True and anchor["head_mac"]
     kept = anchor["head_seq"] - 3
-    row = db.execute("SELECT mac FROM audit_events WHERE chain_seq = %s", (kept,)).fetchone()
+    row = db.execute("SELECT mac FROM audit_chain WHERE seq = %s", (kept,)).fetchone()
     assert row is not None
-    db.execute("DELETE FROM audit_events WHERE chain_seq > %s", (kept,))
+    db.execute(
+        "DELETE FROM audit_events WHERE id IN (SELECT event_row_id FROM audit_chain WHERE seq > %s)", (kept,)
+    )
+    db.execute("DELETE FROM audit_chain WHERE seq > %s", (kept,))
     db.execute("UPDATE audit_chain_head SET seq = %s, mac = %s", (kept, row[0]))
     # Without an anchor the shortened chain is consistent: that is what anchors are for.
     assert verify(client, actors)["ok"] is True

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from psycopg import sql
 from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
 
+from app.container import Vault, build_vault
 from app.db.models import Base
 from app.db.session import normalise_url
+from app.migrate import alembic_config, upgrade
+from app.services.audit import build_event
+from app.services.context import RequestContext
+from tests.conftest import make_settings
 
 
 def test_migrated_schema_matches_the_models(database_url: str) -> None:
@@ -18,3 +31,50 @@ def test_migrated_schema_matches_the_models(database_url: str) -> None:
     finally:
         engine.dispose()
     assert differences == []
+
+
+@pytest.fixture
+def own_database(database_url: str) -> Iterator[str]:
+    """A database of this test's own, migrated to head: the test moves it between revisions."""
+    server = make_url(database_url).set(database="postgres").render_as_string(hide_password=False)
+    name = f"piivault_migrations_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server, autocommit=True) as connection:
+        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = make_url(server).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    yield url
+    with psycopg.connect(server, autocommit=True) as connection:
+        connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _write_events(vault: Vault, count: int) -> None:
+    events = [
+        build_event("Tokenize", "allowed", RequestContext(request_id=f"r{n}"), None) for n in range(count)
+    ]
+    with vault.database.transaction() as session:
+        vault.auditor.record(session, events)
+
+
+def test_an_audit_chain_moves_to_its_own_table_and_back_and_still_verifies(
+    own_database: str, kms_key_id: str
+) -> None:
+    settings = make_settings(own_database, kms_key_id)
+    before = build_vault(settings)
+    try:
+        _write_events(before, 6)
+        assert before.auditor.seal() == 6
+        _write_events(before, 2)  # not sealed when the schema changes
+    finally:
+        before.close()
+    command.downgrade(alembic_config(own_database), "0002")
+    with psycopg.connect(own_database) as connection:
+        counts = connection.execute("SELECT count(*), count(chain_seq) FROM audit_events").fetchone()
+    assert counts == (8, 6)
+    upgrade(own_database)
+    after = build_vault(settings)
+    try:
+        report = after.auditor.verify()  # seals the two first
+        assert report.ok, report
+        assert report.events_checked == 8 and report.head_seq == 8
+    finally:
+        after.close()

@@ -17,10 +17,11 @@ from sqlalchemy import (
     String,
     Text,
     func,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
 
 
 class Base(DeclarativeBase):
@@ -112,8 +113,28 @@ class Record(Base):
         return f"Record(token={self.token!r}, data_type={self.data_type!r})"
 
 
+class AuditChainLink(Base):
+    """An event's place in the audit chain, written once by the sealer: its sequence number, the
+    previous link's MAC and the chain MAC binding the two to the event's own MAC. Links live apart
+    from the events so that an event row, once written, is never updated."""
+
+    __tablename__ = "audit_chain"
+    __table_args__ = (CheckConstraint("seq >= 1", name="audit_chain_seq_positive"),)
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    event_row_id: Mapped[int] = mapped_column(BigInteger, unique=True)
+    prev_mac: Mapped[bytes] = mapped_column(LargeBinary)
+    mac: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+# The writing transaction's id, as a plain bigint (xid8 has no SQLAlchemy type): the sealer's
+# horizon compares it with the oldest transaction still running.
+CURRENT_TRANSACTION_ID = "(pg_current_xact_id()::text)::bigint"
+
+
 class AuditEvent(Base):
-    """One allow, deny or error. Never holds a value, a data key or an API key."""
+    """One allow, deny or error. Never holds a value, a data key or an API key. Written once,
+    never updated: its place in the chain is an AuditChainLink."""
 
     __tablename__ = "audit_events"
     __table_args__ = (
@@ -122,9 +143,8 @@ class AuditEvent(Base):
         Index("ix_audit_events_token", "token"),
         Index("ix_audit_events_principal_id", "principal_id"),
         Index("ix_audit_events_action_outcome", "action", "outcome"),
-        CheckConstraint("chain_seq >= 1", name="chain_seq_positive"),
-        # The sealer's work list: events not yet in the chain.
-        Index("ix_audit_events_unsealed", "id", postgresql_where=text("chain_seq IS NULL")),
+        # The sealer's work list: events written by transactions newer than its horizon.
+        Index("ix_audit_events_written_xid", "written_xid"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -147,14 +167,18 @@ class AuditEvent(Base):
     source_ip: Mapped[str | None] = mapped_column(String(64))
     user_agent: Mapped[str | None] = mapped_column(String(512))
     kms_request_id: Mapped[str | None] = mapped_column(String(128))
-    # Tamper evidence. At write: the MAC key's version and a MAC over every field. At sealing,
-    # moments later: the event's place in the chain, the previous link and the chain MAC.
-    # Nullable on purpose: a row inserted behind the vault's back is found, not refused.
+    # Tamper evidence, at write: the MAC key's version and a MAC over every field. Nullable on
+    # purpose: a row inserted behind the vault's back is found, not refused.
     key_version: Mapped[int | None] = mapped_column(SmallInteger)
     event_mac: Mapped[bytes | None] = mapped_column(LargeBinary)
-    chain_seq: Mapped[int | None] = mapped_column(BigInteger, unique=True)
-    prev_mac: Mapped[bytes | None] = mapped_column(LargeBinary)
-    mac: Mapped[bytes | None] = mapped_column(LargeBinary)
+    written_xid: Mapped[int] = mapped_column(BigInteger, server_default=text(CURRENT_TRANSACTION_ID))
+    # Its place in the chain, once sealed (None before).
+    chain_seq: Mapped[int | None] = column_property(
+        select(AuditChainLink.seq)
+        .where(AuditChainLink.event_row_id == id)
+        .correlate_except(AuditChainLink)
+        .scalar_subquery()
+    )
 
 
 class AuditChainHead(Base):
@@ -166,6 +190,8 @@ class AuditChainHead(Base):
     id: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     mac: Mapped[bytes] = mapped_column(LargeBinary)
+    # Every event written by a transaction older than this one is sealed (or can never be).
+    sealed_below: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
 
 
 class AuditKey(Base):

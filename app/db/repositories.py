@@ -15,9 +15,9 @@ import psycopg
 from psycopg.rows import namedtuple_row
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
-from app.db.models import ApiKey, AuditChainHead, AuditEvent, AuditKey, Grant, Principal
+from app.db.models import ApiKey, AuditChainHead, AuditChainLink, AuditEvent, AuditKey, Grant, Principal
 
 
 class PrincipalRepository:
@@ -339,9 +339,15 @@ class DataPathRepository:
             await self.connection.execute(_INSERT_RECORDS_AND_EVENTS, parameters)
 
 
+# Events the chain does not hold yet, among those written by transactions from the given one on
+# (older ones are all sealed): the written_xid index keeps this to the last moments' events. The
+# link lookup is a scalar subquery, so that it probes the event_row_id index once per candidate:
+# as NOT EXISTS, the planner may hash the whole chain instead, on every round.
 _UNSEALED = (
-    f"SELECT id, {', '.join(_EVENT_COLUMNS)} FROM audit_events"  # noqa: S608 (constant column names)
-    " WHERE chain_seq IS NULL AND id > %s ORDER BY id LIMIT %s"
+    f"SELECT e.id, {', '.join('e.' + column for column in _EVENT_COLUMNS)} FROM audit_events e"  # noqa: S608 (constant column names)
+    " WHERE e.written_xid >= %s AND e.id > %s"
+    " AND (SELECT c.seq FROM audit_chain c WHERE c.event_row_id = e.id) IS NULL"
+    " ORDER BY e.id LIMIT %s"
 )
 
 
@@ -351,28 +357,45 @@ class SealRepository:
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
         self.connection = connection
 
-    def lock_head(self) -> tuple[int, bytes] | None:
-        """The chain head (seq, mac), locked for this transaction; None if another sealer holds it."""
+    def lock_head(self) -> tuple[int, bytes, int] | None:
+        """The chain head (seq, mac, sealed_below), locked for this transaction; None if another
+        sealer holds it."""
         row = self.connection.execute(
-            "SELECT seq, mac FROM audit_chain_head WHERE id = 1 FOR UPDATE SKIP LOCKED"
+            "SELECT seq, mac, sealed_below FROM audit_chain_head WHERE id = 1 FOR UPDATE SKIP LOCKED"
         ).fetchone()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else (row[0], row[1], row[2])
 
-    def unsealed(self, limit: int, after_id: int) -> list[Any]:
-        """Committed events not yet in the chain, oldest first, after the given row id."""
+    def horizon(self) -> int:
+        """The oldest transaction still running: every event written by an older one is committed
+        (and visible to any later statement) or rolled back."""
+        row = self.connection.execute(
+            "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text)::bigint"
+        ).fetchone()
+        assert row is not None  # noqa: S101 (one row, always)
+        horizon: int = row[0]
+        return horizon
+
+    def unsealed(self, limit: int, after_id: int, written_from: int) -> list[Any]:
+        """Committed events not yet in the chain, oldest first, after the given row id, among
+        those written by transactions from written_from on."""
         with self.connection.cursor(binary=True, row_factory=namedtuple_row) as cursor:
-            return cursor.execute(_UNSEALED, (after_id, limit)).fetchall()
+            return cursor.execute(_UNSEALED, (written_from, after_id, limit)).fetchall()
 
-    def link(self, links: Sequence[tuple[int, bytes, bytes, int]]) -> None:
-        """Chain positions (seq, prev_mac, mac, row id) for many events, in one pipelined executemany."""
+    def link(self, links: Sequence[tuple[int, int, bytes, bytes]]) -> None:
+        """Chain links (seq, event row id, prev_mac, mac), inserted by COPY."""
         if links:
-            with self.connection.cursor() as cursor:
-                cursor.executemany(
-                    "UPDATE audit_events SET chain_seq = %s, prev_mac = %s, mac = %s WHERE id = %s", links
-                )
+            with (
+                self.connection.cursor() as cursor,
+                cursor.copy("COPY audit_chain (seq, event_row_id, prev_mac, mac) FROM STDIN") as copy,
+            ):
+                for link in links:
+                    copy.write_row(link)
 
-    def move_head(self, seq: int, mac: bytes) -> None:
-        self.connection.execute("UPDATE audit_chain_head SET seq = %s, mac = %s WHERE id = 1", (seq, mac))
+    def move_head(self, seq: int, mac: bytes, sealed_below: int) -> None:
+        self.connection.execute(
+            "UPDATE audit_chain_head SET seq = %s, mac = %s, sealed_below = %s WHERE id = 1",
+            (seq, mac, sealed_below),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,14 +421,10 @@ class AuditRepository:
             rows = [{column: getattr(event, column) for column in _EVENT_COLUMNS} for event in events]
             self.session.execute(insert(AuditEvent), rows)
 
-    def unsealed(self, limit: int, after_id: int) -> Sequence[AuditEvent]:
-        """Committed events not yet in the chain, oldest first, after the given row id."""
-        query = (
-            select(AuditEvent)
-            .where(AuditEvent.chain_seq.is_(None), AuditEvent.id > after_id)
-            .order_by(AuditEvent.id)
-            .limit(limit)
-        )
+    def unsealed(self, limit: int) -> Sequence[AuditEvent]:
+        """Committed events the chain does not hold, oldest first."""
+        linked = select(AuditChainLink.seq).where(AuditChainLink.event_row_id == AuditEvent.id)
+        query = select(AuditEvent).where(~linked.exists()).order_by(AuditEvent.id).limit(limit)
         return self.session.scalars(query).all()
 
     def head(self) -> AuditChainHead | None:
@@ -449,7 +468,9 @@ class AuditRepository:
         return self.session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit)).all()
 
     def seq_bounds(self, since: datetime | None, until: datetime | None) -> tuple[int | None, int | None]:
-        query = select(func.min(AuditEvent.chain_seq), func.max(AuditEvent.chain_seq))
+        query = select(func.min(AuditChainLink.seq), func.max(AuditChainLink.seq))
+        if since is not None or until is not None:
+            query = query.join(AuditEvent, AuditEvent.id == AuditChainLink.event_row_id)
         if since is not None:
             query = query.where(AuditEvent.time >= since)
         if until is not None:
@@ -457,15 +478,26 @@ class AuditRepository:
         low, high = self.session.execute(query).one()
         return low, high
 
-    def at_seq(self, seq: int) -> AuditEvent | None:
-        return self.session.scalar(select(AuditEvent).where(AuditEvent.chain_seq == seq))
+    def at_seq(self, seq: int) -> tuple[AuditEvent | None, AuditChainLink] | None:
+        """The link at this place in the chain, with its event (None if the event is gone)."""
+        link = self.session.get(AuditChainLink, seq)
+        if link is None:
+            return None
+        return self.session.get(AuditEvent, link.event_row_id), link
 
-    def walk(self, first_seq: int, last_seq: int, batch: int = 1000) -> Iterator[AuditEvent]:
-        """Events in chain order, streamed."""
+    def walk(
+        self, first_seq: int, last_seq: int, *, events_say_seq: bool = False, batch: int = 1000
+    ) -> Iterator[tuple[AuditEvent | None, AuditChainLink]]:
+        """Links in chain order with their events (None where an event is gone), streamed. The
+        events' own chain_seq is loaded only when asked for: the link says it."""
         query = (
-            select(AuditEvent)
-            .where(AuditEvent.chain_seq >= first_seq, AuditEvent.chain_seq <= last_seq)
-            .order_by(AuditEvent.chain_seq)
+            select(AuditChainLink, AuditEvent)
+            .outerjoin(AuditEvent, AuditEvent.id == AuditChainLink.event_row_id)
+            .where(AuditChainLink.seq >= first_seq, AuditChainLink.seq <= last_seq)
+            .order_by(AuditChainLink.seq)
             .execution_options(yield_per=batch)
         )
-        yield from self.session.scalars(query)
+        if not events_say_seq:
+            query = query.options(defer(AuditEvent.chain_seq))
+        for link, event in self.session.execute(query):
+            yield event, link

@@ -6,8 +6,9 @@ written in a transaction of their own, since the request itself is refused and r
 
 Tamper evidence, in two steps. As it is written, each event gets an HMAC over every field (no lock,
 so writers never queue behind each other). Moments later a sealer (one at a time, cluster-wide)
-chains committed events: each gets the next sequence number, the previous link and a chain MAC
-binding the two. The HMAC key is wrapped by the key provider (KMS), so someone with only the
+chains committed events: each gets a link (the next sequence number, the previous link's MAC and
+a chain MAC binding the two to the event's MAC) in a table of its own, so an event row is written
+once and never updated. The HMAC key is wrapped by the key provider (KMS), so someone with only the
 database can neither forge an event nor mend the chain after changing, deleting, inserting or
 reordering events. The one gap: an event deleted in the moments before it is sealed leaves no trace.
 """
@@ -317,17 +318,25 @@ class Auditor:
         An event whose own MAC does not verify (written behind the vault's back, or changed
         before it was sealed) is never chained: it stays outside, and verify names it. The new
         head is logged as a checkpoint, so a copy outside the database (the SIEM) can anchor it.
+
+        Work is found by transaction id, not by marking events: the head keeps sealed_below, and
+        only events written from that transaction on are looked at. A pass that has looked at
+        everything moves it up to the horizon it took before its first look: every event written
+        by a transaction older than that was visible to each look that followed.
         """
-        sealed, after_id = 0, 0
+        sealed, after_id, seq, prev = 0, 0, 0, GENESIS_MAC
+        horizon: int | None = None
         while True:
             with self._database.raw_transaction() as connection:
                 repository = SealRepository(connection)
                 head = repository.lock_head()
                 if head is None:
                     return sealed  # another replica is sealing right now
-                pending = repository.unsealed(batch, after_id)
-                seq, prev = head
-                links: list[tuple[int, bytes, bytes, int]] = []
+                if horizon is None:
+                    horizon = repository.horizon()
+                seq, prev, written_from = head
+                pending = repository.unsealed(batch, after_id, written_from)
+                links: list[tuple[int, int, bytes, bytes]] = []
                 for event in pending:
                     key = self._verified_key(event)
                     if key is None or event.event_mac is None:
@@ -335,14 +344,15 @@ class Auditor:
                         continue
                     seq += 1
                     mac = chain_mac(key, seq, prev, event.event_mac)
-                    links.append((seq, prev, mac, event.id))
+                    links.append((seq, event.id, prev, mac))
                     prev = mac
                     sealed += 1
                 repository.link(links)
-                repository.move_head(seq, prev)
+                drained = len(pending) < batch
+                repository.move_head(seq, prev, max(written_from, horizon) if drained else written_from)
             if pending:
                 after_id = pending[-1].id
-            if len(pending) < batch:
+            if drained:
                 break
         if sealed:
             log.info(json.dumps({"audit_checkpoint": {"seq": seq, "mac": prev.hex()}}))
@@ -373,15 +383,16 @@ class Auditor:
     def _check_anchor(
         self, repository: AuditRepository, report: VerifyReport, seq: int, mac: bytes
     ) -> VerifyReport:
-        event = repository.at_seq(seq)
-        if seq > report.head_seq or event is None or event.mac is None:
+        found = repository.at_seq(seq)
+        if seq > report.head_seq or found is None:
             problem = f"the anchored event {seq} is gone: the newest events were deleted"
             return VerifyReport(
                 False, report.events_checked, report.head_seq, {"chain_seq": seq, "problem": problem}
             )
-        if not hmac.compare_digest(event.mac, mac):
+        event, link = found
+        if not hmac.compare_digest(link.mac, mac):
             problem = "the anchored event's MAC differs: the chain was rewritten"
-            return _bad(report.events_checked, report.head_seq, event, problem)
+            return _bad(report.events_checked, report.head_seq, problem, event, seq)
         return report
 
     def _verify(
@@ -389,10 +400,15 @@ class Auditor:
     ) -> VerifyReport:
         head = repository.head()
         head_seq = head.seq if head else 0
-        # Events not sealed yet are fine if their own MAC holds (the sealer has not reached them).
-        for stray in repository.unsealed(1000, 0):
+        sealed_below = head.sealed_below if head else 0
+        # Events not sealed yet are fine if their own MAC holds and the sealer has not passed them.
+        for stray in repository.unsealed(1000):
             if self._verified_key(stray) is None:
-                return _bad(0, head_seq, stray, "not in the chain: fails its MAC (forged or modified)")
+                return _bad(0, head_seq, "not in the chain: fails its MAC (forged or modified)", stray)
+            if stray.written_xid < sealed_below:
+                return _bad(
+                    0, head_seq, "not in the chain though the sealer passed it: its link was deleted", stray
+                )
         low, high = repository.seq_bounds(since, until)
         ranged = since is not None or until is not None
         if low is None or high is None:
@@ -402,35 +418,36 @@ class Auditor:
                 )
             return VerifyReport(True, 0, head_seq)
         if low < 1:
-            forged = repository.at_seq(low)
-            if forged is not None:
-                return _bad(0, head_seq, forged, "outside the chain's numbering: forged")
-        # Unranged, walk past the head too: an event appended behind the vault's back is found.
+            found = repository.at_seq(low)
+            return _bad(
+                0, head_seq, "outside the chain's numbering: forged", found[0] if found else None, low
+            )
+        # Unranged, walk past the head too: a link appended behind the vault's back is found.
         first, last = (low, high) if ranged else (1, max(head_seq, high))
         prev = GENESIS_MAC
         if first > 1:
             before = repository.at_seq(first - 1)
-            if before is None or before.mac is None:
+            if before is None:
                 return VerifyReport(
                     False, 0, head_seq, {"chain_seq": first - 1, "problem": "missing: event deleted"}
                 )
-            prev = before.mac
+            prev = before[1].mac
         expected, checked = first, 0
-        for event in repository.walk(first, last):
-            if event.chain_seq != expected:
-                return _bad(
-                    checked, head_seq, event, f"events {expected}..{event.chain_seq} missing: deleted"
-                )
-            if event.prev_mac != prev:
-                return _bad(checked, head_seq, event, "broken link: events inserted, deleted or reordered")
+        for event, link in repository.walk(first, last):
+            if link.seq != expected:
+                problem = f"events {expected}..{link.seq - 1} missing: deleted"
+                return _bad(checked, head_seq, problem, event, link.seq)
+            if event is None:
+                return _bad(checked, head_seq, "missing: event deleted", None, link.seq)
+            if link.prev_mac != prev:
+                problem = "broken link: events inserted, deleted or reordered"
+                return _bad(checked, head_seq, problem, event, link.seq)
             key = self._verified_key(event)
             if key is None or event.event_mac is None:
-                return _bad(checked, head_seq, event, "MAC mismatch: event modified or forged")
-            if event.mac is None or not hmac.compare_digest(
-                chain_mac(key, expected, prev, event.event_mac), event.mac
-            ):
-                return _bad(checked, head_seq, event, "chain MAC mismatch: event moved or forged")
-            prev, expected, checked = event.mac, expected + 1, checked + 1
+                return _bad(checked, head_seq, "MAC mismatch: event modified or forged", event, link.seq)
+            if not hmac.compare_digest(chain_mac(key, expected, prev, event.event_mac), link.mac):
+                return _bad(checked, head_seq, "chain MAC mismatch: event moved or forged", event, link.seq)
+            prev, expected, checked = link.mac, expected + 1, checked + 1
         if expected != last + 1:
             return VerifyReport(
                 False, checked, head_seq, {"chain_seq": expected, "problem": "missing: events deleted"}
@@ -449,12 +466,20 @@ class Auditor:
             repository = AuditRepository(session)
             low, high = repository.seq_bounds(since, until)
             if low is not None and high is not None:
-                yield from repository.walk(low, high)
+                for event, _ in repository.walk(low, high, events_say_seq=True):
+                    if event is not None:  # a deleted event is verify's to report, not export's
+                        yield event
 
     def close(self) -> None:
         self._alerter.close()
 
 
-def _bad(checked: int, head_seq: int, event: AuditEvent, problem: str) -> VerifyReport:
-    bad = {"event_id": str(event.event_id), "chain_seq": event.chain_seq, "problem": problem}
+def _bad(
+    checked: int, head_seq: int, problem: str, event: AuditEvent | None = None, seq: int | None = None
+) -> VerifyReport:
+    bad = {
+        "event_id": str(event.event_id) if event is not None else None,
+        "chain_seq": seq if seq is not None else getattr(event, "chain_seq", None),
+        "problem": problem,
+    }
     return VerifyReport(False, checked, head_seq, bad)

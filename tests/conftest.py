@@ -91,7 +91,8 @@ def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(database_url, autocommit=True) as connection:
         connection.execute("TRUNCATE " + ", ".join(TABLES) + " RESTART IDENTITY CASCADE")
         connection.execute(
-            "UPDATE audit_chain_head SET seq = 0, mac = decode(repeat('00', 32), 'hex'), sealed_below = 0"
+            "UPDATE audit_chain_head SET seq = 0, mac = decode(repeat('00', 32), 'hex'),"
+            " sealed_below = 0, pending_xids = '{}'"
         )
         yield connection
 

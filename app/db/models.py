@@ -190,8 +190,10 @@ class AuditChainHead(Base):
     id: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     mac: Mapped[bytes] = mapped_column(LargeBinary)
-    # Every event written by a transaction older than this one is sealed (or can never be).
+    # Every event written by a transaction older than sealed_below and not in pending_xids (those
+    # still running when the sealer last looked) is sealed, or can never be.
     sealed_below: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    pending_xids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), server_default=text("'{}'"))
 
 
 class AuditKey(Base):

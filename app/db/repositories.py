@@ -339,13 +339,14 @@ class DataPathRepository:
             await self.connection.execute(_INSERT_RECORDS_AND_EVENTS, parameters)
 
 
-# Events the chain does not hold yet, among those written by transactions from the given one on
-# (older ones are all sealed): the written_xid index keeps this to the last moments' events. The
+# Events the chain does not hold yet, among those written by transactions from the given one on or
+# still running when the sealer last looked (all others are sealed): the written_xid index keeps
+# this to the last moments' events, even while some transaction stays open for long. The
 # link lookup is a scalar subquery, so that it probes the event_row_id index once per candidate:
 # as NOT EXISTS, the planner may hash the whole chain instead, on every round.
 _UNSEALED = (
     f"SELECT e.id, {', '.join('e.' + column for column in _EVENT_COLUMNS)} FROM audit_events e"  # noqa: S608 (constant column names)
-    " WHERE e.written_xid >= %s AND e.id > %s"
+    " WHERE (e.written_xid >= %s OR e.written_xid = ANY(%s)) AND e.id > %s"
     " AND (SELECT c.seq FROM audit_chain c WHERE c.event_row_id = e.id) IS NULL"
     " ORDER BY e.id LIMIT %s"
 )
@@ -357,29 +358,37 @@ class SealRepository:
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
         self.connection = connection
 
-    def lock_head(self) -> tuple[int, bytes, int] | None:
-        """The chain head (seq, mac, sealed_below), locked for this transaction; None if another
-        sealer holds it."""
+    def lock_head(self) -> tuple[int, bytes, int, list[int]] | None:
+        """The chain head (seq, mac, sealed_below, pending_xids), locked for this transaction;
+        None if another sealer holds it."""
         row = self.connection.execute(
-            "SELECT seq, mac, sealed_below FROM audit_chain_head WHERE id = 1 FOR UPDATE SKIP LOCKED"
+            "SELECT seq, mac, sealed_below, pending_xids FROM audit_chain_head WHERE id = 1"
+            " FOR UPDATE SKIP LOCKED"
         ).fetchone()
-        return None if row is None else (row[0], row[1], row[2])
+        return None if row is None else (row[0], row[1], row[2], list(row[3]))
 
-    def horizon(self) -> int:
-        """The oldest transaction still running: every event written by an older one is committed
-        (and visible to any later statement) or rolled back."""
+    def horizon(self) -> tuple[int, list[int]]:
+        """This moment's first unassigned transaction id and the transactions still running:
+        every other one has ended, so its events, if it committed, are visible to any later
+        statement."""
         row = self.connection.execute(
-            "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text)::bigint"
+            "SELECT (pg_snapshot_xmax(s)::text)::bigint,"
+            " ARRAY(SELECT (x::text)::bigint FROM pg_snapshot_xip(s) x)"
+            " FROM pg_current_snapshot() s"
         ).fetchone()
         assert row is not None  # noqa: S101 (one row, always)
-        horizon: int = row[0]
-        return horizon
+        return row[0], list(row[1])
 
-    def unsealed(self, limit: int, after_id: int, written_from: int) -> list[Any]:
+    def unsealed(
+        self, limit: int, after_id: int, written_from: int, pending_xids: Sequence[int]
+    ) -> list[Any]:
         """Committed events not yet in the chain, oldest first, after the given row id, among
-        those written by transactions from written_from on."""
+        those written by transactions from written_from on or in pending_xids."""
         with self.connection.cursor(binary=True, row_factory=namedtuple_row) as cursor:
-            return cursor.execute(_UNSEALED, (written_from, after_id, limit)).fetchall()
+            parameters = (written_from, list(pending_xids), after_id, limit)
+            # Planned for these values every time: a generic plan cannot know that written_from
+            # is recent, and walks the whole table by id instead of the written_xid index.
+            return cursor.execute(_UNSEALED, parameters, prepare=False).fetchall()
 
     def link(self, links: Sequence[tuple[int, int, bytes, bytes]]) -> None:
         """Chain links (seq, event row id, prev_mac, mac), inserted by COPY."""
@@ -391,10 +400,11 @@ class SealRepository:
                 for link in links:
                     copy.write_row(link)
 
-    def move_head(self, seq: int, mac: bytes, sealed_below: int) -> None:
+    def move_head(self, seq: int, mac: bytes, sealed_below: int, pending_xids: Sequence[int]) -> None:
         self.connection.execute(
-            "UPDATE audit_chain_head SET seq = %s, mac = %s, sealed_below = %s WHERE id = 1",
-            (seq, mac, sealed_below),
+            "UPDATE audit_chain_head SET seq = %s, mac = %s, sealed_below = %s, pending_xids = %s"
+            " WHERE id = 1",
+            (seq, mac, sealed_below, list(pending_xids)),
         )
 
 

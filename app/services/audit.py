@@ -319,13 +319,16 @@ class Auditor:
         before it was sealed) is never chained: it stays outside, and verify names it. The new
         head is logged as a checkpoint, so a copy outside the database (the SIEM) can anchor it.
 
-        Work is found by transaction id, not by marking events: the head keeps sealed_below, and
-        only events written from that transaction on are looked at. A pass that has looked at
-        everything moves it up to the horizon it took before its first look: every event written
-        by a transaction older than that was visible to each look that followed.
+        Work is found by transaction id, not by marking events: the head keeps sealed_below and
+        pending_xids, and only events written by transactions from sealed_below on, or in
+        pending_xids, are looked at. A pass that has looked at everything moves them to the
+        horizon it took before its first look (the first unassigned transaction id and those
+        still running): every other transaction had ended by then, so its events were visible
+        to each look that followed. A transaction left open for long holds back only its own
+        events, not the sealer's window.
         """
         sealed, after_id, seq, prev = 0, 0, 0, GENESIS_MAC
-        horizon: int | None = None
+        horizon: tuple[int, list[int]] | None = None
         while True:
             with self._database.raw_transaction() as connection:
                 repository = SealRepository(connection)
@@ -334,8 +337,8 @@ class Auditor:
                     return sealed  # another replica is sealing right now
                 if horizon is None:
                     horizon = repository.horizon()
-                seq, prev, written_from = head
-                pending = repository.unsealed(batch, after_id, written_from)
+                seq, prev, written_from, still_running = head
+                pending = repository.unsealed(batch, after_id, written_from, still_running)
                 links: list[tuple[int, int, bytes, bytes]] = []
                 for event in pending:
                     key = self._verified_key(event)
@@ -349,7 +352,10 @@ class Auditor:
                     sealed += 1
                 repository.link(links)
                 drained = len(pending) < batch
-                repository.move_head(seq, prev, max(written_from, horizon) if drained else written_from)
+                if drained and horizon[0] >= written_from:
+                    repository.move_head(seq, prev, *horizon)
+                else:  # more to look at, or another replica has since moved on from a later horizon
+                    repository.move_head(seq, prev, written_from, still_running)
             if pending:
                 after_id = pending[-1].id
             if drained:
@@ -401,11 +407,12 @@ class Auditor:
         head = repository.head()
         head_seq = head.seq if head else 0
         sealed_below = head.sealed_below if head else 0
+        still_running = set(head.pending_xids) if head else set()
         # Events not sealed yet are fine if their own MAC holds and the sealer has not passed them.
         for stray in repository.unsealed(1000):
             if self._verified_key(stray) is None:
                 return _bad(0, head_seq, "not in the chain: fails its MAC (forged or modified)", stray)
-            if stray.written_xid < sealed_below:
+            if stray.written_xid < sealed_below and stray.written_xid not in still_running:
                 return _bad(
                     0, head_seq, "not in the chain though the sealer passed it: its link was deleted", stray
                 )

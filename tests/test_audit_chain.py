@@ -115,6 +115,33 @@ def test_an_event_committed_after_newer_ones_were_sealed_is_still_sealed(
     assert report["ok"] is True, report
 
 
+def test_a_pass_of_many_small_batches_seals_everything_once_in_order(
+    client: TestClient, actors: Actors, vault: Vault, db: psycopg.Connection[Any]
+) -> None:
+    for n in range(5):
+        client.post("/v1/tokens", json={**LICENCE, "customer_id": f"c{n}"}, headers=bearer(actors.onboarding))
+    written = db.execute("SELECT count(*) FROM audit_events").fetchone()
+    assert written is not None
+    assert vault.auditor.seal(batch=1) == written[0]
+    order = [row[0] for row in db.execute("SELECT event_row_id FROM audit_chain ORDER BY seq")]
+    assert order == sorted(order) and len(order) == written[0]
+    assert vault.auditor.seal(batch=1) == 0
+    assert verify(client, actors)["ok"] is True
+
+
+def test_sealing_carries_on_when_transaction_ids_go_back(
+    client: TestClient, actors: Actors, vault: Vault, db: psycopg.Connection[Any]
+) -> None:
+    # A restore into another cluster: the head remembers ids far ahead of the new ones.
+    vault.auditor.seal()
+    db.execute("UPDATE audit_chain_head SET sealed_below = 9000000000000, pending_xids = '{}'")
+    client.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding))
+    assert vault.auditor.seal() == 1
+    head = db.execute("SELECT sealed_below FROM audit_chain_head").fetchone()
+    assert head is not None and head[0] < 9000000000000
+    assert verify(client, actors)["ok"] is True
+
+
 def test_an_event_changed_before_sealing_is_never_chained(
     client: TestClient, actors: Actors, db: psycopg.Connection[Any]
 ) -> None:
@@ -194,6 +221,33 @@ def test_a_deleted_link_is_found(
     assert report["ok"] is False
     # The event outlives its link: it is named as out of the chain though the sealer passed it.
     assert "link was deleted" in report["first_bad_event"]["problem"]
+
+
+def test_a_deleted_newest_link_is_found_though_the_head_was_rolled_back(
+    client: TestClient, actors: Actors, db: psycopg.Connection[Any], trail: list[int]
+) -> None:
+    # The event stays; its link goes, and the head is moved back to the link before it.
+    newest = trail[-1]
+    before = db.execute("SELECT mac FROM audit_chain WHERE seq = %s", (newest - 1,)).fetchone()
+    assert before is not None
+    db.execute("DELETE FROM audit_chain WHERE seq = %s", (newest,))
+    db.execute("UPDATE audit_chain_head SET seq = %s, mac = %s", (newest - 1, before[0]))
+    report = verify(client, actors)
+    assert report["ok"] is False
+    assert "link was deleted" in report["first_bad_event"]["problem"]
+
+
+def test_a_link_planted_past_the_head_is_reported_not_raised(
+    client: TestClient, actors: Actors, vault: Vault, db: psycopg.Connection[Any], trail: list[int]
+) -> None:
+    client.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding))  # waits to be sealed
+    db.execute(
+        "INSERT INTO audit_chain (seq, event_row_id, prev_mac, mac)"
+        " SELECT seq + 1, 999999, mac, mac FROM audit_chain ORDER BY seq DESC LIMIT 1"
+    )
+    report = verify(client, actors)
+    assert report["ok"] is False
+    assert report["first_bad_event"]["chain_seq"] == trail[-1] + 1
 
 
 def test_deleting_the_newest_events_is_found(

@@ -31,10 +31,11 @@ def app_role(database_url: str, db: psycopg.Connection[Any]) -> Iterator[str]:
     db.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
     db.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(name), ident))
     db.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(ident))
-    db.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {}").format(ident))
+    everything = "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {}"
+    db.execute(sql.SQL(everything).format(ident))
     db.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}").format(ident))
     db.execute(
-        sql.SQL("REVOKE UPDATE ON {} FROM {}").format(
+        sql.SQL("REVOKE UPDATE, DELETE ON {} FROM {}").format(
             sql.SQL(", ").join(map(sql.Identifier, APPEND_ONLY)), ident
         )
     )

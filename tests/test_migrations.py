@@ -78,3 +78,16 @@ def test_an_audit_chain_moves_to_its_own_table_and_back_and_still_verifies(
         assert report.events_checked == 8 and report.head_seq == 8
     finally:
         after.close()
+    # A link blanked behind the vault's back in the old layout moves over broken, for verify to
+    # name, instead of failing the upgrade.
+    command.downgrade(alembic_config(own_database), "0002")
+    with psycopg.connect(own_database) as connection:
+        connection.execute("UPDATE audit_events SET mac = NULL, prev_mac = NULL WHERE chain_seq = 3")
+    upgrade(own_database)
+    tampered = build_vault(settings)
+    try:
+        report = tampered.auditor.verify()
+        assert not report.ok and report.first_bad_event is not None
+        assert report.first_bad_event["chain_seq"] == 3
+    finally:
+        tampered.close()

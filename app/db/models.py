@@ -144,7 +144,7 @@ class AuditEvent(Base):
         Index("ix_audit_events_principal_id", "principal_id"),
         Index("ix_audit_events_action_outcome", "action", "outcome"),
         # The sealer's work list: events written by transactions newer than its horizon.
-        Index("ix_audit_events_written_xid", "written_xid"),
+        Index("ix_audit_events_written_xid", "written_xid", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)

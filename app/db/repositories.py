@@ -339,17 +339,21 @@ class DataPathRepository:
             await self.connection.execute(_INSERT_RECORDS_AND_EVENTS, parameters)
 
 
-# Events the chain does not hold yet, among those written by transactions from the given one on or
-# still running when the sealer last looked (all others are sealed): the written_xid index keeps
-# this to the last moments' events, even while some transaction stays open for long. The
-# link lookup is a scalar subquery, so that it probes the event_row_id index once per candidate:
-# as NOT EXISTS, the planner may hash the whole chain instead, on every round.
-_UNSEALED = (
-    f"SELECT e.id, {', '.join('e.' + column for column in _EVENT_COLUMNS)} FROM audit_events e"  # noqa: S608 (constant column names)
-    " WHERE (e.written_xid >= %s OR e.written_xid = ANY(%s)) AND e.id > %s"
-    " AND (SELECT c.seq FROM audit_chain c WHERE c.event_row_id = e.id) IS NULL"
-    " ORDER BY e.id LIMIT %s"
+# Events the chain does not hold yet, written by transactions from the given one on, in
+# (written_xid, id) order after the given pair: one range of the (written_xid, id) index per
+# batch. The link lookup is a scalar subquery, so that it probes the event_row_id index once per
+# row: as NOT EXISTS, the planner may hash the whole chain instead.
+_EVENT_SELECT = (
+    f"SELECT e.id, e.written_xid, {', '.join('e.' + c for c in _EVENT_COLUMNS)} FROM audit_events e"  # noqa: S608 (constant column names)
 )
+_UNLINKED = "(SELECT c.seq FROM audit_chain c WHERE c.event_row_id = e.id) IS NULL"
+_UNSEALED_FROM = (
+    f"{_EVENT_SELECT} WHERE e.written_xid >= %s AND (e.written_xid, e.id) > (%s, %s) AND {_UNLINKED}"
+    " ORDER BY e.written_xid, e.id LIMIT %s"
+)
+# Events the chain does not hold yet, written by the given transactions (those still running when
+# the sealer last looked: few, and their events fewer).
+_UNSEALED_OF = f"{_EVENT_SELECT} WHERE e.written_xid = ANY(%s) AND {_UNLINKED} ORDER BY e.written_xid, e.id"
 
 
 class SealRepository:
@@ -379,16 +383,21 @@ class SealRepository:
         assert row is not None  # noqa: S101 (one row, always)
         return row[0], list(row[1])
 
-    def unsealed(
-        self, limit: int, after_id: int, written_from: int, pending_xids: Sequence[int]
-    ) -> list[Any]:
-        """Committed events not yet in the chain, oldest first, after the given row id, among
-        those written by transactions from written_from on or in pending_xids."""
+    def unsealed_of(self, xids: Sequence[int]) -> list[Any]:
+        """Committed events not yet in the chain, written by these transactions."""
+        if not xids:
+            return []
         with self.connection.cursor(binary=True, row_factory=namedtuple_row) as cursor:
-            parameters = (written_from, list(pending_xids), after_id, limit)
+            return cursor.execute(_UNSEALED_OF, (list(xids),), prepare=False).fetchall()
+
+    def unsealed_from(self, written_from: int, after: tuple[int, int], limit: int) -> list[Any]:
+        """Committed events not yet in the chain, written by transactions from written_from on,
+        in (written_xid, id) order after the given pair."""
+        with self.connection.cursor(binary=True, row_factory=namedtuple_row) as cursor:
             # Planned for these values every time: a generic plan cannot know that written_from
-            # is recent, and walks the whole table by id instead of the written_xid index.
-            return cursor.execute(_UNSEALED, parameters, prepare=False).fetchall()
+            # is recent.
+            parameters = (written_from, *after, limit)
+            return cursor.execute(_UNSEALED_FROM, parameters, prepare=False).fetchall()
 
     def link(self, links: Sequence[tuple[int, int, bytes, bytes]]) -> None:
         """Chain links (seq, event row id, prev_mac, mac), inserted by COPY."""
@@ -431,11 +440,16 @@ class AuditRepository:
             rows = [{column: getattr(event, column) for column in _EVENT_COLUMNS} for event in events]
             self.session.execute(insert(AuditEvent), rows)
 
-    def unsealed(self, limit: int) -> Sequence[AuditEvent]:
-        """Committed events the chain does not hold, oldest first."""
+    def unsealed(self, batch: int = 1000) -> Iterator[AuditEvent]:
+        """Committed events the chain does not hold, oldest first, streamed."""
         linked = select(AuditChainLink.seq).where(AuditChainLink.event_row_id == AuditEvent.id)
-        query = select(AuditEvent).where(~linked.exists()).order_by(AuditEvent.id).limit(limit)
-        return self.session.scalars(query).all()
+        query = (
+            select(AuditEvent)
+            .where(~linked.exists())
+            .order_by(AuditEvent.id)
+            .execution_options(yield_per=batch)
+        )
+        yield from self.session.scalars(query)
 
     def head(self) -> AuditChainHead | None:
         return self.session.get(AuditChainHead, 1, populate_existing=True)

@@ -32,25 +32,31 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("seq"),
         sa.UniqueConstraint("event_row_id"),
     )
+    # A link whose MACs were blanked behind the vault's back moves over as a broken link, for
+    # verify to name, rather than failing the upgrade.
     op.execute(
         "INSERT INTO audit_chain (seq, event_row_id, prev_mac, mac)"
-        " SELECT chain_seq, id, prev_mac, mac FROM audit_events WHERE chain_seq IS NOT NULL"
+        " SELECT chain_seq, id, coalesce(prev_mac, ''::bytea), coalesce(mac, ''::bytea)"
+        " FROM audit_events WHERE chain_seq IS NOT NULL"
     )
-    # Existing rows get this migration's transaction id: those not yet sealed are sealed next.
+    # Existing rows count as written by transaction 0, already looked at (sealed_below = 1), but
+    # for those not yet sealed, which get this migration's transaction id: the sealer's first
+    # pass reads them, not the whole table. (A constant default adds the column without a rewrite.)
     op.add_column(
-        "audit_events",
-        sa.Column(
-            "written_xid",
-            sa.BigInteger(),
-            server_default=sa.text("(pg_current_xact_id()::text)::bigint"),
-            nullable=False,
-        ),
+        "audit_events", sa.Column("written_xid", sa.BigInteger(), server_default="0", nullable=False)
     )
-    op.create_index("ix_audit_events_written_xid", "audit_events", ["written_xid"], unique=False)
+    op.alter_column(
+        "audit_events", "written_xid", server_default=sa.text("(pg_current_xact_id()::text)::bigint")
+    )
+    op.execute(
+        "UPDATE audit_events SET written_xid = (pg_current_xact_id()::text)::bigint WHERE chain_seq IS NULL"
+    )
+    op.create_index("ix_audit_events_written_xid", "audit_events", ["written_xid", "id"], unique=False)
     op.add_column(
         "audit_chain_head",
         sa.Column("sealed_below", sa.BigInteger(), server_default=sa.text("0"), nullable=False),
     )
+    op.execute("UPDATE audit_chain_head SET sealed_below = 1")
     op.add_column(
         "audit_chain_head",
         sa.Column(

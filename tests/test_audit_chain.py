@@ -92,9 +92,9 @@ def test_an_event_committed_after_newer_ones_were_sealed_is_still_sealed(
 ) -> None:
     # Row ids are handed out at insert, not at commit: a slow transaction's event has a lower id
     # than events sealed before it commits. The sealer must neither skip it nor wait for it.
-    late = build_event("GrantCreated", "allowed", RequestContext(request_id="slow"), None)
+    late = [build_event("GrantCreated", "allowed", RequestContext(request_id="slow"), None) for _ in range(3)]
     with vault.database.transaction() as session:
-        vault.auditor.record(session, [late])
+        vault.auditor.record(session, late)
         (open_xid,) = session.execute(text("SELECT (pg_current_xact_id()::text)::bigint")).one()
         client.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding))
         assert vault.auditor.seal() > 0
@@ -104,13 +104,14 @@ def test_an_event_committed_after_newer_ones_were_sealed_is_still_sealed(
         # The open transaction is remembered as pending; it does not hold the sealer's window back.
         assert open_xid in head[1] and head[0] > newest[0]
     unsealed_then = db.execute("SELECT count(*) FROM audit_events WHERE request_id = 'slow'").fetchone()
-    assert unsealed_then == (1,)
-    assert vault.auditor.seal() == 1
-    late_row = db.execute(
+    assert unsealed_then == (3,)
+    assert vault.auditor.seal(batch=2) == 3  # the open transaction's events, a page at a time
+    late_rows = db.execute(
         "SELECT c.seq FROM audit_chain c JOIN audit_events e ON e.id = c.event_row_id"
-        " WHERE e.request_id = 'slow'"
-    ).fetchone()
-    assert late_row is not None and late_row[0] == max(chain_seqs(db))
+        " WHERE e.request_id = 'slow' ORDER BY c.seq"
+    ).fetchall()
+    top = max(chain_seqs(db))
+    assert [row[0] for row in late_rows] == [top - 2, top - 1, top]
     report = verify(client, actors)
     assert report["ok"] is True, report
 
@@ -136,7 +137,7 @@ def test_sealing_carries_on_when_transaction_ids_go_back(
     vault.auditor.seal()
     db.execute("UPDATE audit_chain_head SET sealed_below = 9000000000000, pending_xids = '{}'")
     client.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding))
-    assert vault.auditor.seal() == 1
+    assert vault.auditor.seal(batch=1) == 1  # pages of one through every event already linked
     head = db.execute("SELECT sealed_below FROM audit_chain_head").fetchone()
     assert head is not None and head[0] < 9000000000000
     assert verify(client, actors)["ok"] is True

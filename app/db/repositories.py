@@ -339,21 +339,20 @@ class DataPathRepository:
             await self.connection.execute(_INSERT_RECORDS_AND_EVENTS, parameters)
 
 
-# Events the chain does not hold yet, written by transactions from the given one on, in
-# (written_xid, id) order after the given pair: one range of the (written_xid, id) index per
-# batch. The link lookup is a scalar subquery, so that it probes the event_row_id index once per
-# row: as NOT EXISTS, the planner may hash the whole chain instead.
-_EVENT_SELECT = (
-    f"SELECT e.id, e.written_xid, {', '.join('e.' + c for c in _EVENT_COLUMNS)} FROM audit_events e"  # noqa: S608 (constant column names)
+# One page of the sealer's work: the next `limit` events in (written_xid, id) order after the
+# given pair, among those written by transactions in [low, high), each with whether the chain
+# already holds it. A page is bounded by the rows it reads, linked or not, so that no statement
+# walks far whatever the backlog. The link lookup is a scalar subquery, so that it probes the
+# event_row_id index once per row: as EXISTS, the planner may hash the whole chain instead.
+_EVENT_COLUMNS_OF_E = ", ".join("e." + column for column in _EVENT_COLUMNS)
+_SEAL_PAGE = (
+    f"SELECT e.id, e.written_xid, {_EVENT_COLUMNS_OF_E},"  # noqa: S608 (constant column names)
+    " (SELECT c.seq FROM audit_chain c WHERE c.event_row_id = e.id) IS NOT NULL AS linked"
+    " FROM (SELECT * FROM audit_events"
+    "        WHERE written_xid >= %s AND written_xid < %s AND (written_xid, id) > (%s, %s)"
+    "        ORDER BY written_xid, id LIMIT %s) e"
+    " ORDER BY e.written_xid, e.id"
 )
-_UNLINKED = "(SELECT c.seq FROM audit_chain c WHERE c.event_row_id = e.id) IS NULL"
-_UNSEALED_FROM = (
-    f"{_EVENT_SELECT} WHERE e.written_xid >= %s AND (e.written_xid, e.id) > (%s, %s) AND {_UNLINKED}"
-    " ORDER BY e.written_xid, e.id LIMIT %s"
-)
-# Events the chain does not hold yet, written by the given transactions (those still running when
-# the sealer last looked: few, and their events fewer).
-_UNSEALED_OF = f"{_EVENT_SELECT} WHERE e.written_xid = ANY(%s) AND {_UNLINKED} ORDER BY e.written_xid, e.id"
 
 
 class SealRepository:
@@ -383,21 +382,13 @@ class SealRepository:
         assert row is not None  # noqa: S101 (one row, always)
         return row[0], list(row[1])
 
-    def unsealed_of(self, xids: Sequence[int]) -> list[Any]:
-        """Committed events not yet in the chain, written by these transactions."""
-        if not xids:
-            return []
+    def seal_page(self, low: int, high: int, after: tuple[int, int], limit: int) -> list[Any]:
+        """The next `limit` events written by transactions in [low, high), in (written_xid, id)
+        order after the given pair, each with `linked`: whether the chain holds it already."""
         with self.connection.cursor(binary=True, row_factory=namedtuple_row) as cursor:
-            return cursor.execute(_UNSEALED_OF, (list(xids),), prepare=False).fetchall()
-
-    def unsealed_from(self, written_from: int, after: tuple[int, int], limit: int) -> list[Any]:
-        """Committed events not yet in the chain, written by transactions from written_from on,
-        in (written_xid, id) order after the given pair."""
-        with self.connection.cursor(binary=True, row_factory=namedtuple_row) as cursor:
-            # Planned for these values every time: a generic plan cannot know that written_from
-            # is recent.
-            parameters = (written_from, *after, limit)
-            return cursor.execute(_UNSEALED_FROM, parameters, prepare=False).fetchall()
+            # Planned for these values every time: a generic plan cannot know the range is recent.
+            parameters = (low, high, *after, limit)
+            return cursor.execute(_SEAL_PAGE, parameters, prepare=False).fetchall()
 
     def link(self, links: Sequence[tuple[int, int, bytes, bytes]]) -> None:
         """Chain links (seq, event row id, prev_mac, mac), inserted by COPY."""

@@ -323,8 +323,9 @@ class Auditor:
         pending_xids: every event written by a transaction below sealed_below and not in
         pending_xids is sealed. A pass holds the head's lock throughout (one sealer at a time,
         cluster-wide), takes a horizon first (the first unassigned transaction id and those
-        still running), reads the events of pending_xids and then those from sealed_below on,
-        a batch at a time in (written_xid, id) order, and moves the head to its horizon: every
+        still running), reads the events of pending_xids and then those from sealed_below up to
+        the horizon, a page at a time in (written_xid, id) order, each page bounded by the rows
+        it reads, and moves the head to its horizon: every
         other transaction had ended before the pass looked, so its events were all visible to
         it. A transaction left open holds back only its own events, not the sealer's window.
         """
@@ -338,7 +339,9 @@ class Auditor:
             horizon = repository.horizon()
             if horizon[0] < written_from:
                 # Transaction ids went backwards: the database was restored into, or moved to,
-                # another cluster. Look at every event once, then carry on from the new ids.
+                # another cluster. Look at every event once, then carry on from the new ids. (Not
+                # seen if the new cluster's ids overtake the old head's before a pass runs: events
+                # written in between stay outside the chain, and verify names them.)
                 log.error("audit sealer: transaction ids went back, rescanning every event")
                 written_from, still_running = 0, []
 
@@ -357,13 +360,16 @@ class Auditor:
                     sealed += 1
                 repository.link(links)
 
-            chain(repository.unsealed_of(still_running))
-            after = (-1, 0)
-            while pending := repository.unsealed_from(written_from, after, batch):
-                chain(pending)
-                after = (pending[-1].written_xid, pending[-1].id)
-                if len(pending) < batch:
-                    break
+            # The transactions running at the last horizon, one at a time, then every one from
+            # that horizon up to this one: later ones are the next pass's.
+            ranges = [(xid, xid + 1) for xid in sorted(still_running)] + [(written_from, horizon[0])]
+            for low, high in ranges:
+                after = (low - 1, 0)
+                while page := repository.seal_page(low, high, after, batch):
+                    chain([event for event in page if not event.linked])
+                    after = (page[-1].written_xid, page[-1].id)
+                    if len(page) < batch:
+                        break
             repository.move_head(seq, prev, *horizon)
         if sealed:
             log.info(json.dumps({"audit_checkpoint": {"seq": seq, "mac": prev.hex()}}))

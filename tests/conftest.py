@@ -72,17 +72,27 @@ def _server_url(tmp_root: Path) -> str:
     return url
 
 
-@pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = _server_url(tmp_path_factory.mktemp("embedded-pg"))
-    name = f"piivault_test_{uuid.uuid4().hex[:12]}"
+@contextmanager
+def migrated_database(server: str, prefix: str) -> Iterator[str]:
+    """A new database on the server, migrated to head; dropped afterwards. Yields its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server, autocommit=True) as connection:
         connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = make_url(server).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    with psycopg.connect(server, autocommit=True) as connection:
-        connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(server, autocommit=True) as connection:
+            connection.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with migrated_database(_server_url(tmp_path_factory.mktemp("embedded-pg")), "piivault_test") as url:
+        yield url
 
 
 @pytest.fixture

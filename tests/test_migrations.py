@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import psycopg
@@ -10,7 +9,6 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from psycopg import sql
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
@@ -20,7 +18,7 @@ from app.db.session import normalise_url
 from app.migrate import alembic_config, upgrade
 from app.services.audit import build_event
 from app.services.context import RequestContext
-from tests.conftest import make_settings
+from tests.conftest import make_settings, migrated_database
 
 
 def test_migrated_schema_matches_the_models(database_url: str) -> None:
@@ -37,14 +35,8 @@ def test_migrated_schema_matches_the_models(database_url: str) -> None:
 def own_database(database_url: str) -> Iterator[str]:
     """A database of this test's own, migrated to head: the test moves it between revisions."""
     server = make_url(database_url).set(database="postgres").render_as_string(hide_password=False)
-    name = f"piivault_migrations_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server, autocommit=True) as connection:
-        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = make_url(server).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    with psycopg.connect(server, autocommit=True) as connection:
-        connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with migrated_database(server, "piivault_migrations") as url:
+        yield url
 
 
 def _write_events(vault: Vault, count: int) -> None:

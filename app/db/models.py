@@ -127,8 +127,8 @@ class AuditChainLink(Base):
     mac: Mapped[bytes] = mapped_column(LargeBinary)
 
 
-# The writing transaction's id, as a plain bigint (xid8 has no SQLAlchemy type): the sealer's
-# horizon compares it with the oldest transaction still running.
+# The writing transaction's id, as a plain bigint (xid8 has no SQLAlchemy type): the sealer
+# finds its work by comparing it with its horizon (audit_chain_head.sealed_below, pending_xids).
 CURRENT_TRANSACTION_ID = "(pg_current_xact_id()::text)::bigint"
 
 
@@ -143,7 +143,7 @@ class AuditEvent(Base):
         Index("ix_audit_events_token", "token"),
         Index("ix_audit_events_principal_id", "principal_id"),
         Index("ix_audit_events_action_outcome", "action", "outcome"),
-        # The sealer's work list: events written by transactions newer than its horizon.
+        # The sealer's work list, paged in (written_xid, id) order.
         Index("ix_audit_events_written_xid", "written_xid", "id"),
     )
 

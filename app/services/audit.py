@@ -325,9 +325,9 @@ class Auditor:
         cluster-wide), takes a horizon first (the first unassigned transaction id and those
         still running), reads the events of pending_xids and then those from sealed_below up to
         the horizon, a page at a time in (written_xid, id) order, each page bounded by the rows
-        it reads, and moves the head to its horizon: every
-        other transaction had ended before the pass looked, so its events were all visible to
-        it. A transaction left open holds back only its own events, not the sealer's window.
+        it reads, and moves the head to its horizon: every other transaction had ended before
+        the pass looked, so its events were all visible to it. A transaction left open holds
+        back only its own events, not the sealer's window.
         """
         sealed = 0
         with self._database.raw_transaction() as connection:

@@ -48,6 +48,7 @@ def build_key_provider(settings: Settings) -> tuple[KeyProvider, GrantMirror]:
         return LocalKeyProvider.from_file(settings.data_dir / "dev-master.key"), NoGrantMirror()
     kms = KmsKeyProvider(
         settings.kms_key_id or "",  # required by Settings validation for the kms provider
+        decrypt_key_ids=settings.kms_decrypt_key_ids,
         endpoint_url=settings.kms_endpoint_url,
         region=settings.kms_region,
         connect_timeout_s=settings.kms_connect_timeout_s,
@@ -79,9 +80,10 @@ def build_vault(
     principals = PrincipalService(auditor)
     grants = GrantService(database, auditor, principals, mirror or NoGrantMirror())
     tokens = TokenService(
-        keys,
-        principals,
-        auditor,
+        keys=keys,
+        database=database,
+        principals=principals,
+        auditor=auditor,
         max_value_bytes=settings.max_value_bytes,
         require_access_reason=settings.require_access_reason,
     )

@@ -68,7 +68,7 @@ class Conflict(VaultError):
 
 
 class DependencyUnavailable(VaultError):
-    """A dependency is down; the caller should retry later."""
+    """A dependency is down for now; the caller should retry later (503 with Retry-After)."""
 
 
 class DatabaseUnavailable(DependencyUnavailable):
@@ -81,11 +81,35 @@ class KeyServiceUnavailable(DependencyUnavailable):
     default_message = "the key service is unavailable or throttling; retry later"
 
 
-class KeyAccessDenied(DependencyUnavailable):
-    """KMS refused the vault itself (disabled key, key policy): an operator must act."""
+class Misconfigured(VaultError):
+    """A dependency refuses the vault itself, and will until an operator acts: 503 without
+    Retry-After, so that no client retries for ever. Each subclass's code is one to search for."""
+
+
+class KeyAccessDenied(Misconfigured):
+    """KMS refused the vault (disabled or missing key, key policy, no credentials)."""
 
     code = "key_access_denied"
     default_message = "the key service refused the vault's request; an operator must check the key"
+
+
+class KeyNotAllowed(Misconfigured):
+    """The record names a master key outside this vault's allow-list
+    (PIIVAULT_KMS_KEY_ID and PIIVAULT_KMS_DECRYPT_KEY_IDS): not a sign of tampering."""
+
+    code = "key_not_allowed"
+    default_message = (
+        "the record was encrypted under a key this vault is not configured to use; "
+        "an operator must add it to PIIVAULT_KMS_DECRYPT_KEY_IDS"
+    )
+
+
+class KeyServiceInvalidResponse(Misconfigured):
+    """The key service answered with something that is not a valid answer (a missing field, a
+    data key of the wrong size, another key than the one asked for)."""
+
+    code = "key_service_invalid_response"
+    default_message = "the key service's answer was not valid; an operator must check the key service"
 
 
 class AuditUnavailable(DependencyUnavailable):

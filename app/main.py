@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +15,7 @@ from fastapi import FastAPI
 from app.api import audit, errors, grants, ops, principals, tokens
 from app.api.middleware import VaultMiddleware
 from app.container import Vault, build_vault
+from app.errors import VaultError
 from app.services.context import RequestContext
 from app.settings import Settings, get_settings
 
@@ -79,6 +81,10 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = settings.db_pool_size + settings.db_max_overflow
         await vault.database.open_data_path()
+        # Resolves the key allow-list now rather than on the first request; what is wrong with
+        # the key, check() has logged with the key's id. (Refusing to start is not decided here.)
+        with contextlib.suppress(VaultError):
+            await anyio.to_thread.run_sync(vault.keys.check)
         stop = threading.Event()
         background = []
         if settings.grant_sweep_interval_s > 0:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class UnsafeSettings(ValueError):
@@ -31,6 +31,9 @@ class Settings(BaseSettings):
 
     key_provider: Literal["kms", "local"] | None = None
     kms_key_id: str | None = None
+    # Older keys the vault may still decrypt with (ids, ARNs or aliases, comma-separated): records
+    # name the key that wrapped them, and any key outside this list and kms_key_id is refused.
+    kms_decrypt_key_ids: Annotated[tuple[str, ...], NoDecode] = ()
     kms_endpoint_url: str | None = None
     # Data keys cross this connection: plain http only for an emulator, and only when said so.
     kms_allow_insecure_endpoint: bool = False
@@ -54,6 +57,13 @@ class Settings(BaseSettings):
     # Denials and failed authentications are POSTed here (JSON) in the background.
     alert_webhook_url: str | None = None
 
+    @field_validator("kms_decrypt_key_ids", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
     @property
     def effective_key_provider(self) -> Literal["kms", "local"]:
         if self.key_provider is not None:
@@ -74,6 +84,8 @@ class Settings(BaseSettings):
                 "PIIVAULT_KMS_MIRROR_GRANTS needs PIIVAULT_KMS_GRANTEE_PRINCIPAL "
                 "(the vault role's ARN); or set PIIVAULT_KMS_MIRROR_GRANTS=false"
             )
+        if self.kms_decrypt_key_ids and self.effective_key_provider != "kms":
+            problems.append("PIIVAULT_KMS_DECRYPT_KEY_IDS needs the kms key provider (PIIVAULT_KMS_KEY_ID)")
         if self.alert_webhook_url and not self.alert_webhook_url.startswith(("https://", "http://")):
             problems.append("PIIVAULT_ALERT_WEBHOOK_URL must be an http(s) URL")
         if self.environment == "production":

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.container import build_vault
-from app.db.repositories import DataPathRepository, RecordRow
+from app.db.data_path import DataPathRepository, RecordRow
 from app.main import create_app
 from app.settings import get_settings
 
@@ -23,7 +23,9 @@ def create() -> FastAPI:
     def nothing(*_: Any) -> None:
         return None
 
-    async def records_only(store: DataPathRepository, records: Sequence[RecordRow], _: Any) -> None:
+    store = DataPathRepository(vault.database)
+
+    async def records_only(records: Sequence[RecordRow], _: Any) -> None:
         await store.add_records_with_events(records, [])
 
     async def no_denials(*_: Any) -> None:

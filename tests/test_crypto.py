@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
 from app.crypto.keys import DataKey, canonical_context, length_prefixed
 from app.crypto.local import LocalKeyProvider, load_or_create_master_key
-from app.errors import IntegrityFailure, KeyAccessDenied
+from app.errors import IntegrityFailure, KeyAccessDenied, KeyNotAllowed
 
 KEY = bytes(range(32))
 BINDING = RecordBinding("tok_abc", "12345", "DriverLicense")
@@ -85,18 +86,44 @@ def test_local_master_key_is_created_owner_only_and_reused(tmp_path: Path) -> No
 def test_local_provider_binds_wrapped_keys_to_their_context(tmp_path: Path) -> None:
     provider = LocalKeyProvider.from_file(tmp_path / "dev-master.key")
     context = {"customerID": "12345", "dataType": "DriverLicense"}
-    data_key = provider.generate_data_key(context)
+    data_key = asyncio.run(provider.generate_data_key(context))
+    assert data_key.key_id == provider.key_id
     assert len(data_key.plaintext) == 32 and data_key.plaintext not in data_key.wrapped
-    assert provider.decrypt_data_key(data_key.wrapped, context).plaintext == data_key.plaintext
+
+    def unwrap(wrapped: bytes, context: dict[str, str], key_id: str = provider.key_id) -> bytes:
+        return asyncio.run(provider.decrypt_data_key(wrapped, context, key_id=key_id)).plaintext
+
+    assert unwrap(data_key.wrapped, context) == data_key.plaintext
     for wrong in ({"customerID": "67890", "dataType": "DriverLicense"}, {"customerID": "12345"}, {}):
         with pytest.raises(IntegrityFailure):
-            provider.decrypt_data_key(data_key.wrapped, wrong)
+            unwrap(data_key.wrapped, wrong)
     with pytest.raises(IntegrityFailure):
-        provider.decrypt_data_key(data_key.wrapped[:-1] + bytes([data_key.wrapped[-1] ^ 1]), context)
+        unwrap(data_key.wrapped[:-1] + bytes([data_key.wrapped[-1] ^ 1]), context)
     other = LocalKeyProvider.from_file(tmp_path / "other.key")
+    # Another master key's record is refused as such, not reported as tampering...
+    with pytest.raises(KeyNotAllowed):
+        unwrap(asyncio.run(other.generate_data_key(context)).wrapped, context, other.key_id)
+    # ...while a wrapped key that claims this master key but was made under another fails whole.
     with pytest.raises(IntegrityFailure):
-        other.decrypt_data_key(data_key.wrapped, context)
+        unwrap(asyncio.run(other.generate_data_key(context)).wrapped, context)
     assert "key_id" in repr(provider) and str(KEY) not in repr(provider)
+
+
+def test_local_provider_rewraps_under_the_same_context(tmp_path: Path) -> None:
+    provider = LocalKeyProvider.from_file(tmp_path / "dev-master.key")
+    context = {"customerID": "12345", "dataType": "SSN"}
+    made = asyncio.run(provider.generate_data_key(context))
+    key_id = provider.key_id
+    rewrapped = asyncio.run(
+        provider.reencrypt_data_key(made.wrapped, context, key_id=key_id, to_key_id=key_id)
+    )
+    assert rewrapped.plaintext == b"" and rewrapped.wrapped != made.wrapped
+    opened = asyncio.run(provider.decrypt_data_key(rewrapped.wrapped, context, key_id=key_id))
+    assert opened.plaintext == made.plaintext
+    with pytest.raises(IntegrityFailure):
+        asyncio.run(
+            provider.reencrypt_data_key(made.wrapped, {"customerID": "6"}, key_id=key_id, to_key_id=key_id)
+        )
 
 
 def test_local_provider_warns_loudly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -46,6 +46,11 @@ def assert_retry_after(response: Any) -> None:
     assert retry_after.isdigit() and int(retry_after) >= 1
 
 
+def assert_not_retryable(response: Any) -> None:
+    """A permanent misconfiguration: no invitation to retry."""
+    assert "Retry-After" not in response.headers, dict(response.headers)
+
+
 def record_count(db: psycopg.Connection[Any]) -> int:
     row = db.execute("SELECT count(*) FROM records").fetchone()
     assert row is not None
@@ -251,7 +256,7 @@ def test_disabled_key_on_tokenize_is_503_key_access_denied(
     response = client.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding))
 
     assert_error(response, 503, "key_access_denied")
-    assert_retry_after(response)
+    assert_not_retryable(response)
     assert calls
     assert record_count(db) == 0
 
@@ -267,7 +272,7 @@ def test_disabled_key_on_detokenize_is_503_and_never_the_value(
     response = client.get(f"/v1/tokens/{token}", headers=bearer(actors.kyc))
 
     assert_error(response, 503, "key_access_denied")
-    assert_retry_after(response)
+    assert_not_retryable(response)
     assert LICENCE["value"] not in response.text
     assert calls
 

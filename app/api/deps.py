@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from typing import Annotated, TypeVar
+from collections.abc import Iterator
+from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
 from app.container import Vault
-from app.db.repositories import DataPathRepository
 from app.services.context import Caller, RequestContext
 from app.services.tokens import TokenService
-
-T = TypeVar("T")
-# What a data-path route runs: the token service, the connection's repository, the presented key.
-DataPathOperation = Callable[[TokenService, DataPathRepository, str | None, RequestContext], Awaitable[T]]
 
 
 # Dependencies without I/O are async: FastAPI runs sync ones in the thread pool, a hop each.
@@ -76,31 +70,20 @@ def get_caller(vault: VaultDep, session: SessionDep, ctx: ContextDep, request: R
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-@dataclass(frozen=True, slots=True)
-class Work:
-    """The data path's unit of work on one asynchronous autocommit connection: the operation
-    authenticates, decides, and writes its records and events in one statement; the response is
-    built only after that statement has committed.
-
-    One dependency for the data path's routes, not several: each costs on every request. No
-    thread hop either: the data path is asynchronous, a remote key service's calls included."""
-
-    vault: Vault
-    ctx: RequestContext
-    presented: str | None
-
-    async def __call__(self, operation: DataPathOperation[T]) -> T:
-        async with self.vault.database.data_connection() as connection:
-            return await operation(
-                self.vault.tokens, DataPathRepository(connection), self.presented, self.ctx
-            )
+async def get_tokens(request: Request) -> TokenService:
+    tokens: TokenService = request.app.state.vault.tokens
+    return tokens
 
 
-async def get_work(request: Request, access_reason: AccessReasonHeader = None) -> Work:
-    return Work(request.app.state.vault, _context(request, access_reason), _bearer(request))
+TokensDep = Annotated[TokenService, Depends(get_tokens)]
 
 
-WorkDep = Annotated[Work, Depends(get_work)]
+async def get_presented_key(request: Request) -> str | None:
+    """The bearer key as presented; the data path's service authenticates it in its own query."""
+    return _bearer(request)
+
+
+PresentedKeyDep = Annotated[str | None, Depends(get_presented_key)]
 
 
 def require_admin(vault: VaultDep, caller: CallerDep, ctx: ContextDep, request: Request) -> Caller:

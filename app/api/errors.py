@@ -24,6 +24,7 @@ STATUS: list[tuple[type[errors.VaultError], int]] = [
     (errors.NotFound, 404),
     (errors.Conflict, 409),
     (errors.DependencyUnavailable, 503),
+    (errors.Misconfigured, 503),
     (errors.IntegrityFailure, 500),
 ]
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}

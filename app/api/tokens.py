@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, status
 from pydantic import ValidationError
 
-from app.api.deps import WorkDep
+from app.api.deps import ContextDep, PresentedKeyDep, TokensDep, VaultDep
 from app.api.errors import error_body, validation_problem
 from app.api.schemas import (
     BatchTokenizeItemResult,
@@ -60,11 +60,13 @@ def _item_error(err: VaultError) -> ItemErrorBody:
     name="Tokenize",
     responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
 )
-async def tokenize(body: TokenizeRequest, work: WorkDep) -> TokenOut:
+async def tokenize(
+    body: TokenizeRequest, tokens: TokensDep, key: PresentedKeyDep, ctx: ContextDep
+) -> TokenOut:
     """Store a value and get its token. Needs an active Encrypt grant matching
     {"customerID": customer_id, "dataType": data_type}."""
     item = TokenizeItem(body.customer_id, body.data_type, body.value)
-    result = await work(lambda tokens, store, key, ctx: tokens.tokenize_one(store, key, item, ctx))
+    result = await tokens.tokenize_one(presented=key, item=item, ctx=ctx)
     return TokenOut(
         token=result.token,
         customer_id=result.customer_id,
@@ -79,11 +81,13 @@ async def tokenize(body: TokenizeRequest, work: WorkDep) -> TokenOut:
     response_model_exclude_none=True,
     responses={413: {"model": ErrorResponse}},
 )
-async def tokenize_batch(body: BatchTokenizeRequest, work: WorkDep) -> BatchTokenizeResponse:
+async def tokenize_batch(
+    body: BatchTokenizeRequest, vault: VaultDep, tokens: TokensDep, key: PresentedKeyDep, ctx: ContextDep
+) -> BatchTokenizeResponse:
     """Tokenize many values; results come in request order, each a token or its own error."""
-    _check_batch_size(len(body.items), work.vault.settings.max_batch_items, "items")
+    _check_batch_size(len(body.items), vault.settings.max_batch_items, "items")
     items = [_parse_item(index, raw) for index, raw in enumerate(body.items)]
-    results = await work(lambda tokens, store, key, ctx: tokens.tokenize(store, key, items, ctx))
+    results = await tokens.tokenize(presented=key, items=items, ctx=ctx)
     return BatchTokenizeResponse(
         results=[
             BatchTokenizeItemResult(error=_item_error(r.error))
@@ -105,10 +109,12 @@ async def tokenize_batch(body: BatchTokenizeRequest, work: WorkDep) -> BatchToke
     response_model_exclude_none=True,
     responses={413: {"model": ErrorResponse}},
 )
-async def detokenize_batch(body: DetokenizeRequest, work: WorkDep) -> DetokenizeResponse:
+async def detokenize_batch(
+    body: DetokenizeRequest, vault: VaultDep, tokens: TokensDep, key: PresentedKeyDep, ctx: ContextDep
+) -> DetokenizeResponse:
     """Reveal many tokens; each result is the value or its own error (not_found, grant_required…)."""
-    _check_batch_size(len(body.tokens), work.vault.settings.max_batch_items, "tokens")
-    results = await work(lambda tokens, store, key, ctx: tokens.detokenize(store, key, body.tokens, ctx))
+    _check_batch_size(len(body.tokens), vault.settings.max_batch_items, "tokens")
+    results = await tokens.detokenize(presented=key, tokens=body.tokens, ctx=ctx)
     return DetokenizeResponse(
         results=[
             DetokenizeItemResult(token=r.token or "", error=_item_error(r.error))
@@ -128,11 +134,13 @@ async def detokenize_batch(body: DetokenizeRequest, work: WorkDep) -> Detokenize
 )
 async def detokenize(
     token: Annotated[str, Path(max_length=128, examples=["tok_3q2-7wEvmn8CRTfF1ZrPuS9QoHgH4kDy"])],
-    work: WorkDep,
+    tokens: TokensDep,
+    key: PresentedKeyDep,
+    ctx: ContextDep,
 ) -> RevealedOut:
     """Reveal a token's value. Needs an active Decrypt grant matching the record's context;
     send X-Access-Reason to record why."""
-    revealed = await work(lambda tokens, store, key, ctx: tokens.detokenize_one(store, key, token, ctx))
+    revealed = await tokens.detokenize_one(presented=key, token=token, ctx=ctx)
     return RevealedOut(
         token=revealed.token,
         customer_id=revealed.customer_id,

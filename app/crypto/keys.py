@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar
 
 EncryptionContext = Mapping[str, str]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,27 +23,38 @@ class DataKey:
 
 
 class KeyProvider(Protocol):
-    """Wraps and unwraps data keys under a master key, binding each to its encryption context."""
+    """Wraps and unwraps data keys under master keys, binding each to its encryption context.
+
+    New data keys go under the current master key (`key_id`); a wrapped key is opened under the
+    master key its record names, which must be one this vault may use, else KeyNotAllowed.
+    Every call is awaited: a remote key service's latency then holds no thread."""
 
     @property
-    def key_id(self) -> str: ...
+    def key_id(self) -> str:
+        """The current master key: new data keys are wrapped under it."""
+        ...
 
-    def generate_data_key(self, context: EncryptionContext) -> DataKey: ...
+    async def generate_data_key(self, context: EncryptionContext) -> DataKey: ...
 
-    def decrypt_data_key(self, wrapped: bytes, context: EncryptionContext) -> DataKey: ...
+    async def decrypt_data_key(self, wrapped: bytes, context: EncryptionContext, *, key_id: str) -> DataKey:
+        """Unwrap under `key_id`, the master key stored with the wrapped key."""
+        ...
+
+    async def reencrypt_data_key(
+        self, wrapped: bytes, context: EncryptionContext, *, key_id: str, to_key_id: str
+    ) -> DataKey:
+        """Rewrap from `key_id` to `to_key_id` under the same context; the result's plaintext is
+        empty (the data key never enters the vault in clear)."""
+        ...
 
     def check(self) -> None:
-        """Raise KeyServiceUnavailable / KeyAccessDenied unless the master key is usable."""
+        """Raise KeyServiceUnavailable / KeyAccessDenied unless the current master key is usable."""
 
 
-@runtime_checkable
-class RemoteKeyProvider(KeyProvider, Protocol):
-    """A provider whose key service is a network hop away: the data path awaits its calls on the
-    event loop, many at once, instead of blocking a thread for each."""
-
-    async def generate_data_key_async(self, context: EncryptionContext) -> DataKey: ...
-
-    async def decrypt_data_key_async(self, wrapped: bytes, context: EncryptionContext) -> DataKey: ...
+def run_blocking(call: Coroutine[Any, Any, T]) -> T:
+    """Await a key-provider call from code that runs outside any event loop (a worker thread,
+    the CLI): the rare, one-time calls such as unwrapping the audit key."""
+    return asyncio.run(call)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,13 +1,11 @@
-"""AWS KMS key provider: GenerateDataKey / Decrypt with the record's encryption context.
+"""AWS KMS key provider: GenerateDataKey / Decrypt / ReEncrypt with the record's encryption context.
 
-The two hot-path calls (one per tokenize, one per detokenize) go through KmsWire, a lean JSON 1.1
-path that keeps botocore's credentials, SigV4 signing, retry policy and exceptions but not its
-per-call CPU, and that the data path awaits on its event loop (`*_async`); everything else
-(DescribeKey, grants, readiness) uses the boto3 client.
-
-boto and KMS errors stop here and become the vault's own: KeyServiceUnavailable (retry later),
-KeyAccessDenied (an operator must act), IntegrityFailure (the wrapped key does not open under
-this context).
+The data-key calls are awaited; GenerateDataKey and Decrypt take the lean path (KmsWire) when the
+client allows it, the rest go through the boto3 client. Every answer is checked in one place
+(validated_data_key), and boto and KMS errors stop here and become the vault's own:
+KeyServiceUnavailable (transient: retry later), KeyAccessDenied / KeyNotAllowed /
+KeyServiceInvalidResponse (permanent: an operator must act), IntegrityFailure (the wrapped key
+does not open under this context).
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import boto3
@@ -24,8 +22,15 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from app.crypto.envelope import DATA_KEY_BYTES
 from app.crypto.keys import DataKey, EncryptionContext, GrantConstraints
-from app.crypto.kms_wire import KmsWire
-from app.errors import IntegrityFailure, KeyAccessDenied, KeyServiceUnavailable, VaultError
+from app.crypto.kms_wire import LEAN_OPERATIONS, KmsWire
+from app.errors import (
+    IntegrityFailure,
+    KeyAccessDenied,
+    KeyNotAllowed,
+    KeyServiceInvalidResponse,
+    KeyServiceUnavailable,
+    VaultError,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_kms.client import KMSClient
@@ -47,7 +52,7 @@ _UNAVAILABLE = {
 }
 _INVALID_CIPHERTEXT = {"InvalidCiphertextException", "IncorrectKeyException"}
 _OPERATIONS = {"Encrypt": "GenerateDataKey", "Decrypt": "Decrypt"}
-_BOTO3_METHODS = {"GenerateDataKey": "generate_data_key", "Decrypt": "decrypt"}
+_BOTO3_METHODS = {"GenerateDataKey": "generate_data_key", "Decrypt": "decrypt", "ReEncrypt": "re_encrypt"}
 
 
 def _vault_error_for(code: str, status: int) -> VaultError:
@@ -73,32 +78,54 @@ def _translate(operation: str, err: Exception) -> Exception:
     return KeyServiceUnavailable()
 
 
-def _generated(response: dict[str, Any]) -> DataKey:
-    plaintext = response["Plaintext"]
-    if len(plaintext) != DATA_KEY_BYTES:
-        raise KeyAccessDenied("the key service returned a data key of the wrong size")
-    return DataKey(
-        plaintext=plaintext,
-        wrapped=response["CiphertextBlob"],
-        key_id=response["KeyId"],
-        request_id=response["ResponseMetadata"].get("RequestId"),
-    )
+class _Invalid(Exception):
+    """What is wrong with a key service's answer (never quoting it)."""
 
 
-def _decrypted(wrapped: bytes, response: dict[str, Any]) -> DataKey:
-    return DataKey(
-        plaintext=response["Plaintext"],
-        wrapped=wrapped,
-        key_id=response["KeyId"],
-        request_id=response["ResponseMetadata"].get("RequestId"),
-    )
+def _blob(response: Mapping[str, Any], name: str, size: int | None = None) -> bytes:
+    value = response.get(name)
+    if not isinstance(value, bytes) or not value:
+        raise _Invalid(f"{name} missing or not bytes")
+    if size is not None and len(value) != size:
+        raise _Invalid(f"{name} is {len(value)} bytes, not {size}")
+    return value
+
+
+def _request_id(response: Mapping[str, Any]) -> str | None:
+    metadata = response.get("ResponseMetadata")
+    request_id = metadata.get("RequestId") if isinstance(metadata, Mapping) else None
+    return request_id if isinstance(request_id, str) else None
+
+
+def validated_data_key(
+    operation: str, response: Mapping[str, Any], *, key_arn: str, wrapped: bytes | None = None
+) -> DataKey:
+    """The one check of every GenerateDataKey / Decrypt / ReEncrypt answer: the fields the
+    operation returns are there and well formed, the data key is 256 bits, and the master key
+    that did the work is the one asked for. Anything else is KeyServiceInvalidResponse."""
+    try:
+        key_id = response.get("KeyId")
+        if key_id != key_arn:
+            raise _Invalid("KeyId is not the key asked for")
+        plaintext = b"" if operation == "ReEncrypt" else _blob(response, "Plaintext", DATA_KEY_BYTES)
+        if wrapped is None:
+            wrapped = _blob(response, "CiphertextBlob")
+    except _Invalid as problem:
+        log.error("kms %s answer refused: %s", operation, problem)
+        raise KeyServiceInvalidResponse() from None
+    return DataKey(plaintext=plaintext, wrapped=wrapped, key_id=key_arn, request_id=_request_id(response))
 
 
 class KmsKeyProvider:
+    """Data keys from AWS KMS. New ones under the current key (PIIVAULT_KMS_KEY_ID); wrapped ones
+    opened under the key their record names, if it is on the allow-list: the current key and
+    PIIVAULT_KMS_DECRYPT_KEY_IDS, each resolved to its ARN (the form KMS names keys in answers)."""
+
     def __init__(
         self,
         key_id: str,
         *,
+        decrypt_key_ids: Sequence[str] = (),
         endpoint_url: str | None = None,
         region: str | None = None,
         connect_timeout_s: float = 2.0,
@@ -109,6 +136,7 @@ class KmsKeyProvider:
         client: KMSClient | None = None,
     ) -> None:
         self._key_id = key_id
+        self._decrypt_key_ids = tuple(dict.fromkeys(k for k in decrypt_key_ids if k != key_id))
         self._grantee_principal = grantee_principal
         # "standard" retries back off on throttling and transient errors, within max_attempts.
         config = Config(
@@ -122,8 +150,10 @@ class KmsKeyProvider:
         )
         # None when the client cannot be served the lean way (not SigV4, say): boto3 carries all.
         self._wire = KmsWire.for_client(self.client)
-        self._key_arn: str | None = None
-        self._arn_lock = threading.Lock()
+        # Configured name (id, ARN or alias) -> ARN; filled by resolve(), at start-up or first use.
+        self._arns: dict[str, str] = {}
+        self._allowed: frozenset[str] = frozenset()
+        self._resolve_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"KmsKeyProvider(key_id={self._key_id!r})"
@@ -143,57 +173,122 @@ class KmsKeyProvider:
         except (ClientError, BotoCoreError) as err:
             raise _translate(operation, err) from None
 
-    def _hot_call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
-        """GenerateDataKey / Decrypt by the lean path if there is one, else by boto3: same answers, errors."""
-        wire = self._wire
-        if wire is not None:
-            return self._call(operation, lambda: wire.call(operation, params))
+    def _boto3_call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
         boto_call: Callable[..., Any] = getattr(self.client, _BOTO3_METHODS[operation])
         return cast(dict[str, Any], self._call(operation, lambda: boto_call(**params)))
 
-    async def _hot_call_async(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
-        """_hot_call on the event loop (the lean path's own), else in a thread (boto3 blocks)."""
+    async def _hot_call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        """A data-key call: on the event loop by the lean path if there is one, else boto3 in a thread."""
         wire = self._wire
-        if wire is None:
-            return await asyncio.to_thread(self._hot_call, operation, params)
+        if wire is None or operation not in LEAN_OPERATIONS:
+            return await asyncio.to_thread(self._boto3_call, operation, params)
         try:
             return await wire.call_async(operation, params)
         except (ClientError, BotoCoreError) as err:
             raise _translate(operation, err) from None
 
-    def _generate_params(self, context: EncryptionContext) -> dict[str, Any]:
-        return {"KeyId": self._key_id, "KeySpec": "AES_256", "EncryptionContext": dict(context)}
+    # The allow-list
 
-    def _decrypt_params(self, wrapped: bytes, context: EncryptionContext) -> dict[str, Any]:
+    def _describe(self, key_id: str) -> Any:
+        return self._call("DescribeKey", lambda: self.client.describe_key(KeyId=key_id))
+
+    def resolve(self) -> None:
+        """Resolve the current key and every decrypt key to its ARN (DescribeKey), once.
+
+        Blocking: start-up runs it in a thread; a data-key call that finds it not yet done (the
+        key service was down at start-up) runs it then. A key that does not exist, or cannot be
+        described, is refused here with its name."""
+        with self._resolve_lock:
+            if self._allowed:
+                return
+            arns: dict[str, str] = {}
+            for name in (self._key_id, *self._decrypt_key_ids):
+                try:
+                    meta = self._describe(name)
+                except KeyAccessDenied:
+                    log.error("KMS key %s cannot be described (missing, or the key policy refuses it)", name)
+                    raise
+                arn = meta.get("KeyMetadata", {}).get("Arn")
+                if not isinstance(arn, str) or not arn:
+                    raise KeyServiceInvalidResponse()
+                arns[name] = arn
+            self._arns = arns
+            self._allowed = frozenset(arns.values())
+
+    async def _resolved(self) -> frozenset[str]:
+        if not self._allowed:
+            await asyncio.to_thread(self.resolve)
+        return self._allowed
+
+    async def current_key_arn(self) -> str:
+        await self._resolved()
+        return self._arns[self._key_id]
+
+    async def _allowed_arn(self, key_id: str) -> str:
+        if key_id not in await self._resolved():
+            log.error(
+                "refused to use KMS key %s: not PIIVAULT_KMS_KEY_ID nor in PIIVAULT_KMS_DECRYPT_KEY_IDS",
+                key_id,
+            )
+            raise KeyNotAllowed()
+        return key_id
+
+    @property
+    def allowed_key_arns(self) -> frozenset[str]:
+        """The ARNs this vault may decrypt with (empty until resolved)."""
+        return self._allowed
+
+    # KeyProvider
+
+    async def generate_data_key(self, context: EncryptionContext) -> DataKey:
+        arn = await self.current_key_arn()
+        params = {"KeyId": arn, "KeySpec": "AES_256", "EncryptionContext": dict(context)}
+        return validated_data_key(
+            "GenerateDataKey", await self._hot_call("GenerateDataKey", params), key_arn=arn
+        )
+
+    async def decrypt_data_key(self, wrapped: bytes, context: EncryptionContext, *, key_id: str) -> DataKey:
         # KeyId pins the master key: a wrapped key from another key is refused, not silently used.
-        return {"CiphertextBlob": wrapped, "KeyId": self._key_id, "EncryptionContext": dict(context)}
+        arn = await self._allowed_arn(key_id)
+        params = {"CiphertextBlob": wrapped, "KeyId": arn, "EncryptionContext": dict(context)}
+        response = await self._hot_call("Decrypt", params)
+        return validated_data_key("Decrypt", response, key_arn=arn, wrapped=wrapped)
 
-    def generate_data_key(self, context: EncryptionContext) -> DataKey:
-        return _generated(self._hot_call("GenerateDataKey", self._generate_params(context)))
-
-    def decrypt_data_key(self, wrapped: bytes, context: EncryptionContext) -> DataKey:
-        return _decrypted(wrapped, self._hot_call("Decrypt", self._decrypt_params(wrapped, context)))
-
-    async def generate_data_key_async(self, context: EncryptionContext) -> DataKey:
-        params = self._generate_params(context)
-        return _generated(await self._hot_call_async("GenerateDataKey", params))
-
-    async def decrypt_data_key_async(self, wrapped: bytes, context: EncryptionContext) -> DataKey:
-        params = self._decrypt_params(wrapped, context)
-        return _decrypted(wrapped, await self._hot_call_async("Decrypt", params))
+    async def reencrypt_data_key(
+        self, wrapped: bytes, context: EncryptionContext, *, key_id: str, to_key_id: str
+    ) -> DataKey:
+        source = await self._allowed_arn(key_id)
+        destination = await self._allowed_arn(to_key_id)
+        params = {
+            "CiphertextBlob": wrapped,
+            "SourceKeyId": source,
+            "SourceEncryptionContext": dict(context),
+            "DestinationKeyId": destination,
+            "DestinationEncryptionContext": dict(context),
+        }
+        response = await self._hot_call("ReEncrypt", params)
+        return validated_data_key("ReEncrypt", response, key_arn=destination)
 
     def key_arn(self) -> str:
-        """The master key's ARN (CreateGrant takes no alias); looked up once."""
-        with self._arn_lock:
-            if self._key_arn is None:
-                meta = self._call("DescribeKey", lambda: self.client.describe_key(KeyId=self._key_id))
-                self._key_arn = meta["KeyMetadata"]["Arn"]
-            return self._key_arn
+        """The current key's ARN (CreateGrant takes no alias)."""
+        self.resolve()
+        return self._arns[self._key_id]
 
     def check(self) -> None:
-        meta = self._call("DescribeKey", lambda: self.client.describe_key(KeyId=self._key_id))
-        if meta["KeyMetadata"].get("KeyState") != "Enabled":
-            raise KeyAccessDenied("the vault's KMS key is not enabled")
+        """The current key exists and is enabled, and the allow-list resolves; a key that is
+        missing, disabled or refused is named in one log line."""
+        try:
+            meta = self._call("DescribeKey", lambda: self.client.describe_key(KeyId=self._key_id))
+        except KeyAccessDenied:
+            log.error(
+                "KMS key %s cannot be used: it is missing, or the key policy refuses the vault", self._key_id
+            )
+            raise
+        state = meta["KeyMetadata"].get("KeyState")
+        if state != "Enabled":
+            log.error("KMS key %s is %s, not Enabled: tokenize and detokenize will fail", self._key_id, state)
+            raise KeyAccessDenied(f"the vault's KMS key is {state}, not Enabled")
+        self.resolve()
 
     # GrantMirror
     def create_grant(self, *, name: str, operations: list[str], constraints: GrantConstraints) -> str | None:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from app.crypto.envelope import DATA_KEY_BYTES
 from app.crypto.keys import DataKey, EncryptionContext, canonical_context
-from app.errors import IntegrityFailure, KeyAccessDenied
+from app.errors import IntegrityFailure, KeyAccessDenied, KeyNotAllowed
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +65,40 @@ class LocalKeyProvider:
     def key_id(self) -> str:
         return self._key_id
 
-    def generate_data_key(self, context: EncryptionContext) -> DataKey:
-        plaintext = os.urandom(DATA_KEY_BYTES)
-        nonce = os.urandom(_NONCE_BYTES)
-        wrapped = _MAGIC + nonce + self._aead.encrypt(nonce, plaintext, canonical_context(context))
-        return DataKey(plaintext, wrapped, self._key_id, str(uuid.uuid4()))
+    def _allowed(self, key_id: str) -> None:
+        if key_id != self._key_id:
+            log.error("refused to use key %s: the local provider holds only %s", key_id, self._key_id)
+            raise KeyNotAllowed()
 
-    def decrypt_data_key(self, wrapped: bytes, context: EncryptionContext) -> DataKey:
+    def _wrap(self, plaintext: bytes, context: EncryptionContext) -> bytes:
+        nonce = os.urandom(_NONCE_BYTES)
+        return _MAGIC + nonce + self._aead.encrypt(nonce, plaintext, canonical_context(context))
+
+    def _unwrap(self, wrapped: bytes, context: EncryptionContext) -> bytes:
         header = len(_MAGIC) + _NONCE_BYTES
         if not wrapped.startswith(_MAGIC) or len(wrapped) <= header:
             raise IntegrityFailure()
         nonce, sealed = wrapped[len(_MAGIC) : header], wrapped[header:]
         try:
-            plaintext = self._aead.decrypt(nonce, sealed, canonical_context(context))
+            return self._aead.decrypt(nonce, sealed, canonical_context(context))
         except InvalidTag:
             raise IntegrityFailure() from None
-        return DataKey(plaintext, wrapped, self._key_id, str(uuid.uuid4()))
+
+    async def generate_data_key(self, context: EncryptionContext) -> DataKey:
+        plaintext = os.urandom(DATA_KEY_BYTES)
+        return DataKey(plaintext, self._wrap(plaintext, context), self._key_id, str(uuid.uuid4()))
+
+    async def decrypt_data_key(self, wrapped: bytes, context: EncryptionContext, *, key_id: str) -> DataKey:
+        self._allowed(key_id)
+        return DataKey(self._unwrap(wrapped, context), wrapped, self._key_id, str(uuid.uuid4()))
+
+    async def reencrypt_data_key(
+        self, wrapped: bytes, context: EncryptionContext, *, key_id: str, to_key_id: str
+    ) -> DataKey:
+        self._allowed(key_id)
+        self._allowed(to_key_id)
+        rewrapped = self._wrap(self._unwrap(wrapped, context), context)
+        return DataKey(b"", rewrapped, self._key_id, str(uuid.uuid4()))
 
     def check(self) -> None:
         return None

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
-from operator import attrgetter
 from typing import Any
 
 import psycopg
@@ -17,6 +16,7 @@ from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, defer
 
+from app.db.data_path import EVENT_COLUMNS, EventRow, KeyCredentials
 from app.db.models import ApiKey, AuditChainHead, AuditChainLink, AuditEvent, AuditKey, Grant, Principal
 
 
@@ -40,28 +40,6 @@ class PrincipalRepository:
 
     def list(self) -> Sequence[Principal]:
         return self.session.scalars(select(Principal).order_by(Principal.created_at, Principal.name)).all()
-
-
-@dataclass(frozen=True, slots=True)
-class KeyCredentials:
-    secret_hash: bytes
-    key_revoked_at: datetime | None
-    principal_id: uuid.UUID
-    principal_name: str
-    role: str
-    principal_disabled_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class GrantTerms:
-    """The part of a grant an access decision reads; a plain row, not an ORM object."""
-
-    id: uuid.UUID
-    constraint_kind: str | None
-    constraint_context: dict[str, str] | None
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    retired_at: datetime | None
 
 
 class ApiKeyRepository:
@@ -176,177 +154,14 @@ class GrantRepository:
         return self.session.scalars(query).all()
 
 
-@dataclass(slots=True)
-class EventRow:
-    """An audit event as written: plain fields (no ORM object on the hot path), MAC set by the Auditor."""
-
-    event_id: uuid.UUID
-    time: datetime
-    request_id: str | None
-    principal_id: uuid.UUID | None
-    principal_name: str | None
-    api_key_id: str | None
-    action: str
-    outcome: str
-    reason: str | None
-    token: str | None
-    customer_id: str | None
-    data_type: str | None
-    grant_id: uuid.UUID | None
-    target_id: str | None
-    access_reason: str | None
-    source_ip: str | None
-    user_agent: str | None
-    kms_request_id: str | None
-    key_version: int | None = None
-    event_mac: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RecordRow:
-    """A stored record: what the data path writes and reads. `repr` shows no ciphertext."""
-
-    token: str
-    customer_id: str
-    data_type: str
-    format_version: int
-    ciphertext: bytes
-    wrapped_key: bytes
-    kms_key_id: str
-    created_by: uuid.UUID
-    created_at: datetime
-
-    def __repr__(self) -> str:
-        return f"RecordRow(token={self.token!r}, data_type={self.data_type!r})"
-
-
-_EVENT_COLUMNS = tuple(f.name for f in fields(EventRow))
-_RECORD_COLUMNS = tuple(f.name for f in fields(RecordRow))
-_event_values = attrgetter(*_EVENT_COLUMNS)
-_record_values = attrgetter(*_RECORD_COLUMNS)
-# Column types for unnest(): one array parameter per column, so one prepared statement serves
-# a single item and a batch of a hundred alike.
-_EVENT_TYPES = (
-    "uuid", "timestamptz", "varchar", "uuid", "varchar", "varchar", "varchar", "varchar", "varchar",
-    "varchar", "varchar", "varchar", "uuid", "varchar", "varchar", "varchar", "varchar", "varchar",
-    "smallint", "bytea",
-)  # fmt: skip
-_RECORD_TYPES = (
-    "varchar", "varchar", "varchar", "smallint", "bytea", "bytea", "varchar", "uuid", "timestamptz",
-)  # fmt: skip
-
-
-def _unnest(columns: Sequence[str], types: Sequence[str], prefix: str) -> str:
-    arrays = ", ".join(f"%({prefix}{column})s::{kind}[]" for column, kind in zip(columns, types, strict=True))
-    return f"SELECT * FROM unnest({arrays})"  # noqa: S608 (column names are constants, values parameters)
-
-
-def _values(columns: Sequence[str]) -> str:
-    return f"VALUES ({', '.join(['%s'] * len(columns))})"
-
-
-_INTO_EVENTS = f"INSERT INTO audit_events ({', '.join(_EVENT_COLUMNS)}) "
-_INTO_RECORDS = f"INSERT INTO records ({', '.join(_RECORD_COLUMNS)}) "
-_INSERT_EVENTS = _INTO_EVENTS + _unnest(_EVENT_COLUMNS, _EVENT_TYPES, "e_")
-# Records and their events in one statement: in autocommit, it commits or fails whole.
-_INSERT_RECORDS_AND_EVENTS = (
-    f"WITH new_records AS ({_INTO_RECORDS}{_unnest(_RECORD_COLUMNS, _RECORD_TYPES, 'r_')}) {_INSERT_EVENTS}"
-)
-# The same for one item (most requests), with plain parameters: dumping scalars costs a fraction
-# of dumping arrays.
-_INSERT_ONE_EVENT = _INTO_EVENTS + _values(_EVENT_COLUMNS)
-_INSERT_ONE_RECORD = _INTO_RECORDS + _values(_RECORD_COLUMNS)
-_INSERT_ONE_RECORD_AND_EVENT = (
-    f"WITH new_record AS ({_INTO_RECORDS}{_values(_RECORD_COLUMNS)}) {_INSERT_ONE_EVENT}"
-)
-# Authentication and the caller's grants for one operation, in one round trip. The key id is the
-# public half of an API key; the secret is compared by the caller of this query, in constant time.
-_ACCESS = f"""
-SELECT k.secret_hash, k.revoked_at, p.id, p.name, p.role, p.disabled_at,
-       g.id, g.constraint_kind, g.constraint_context, g.expires_at, g.revoked_at, g.retired_at,
-       {", ".join("r." + column for column in _RECORD_COLUMNS)}
-  FROM api_keys k
-  JOIN principals p ON p.id = k.principal_id
-  LEFT JOIN grants g ON g.grantee_id = p.id AND %(operation)s = ANY(g.operations)
-  LEFT JOIN records r ON r.token = %(token)s
- WHERE k.id = %(key_id)s
- ORDER BY g.created_at, g.id
-"""  # noqa: S608 (column names are constants, values parameters)
-_RECORDS = f"SELECT {', '.join(_RECORD_COLUMNS)} FROM records WHERE token = ANY(%(tokens)s::varchar[])"  # noqa: S608
-_GRANT_COLUMNS = slice(6, 12)
-_RECORD_IN_ACCESS = slice(12, None)
-
-
-def _columns(rows: Sequence[Any], columns: Sequence[str], prefix: str) -> dict[str, list[Any]]:
-    return {prefix + column: [getattr(row, column) for row in rows] for column in columns}
-
-
-class DataPathRepository:
-    """The data path's SQL on one asynchronous autocommit connection: every method is one round
-    trip, and every write one statement, so each write commits or fails whole."""
-
-    def __init__(self, connection: psycopg.AsyncConnection[Any]) -> None:
-        self.connection = connection
-
-    async def access(
-        self, key_id: str, operation: str, tokens: Sequence[str] = ()
-    ) -> tuple[KeyCredentials | None, list[GrantTerms], dict[str, RecordRow]]:
-        """The key's credentials, the principal's grants naming this operation (active or not:
-        the caller decides) and the records of the tokens given: one round trip.
-
-        One token (most requests) rides along in the access query; several are fetched by a
-        second query in the same pipeline. Results come in binary: uuids and timestamps then
-        cost far less to load."""
-        single = tokens[0] if len(tokens) == 1 else None
-        parameters = {"key_id": key_id, "operation": operation, "token": single}
-        access = self.connection.cursor(binary=True)
-        found = None
-        if len(tokens) > 1:
-            found = self.connection.cursor(binary=True)
-            async with self.connection.pipeline():
-                await access.execute(_ACCESS, parameters)
-                await found.execute(_RECORDS, {"tokens": list(tokens)})
-        else:
-            await access.execute(_ACCESS, parameters)
-        rows = await access.fetchall()
-        if found is not None:
-            records = {row[0]: RecordRow(*row) for row in await found.fetchall()}
-        else:
-            records = {row[12]: RecordRow(*row[_RECORD_IN_ACCESS]) for row in rows[:1] if row[12] is not None}
-        if not rows:
-            return None, [], records
-        credentials = KeyCredentials(*rows[0][:6])
-        grants = [GrantTerms(*row[_GRANT_COLUMNS]) for row in rows if row[6] is not None]
-        return credentials, grants, records
-
-    async def add_events(self, events: Sequence[EventRow]) -> None:
-        if len(events) == 1:
-            await self.connection.execute(_INSERT_ONE_EVENT, _event_values(events[0]))
-        elif events:
-            await self.connection.execute(_INSERT_EVENTS, _columns(events, _EVENT_COLUMNS, "e_"))
-
-    async def add_records_with_events(self, records: Sequence[RecordRow], events: Sequence[EventRow]) -> None:
-        if not records:
-            await self.add_events(events)
-        elif len(records) == 1 and not events:
-            await self.connection.execute(_INSERT_ONE_RECORD, _record_values(records[0]))
-        elif len(records) == 1 and len(events) == 1:
-            await self.connection.execute(
-                _INSERT_ONE_RECORD_AND_EVENT, _record_values(records[0]) + _event_values(events[0])
-            )
-        else:
-            parameters = _columns(records, _RECORD_COLUMNS, "r_") | _columns(events, _EVENT_COLUMNS, "e_")
-            await self.connection.execute(_INSERT_RECORDS_AND_EVENTS, parameters)
-
-
 # One page of the sealer's work: the next `limit` events in (written_xid, id) order after the
 # given pair, among those written by transactions in [low, high), each with whether the chain
 # already holds it. A page is bounded by the rows it reads, linked or not, so that no statement
 # walks far whatever the backlog. The link lookup is a scalar subquery, so that it probes the
 # event_row_id index once per row: as EXISTS, the planner may hash the whole chain instead.
-_EVENT_COLUMNS_OF_E = ", ".join("e." + column for column in _EVENT_COLUMNS)
+EVENT_COLUMNS_OF_E = ", ".join("e." + column for column in EVENT_COLUMNS)
 _SEAL_PAGE = (
-    f"SELECT e.id, e.written_xid, {_EVENT_COLUMNS_OF_E},"  # noqa: S608 (constant column names)
+    f"SELECT e.id, e.written_xid, {EVENT_COLUMNS_OF_E},"  # noqa: S608 (constant column names)
     " (SELECT c.seq FROM audit_chain c WHERE c.event_row_id = e.id) IS NOT NULL AS linked"
     " FROM (SELECT * FROM audit_events"
     "        WHERE written_xid >= %s AND written_xid < %s AND (written_xid, id) > (%s, %s)"
@@ -428,7 +243,7 @@ class AuditRepository:
     def add_all(self, events: Sequence[EventRow]) -> None:
         # One multi-row INSERT, without the ORM's unit of work.
         if events:
-            rows = [{column: getattr(event, column) for column in _EVENT_COLUMNS} for event in events]
+            rows = [{column: getattr(event, column) for column in EVENT_COLUMNS} for event in events]
             self.session.execute(insert(AuditEvent), rows)
 
     def unsealed(self, batch: int = 1000) -> Iterator[AuditEvent]:

@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import Conflict, DatabaseUnavailable
+from app.errors import Conflict, DatabaseUnavailable, VaultError
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,25 @@ def on_rollback(session: Session, compensate: Callable[[], None]) -> None:
     session.info.setdefault(_ROLLBACK_HOOKS, []).append(compensate)
 
 
-def _is_connection_failure(err: DBAPIError) -> bool:
-    return isinstance(err, OperationalError) or err.connection_invalidated
+def database_error(err: Exception) -> VaultError | None:
+    """The vault's own error for a database failure, from SQLAlchemy or psycopg alike; None for
+    anything else (a bug, which stays itself). The one place database errors are mapped."""
+    if isinstance(err, IntegrityError | psycopg.IntegrityError):
+        # A unique constraint lost to a concurrent request (two principals of one name, say).
+        return Conflict("the request conflicts with a concurrent change; retry it")
+    if isinstance(err, DBAPIError):
+        if not (isinstance(err, OperationalError) or err.connection_invalidated):
+            return None
+        cause: object = err.orig
+    elif isinstance(err, psycopg.OperationalError):
+        cause = err
+    elif isinstance(err, PoolTimeout | DataPoolTimeout):
+        # The connection pool is exhausted: the database is too slow for the load.
+        return DatabaseUnavailable()
+    else:
+        return None
+    log.warning("database unavailable: %s", type(cause).__name__)
+    return DatabaseUnavailable()
 
 
 class Database:
@@ -112,17 +129,11 @@ class Database:
                     except Exception:
                         log.exception("compensation after rollback failed")
                 raise
-        except IntegrityError:
-            # A unique constraint lost to a concurrent request (two principals of one name, say).
-            raise Conflict("the request conflicts with a concurrent change; retry it") from None
-        except DBAPIError as err:
-            if _is_connection_failure(err):
-                log.warning("database unavailable: %s", type(err.orig).__name__)
-                raise DatabaseUnavailable() from None
-            raise
-        except PoolTimeout:
-            # The connection pool is exhausted: the database is too slow for the load.
-            raise DatabaseUnavailable() from None
+        except (DBAPIError, PoolTimeout) as err:
+            mapped = database_error(err)
+            if mapped is None:
+                raise
+            raise mapped from None
         finally:
             session.close()
 
@@ -160,13 +171,11 @@ class Database:
         try:
             async with self._data_pool.connection() as connection:
                 yield connection
-        except psycopg.IntegrityError:
-            raise Conflict("the request conflicts with a concurrent change; retry it") from None
-        except psycopg.OperationalError as err:
-            log.warning("database unavailable: %s", type(err).__name__)
-            raise DatabaseUnavailable() from None
-        except DataPoolTimeout:
-            raise DatabaseUnavailable() from None
+        except (psycopg.Error, DataPoolTimeout) as err:
+            mapped = database_error(err)
+            if mapped is None:
+                raise
+            raise mapped from None
 
     @contextmanager
     def raw_transaction(self) -> Iterator[psycopg.Connection[Any]]:
@@ -174,8 +183,8 @@ class Database:
         background work of many rows (the audit sealer); commits if the block completes."""
         try:
             pooled = self.engine.raw_connection()
-        except (PoolTimeout, OperationalError):
-            raise DatabaseUnavailable() from None
+        except (PoolTimeout, OperationalError) as err:
+            raise (database_error(err) or DatabaseUnavailable()) from None
         connection: psycopg.Connection[Any] = pooled.driver_connection  # type: ignore[assignment]
         try:
             try:
@@ -187,8 +196,7 @@ class Database:
                 raise
         except psycopg.OperationalError as err:
             pooled.invalidate()
-            log.warning("database unavailable: %s", type(err).__name__)
-            raise DatabaseUnavailable() from None
+            raise (database_error(err) or DatabaseUnavailable()) from None
         finally:
             pooled.close()
 

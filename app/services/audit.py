@@ -35,16 +35,10 @@ import psycopg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from app.crypto.keys import KeyProvider, length_prefixed
+from app.crypto.keys import KeyProvider, length_prefixed, run_blocking
+from app.db.data_path import DataPathRepository, EventRow, RecordRow
 from app.db.models import AuditEvent, AuditKey
-from app.db.repositories import (
-    AuditFilter,
-    AuditRepository,
-    DataPathRepository,
-    EventRow,
-    RecordRow,
-    SealRepository,
-)
+from app.db.repositories import AuditFilter, AuditRepository, SealRepository
 from app.db.session import Database
 from app.errors import AuditUnavailable, DatabaseUnavailable
 from app.metrics import AUDIT_EVENTS
@@ -190,7 +184,9 @@ class AuditKeyring:
             return self._unwrapped[version]
 
     def _unwrap(self, stored: AuditKey) -> None:
-        data_key = self._keys.decrypt_data_key(stored.wrapped_key, AUDIT_KEY_CONTEXT)
+        # Under the key it was wrapped with: an audit key outlives a change of the current key.
+        unwrap = self._keys.decrypt_data_key(stored.wrapped_key, AUDIT_KEY_CONTEXT, key_id=stored.kms_key_id)
+        data_key = run_blocking(unwrap)
         self._unwrapped[stored.version] = data_key.plaintext
 
     def _load_or_create(self) -> int:
@@ -198,7 +194,7 @@ class AuditKeyring:
             repository = AuditRepository(session)
             stored = repository.latest_key()
             if stored is None:
-                made = self._keys.generate_data_key(AUDIT_KEY_CONTEXT)
+                made = run_blocking(self._keys.generate_data_key(AUDIT_KEY_CONTEXT))
                 repository.add_key_if_absent(
                     AuditKey(version=1, wrapped_key=made.wrapped, kms_key_id=made.key_id)
                 )
@@ -229,6 +225,7 @@ class Auditor:
 
     def __init__(self, database: Database, keyring: AuditKeyring, alerter: Alerter | None = None) -> None:
         self._database = database
+        self._data_path = DataPathRepository(database)
         self._keyring = keyring
         self._alerter = alerter or Alerter()
 
@@ -263,16 +260,14 @@ class Auditor:
             await anyio.to_thread.run_sync(self._keyring.current)
         self._stamp(events)
 
-    async def record_with_records(
-        self, store: DataPathRepository, records: Sequence[RecordRow], events: Sequence[EventRow]
-    ) -> None:
+    async def record_with_records(self, records: Sequence[RecordRow], events: Sequence[EventRow]) -> None:
         """The data path's write: records and their events in one statement, so neither commits
         without the other."""
         if not events and not records:
             return
         await self._stamp_on_loop(events)
         try:
-            await store.add_records_with_events(records, events)
+            await self._data_path.add_records_with_events(records, events)
         except (psycopg.OperationalError, psycopg.IntegrityError):
             raise  # the database is down, or a token collided: mapped as such by the Database
         except psycopg.Error as err:
@@ -280,14 +275,14 @@ class Auditor:
             raise AuditUnavailable() from None
         self._counted(events)
 
-    async def record_denials(self, store: DataPathRepository, events: Sequence[EventRow]) -> None:
-        """The data path's refusals: written at once in their own statement (the connection is in
-        autocommit), whatever happens to the request next; then the alarms."""
+    async def record_denials(self, events: Sequence[EventRow]) -> None:
+        """The data path's refusals: written at once in a statement of their own (autocommit),
+        whatever happens to the request next; then the alarms."""
         if not events:
             return
         await self._stamp_on_loop(events)
         try:
-            await store.add_events(events)
+            await self._data_path.add_events(events)
         except psycopg.Error as err:
             log.error("audit write failed: %s", err.sqlstate or type(err).__name__)
             raise AuditUnavailable() from None

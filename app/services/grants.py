@@ -11,10 +11,11 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from app.crypto.keys import GrantConstraints, GrantMirror
+from app.db.data_path import GrantTerms
 from app.db.models import Grant
-from app.db.repositories import GrantRepository, GrantTerms
+from app.db.repositories import GrantRepository
 from app.db.session import Database, on_rollback
-from app.errors import Conflict, DependencyUnavailable, InvalidInput, NotFound
+from app.errors import Conflict, DependencyUnavailable, InvalidInput, Misconfigured, NotFound
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, Operation, RequestContext, utcnow
 from app.services.principals import PrincipalService
@@ -199,7 +200,7 @@ class GrantService:
             return
         try:
             self._mirror.revoke_grant(grant.kms_grant_id)
-        except DependencyUnavailable:
+        except (DependencyUnavailable, Misconfigured):
             log.warning("KMS mirror of grant %s not revoked yet; the sweep will retry", grant.id)
             return
         grant.kms_revoked_at = utcnow()

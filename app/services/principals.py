@@ -12,14 +12,9 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
+from app.db.data_path import EventRow, KeyCredentials
 from app.db.models import ApiKey, Principal
-from app.db.repositories import (
-    ApiKeyRepository,
-    EventRow,
-    GrantRepository,
-    KeyCredentials,
-    PrincipalRepository,
-)
+from app.db.repositories import ApiKeyRepository, GrantRepository, PrincipalRepository
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, RequestContext, utcnow

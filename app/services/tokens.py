@@ -16,8 +16,9 @@ from datetime import datetime
 from typing import TypeVar
 
 from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
-from app.crypto.keys import DataKey, EncryptionContext, KeyProvider, RemoteKeyProvider
-from app.db.repositories import DataPathRepository, EventRow, RecordRow
+from app.crypto.keys import KeyProvider
+from app.db.data_path import DataPathRepository, EventRow, RecordRow
+from app.db.session import Database
 from app.errors import (
     AccessReasonRequired,
     Denied,
@@ -85,34 +86,25 @@ class ItemError:
 class TokenService:
     def __init__(
         self,
+        *,
         keys: KeyProvider,
+        database: Database,
         principals: PrincipalService,
         auditor: Auditor,
-        *,
         max_value_bytes: int,
         require_access_reason: bool = False,
         key_concurrency: int = 32,
     ) -> None:
         self._require_access_reason = require_access_reason
         self._keys = keys
+        self._store = DataPathRepository(database)
         self._principals = principals
         self._auditor = auditor
         self._max_value_bytes = max_value_bytes
-        # A remote key service's latency is hidden by awaiting its calls on the event loop, up to
-        # key_concurrency at once for a batch. A local provider's work is microseconds of CPU: it
-        # runs inline, one item after another.
-        self._remote_keys = keys if isinstance(keys, RemoteKeyProvider) else None
+        # A batch's key-service calls are awaited up to key_concurrency at once: a remote key
+        # service's latency then overlaps. (A local provider never suspends, so its items run
+        # one after another whatever this is.)
         self._key_concurrency = key_concurrency
-
-    async def _generate_data_key(self, context: EncryptionContext) -> DataKey:
-        if self._remote_keys is not None:
-            return await self._remote_keys.generate_data_key_async(context)
-        return self._keys.generate_data_key(context)
-
-    async def _decrypt_data_key(self, wrapped: bytes, context: EncryptionContext) -> DataKey:
-        if self._remote_keys is not None:
-            return await self._remote_keys.decrypt_data_key_async(wrapped, context)
-        return self._keys.decrypt_data_key(wrapped, context)
 
     async def _map(self, fn: Callable[[T], Awaitable[R]], items: Sequence[T]) -> list[R | VaultError]:
         """Apply fn to each item; a VaultError is kept as that item's result."""
@@ -123,7 +115,7 @@ class TokenService:
             except VaultError as err:
                 return err
 
-        if self._remote_keys is None or len(items) <= 1:
+        if len(items) <= 1:
             return [await guarded(item) for item in items]
         # key_concurrency workers share the items: that many calls in flight, no more, and no
         # task (or semaphore wait) per item.
@@ -153,30 +145,22 @@ class TokenService:
         return raw
 
     async def _admit(
-        self,
-        store: DataPathRepository,
-        presented: str | None,
-        operation: Operation,
-        ctx: RequestContext,
-        tokens: Sequence[str] = (),
+        self, presented: str | None, operation: Operation, ctx: RequestContext, tokens: Sequence[str] = ()
     ) -> tuple[Caller, GrantSet, dict[str, RecordRow]]:
         """Authenticate, and read the caller's grants (and the records asked for): one round trip."""
         key = parse_api_key(presented)
-        found, grants, records = await store.access(key.key_id, operation, tokens) if key else (None, [], {})
+        access = await self._store.access(key.key_id, operation, tokens) if key else None
+        found = access.credentials if access else None
         caller, refusal = self._principals.admit(presented, key, found, ctx)
-        if caller is None:
-            await self._auditor.record_denials(store, [refusal] if refusal else [])
+        if caller is None or access is None:
+            await self._auditor.record_denials([refusal] if refusal else [])
             raise Unauthenticated()
-        return caller, GrantSet(grants, utcnow()), records
+        return caller, GrantSet(access.grants, utcnow()), access.records
 
     async def tokenize(
-        self,
-        store: DataPathRepository,
-        presented: str | None,
-        items: Sequence[TokenizeItem | VaultError],
-        ctx: RequestContext,
+        self, *, presented: str | None, items: Sequence[TokenizeItem | VaultError], ctx: RequestContext
     ) -> list[Tokenized | ItemError]:
-        caller, grants, _ = await self._admit(store, presented, "Encrypt", ctx)
+        caller, grants, _ = await self._admit(presented, "Encrypt", ctx)
         denials: list[EventRow] = []
         results: list[Tokenized | ItemError | None] = [None] * len(items)
         allowed: list[tuple[int, TokenizeItem, bytes, Decision]] = []
@@ -197,12 +181,12 @@ class TokenService:
                 continue
             allowed.append((index, item, raw, decision))
         # Denials first, on their own: a refusal is on record whatever happens next.
-        await self._auditor.record_denials(store, denials)
+        await self._auditor.record_denials(denials)
 
         async def encrypt(entry: tuple[int, TokenizeItem, bytes, Decision]) -> tuple[RecordRow, str | None]:
             _, item, raw, _ = entry
             token = new_token()
-            data_key = await self._generate_data_key(context_of(item.customer_id, item.data_type))
+            data_key = await self._keys.generate_data_key(context_of(item.customer_id, item.data_type))
             binding = RecordBinding(token, item.customer_id, item.data_type)
             record = RecordRow(
                 token=token,
@@ -245,34 +229,30 @@ class TokenService:
                 )
             )
             results[index] = Tokenized(record.token, record.customer_id, record.data_type, record.created_at)
-        await self._auditor.record_denials(store, failures)
+        await self._auditor.record_denials(failures)
         # The one commit: records and their events, one statement.
-        await self._auditor.record_with_records(store, records, events)
+        await self._auditor.record_with_records(records, events)
         return [result for result in results if result is not None]
 
     async def tokenize_one(
-        self, store: DataPathRepository, presented: str | None, item: TokenizeItem, ctx: RequestContext
+        self, *, presented: str | None, item: TokenizeItem, ctx: RequestContext
     ) -> Tokenized:
-        (result,) = await self.tokenize(store, presented, [item], ctx)
+        (result,) = await self.tokenize(presented=presented, items=[item], ctx=ctx)
         if isinstance(result, ItemError):
             raise result.error
         return result
 
     async def detokenize(
-        self,
-        store: DataPathRepository,
-        presented: str | None,
-        tokens: Sequence[str],
-        ctx: RequestContext,
+        self, *, presented: str | None, tokens: Sequence[str], ctx: RequestContext
     ) -> list[Revealed | ItemError]:
         well_formed = [token for token in tokens if TOKEN_PATTERN.fullmatch(token)]
-        caller, grants, records = await self._admit(store, presented, "Decrypt", ctx, well_formed)
+        caller, grants, records = await self._admit(presented, "Decrypt", ctx, well_formed)
         if self._require_access_reason and not (ctx.access_reason or "").strip():
             refused = [
                 build_event("Detokenize", "denied", ctx, caller, Subject(token=t), "access_reason_required")
                 for t in tokens
             ]
-            await self._auditor.record_denials(store, refused)
+            await self._auditor.record_denials(refused)
             raise AccessReasonRequired(field="X-Access-Reason")
         may_learn_existence = grants.any_active
         denials: list[EventRow] = []
@@ -304,12 +284,14 @@ class TokenService:
                 results[index] = ItemError(Denied(decision.deny_reason), token)
                 continue
             allowed.append((index, record, decision))
-        await self._auditor.record_denials(store, denials)
+        await self._auditor.record_denials(denials)
 
         async def decrypt(entry: tuple[int, RecordRow, Decision]) -> tuple[str, str | None]:
             _, record, _ = entry
             context = context_of(record.customer_id, record.data_type)
-            data_key = await self._decrypt_data_key(record.wrapped_key, context)
+            data_key = await self._keys.decrypt_data_key(
+                record.wrapped_key, context, key_id=record.kms_key_id
+            )
             binding = RecordBinding(record.token, record.customer_id, record.data_type)
             plaintext = open_sealed(data_key.plaintext, record.ciphertext, binding)
             return plaintext.decode("utf-8"), data_key.request_id
@@ -345,18 +327,16 @@ class TokenService:
                 )
             )
             results[index] = Revealed(record.token, record.customer_id, record.data_type, value)
-        await self._auditor.record_denials(store, failures)
+        await self._auditor.record_denials(failures)
         # The value leaves only once its allowed event has committed.
-        await self._auditor.record_with_records(store, (), events)
+        await self._auditor.record_with_records((), events)
         return [result for result in results if result is not None]
 
-    async def detokenize_one(
-        self, store: DataPathRepository, presented: str | None, token: str, ctx: RequestContext
-    ) -> Revealed:
+    async def detokenize_one(self, *, presented: str | None, token: str, ctx: RequestContext) -> Revealed:
         if not TOKEN_PATTERN.fullmatch(token):
-            await self._admit(store, presented, "Decrypt", ctx)  # strangers are refused before anything else
+            await self._admit(presented, "Decrypt", ctx)  # strangers are refused before anything else
             raise InvalidInput("token is not a vault token (tok_ and 32 URL-safe characters)", field="token")
-        (result,) = await self.detokenize(store, presented, [token], ctx)
+        (result,) = await self.detokenize(presented=presented, tokens=[token], ctx=ctx)
         if isinstance(result, ItemError):
             raise result.error
         return result

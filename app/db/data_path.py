@@ -1,0 +1,250 @@
+"""The data path's SQL (tokenize, detokenize): plain row types and one repository.
+
+Every method takes a connection from the data path's pool for its one statement (or one
+pipeline) and gives it back: no connection is held while the key service is asked for a data
+key, so a slow key service cannot drain the pool. The connections are in autocommit, so each
+write, one statement, commits or fails whole; Database.data_connection maps database errors to
+the vault's own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from operator import attrgetter
+from typing import Any
+
+from psycopg.rows import namedtuple_row
+
+from app.db.session import Database
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCredentials:
+    secret_hash: bytes
+    key_revoked_at: datetime | None
+    principal_id: uuid.UUID
+    principal_name: str
+    role: str
+    principal_disabled_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class GrantTerms:
+    """The part of a grant an access decision reads; a plain row, not an ORM object."""
+
+    id: uuid.UUID
+    constraint_kind: str | None
+    constraint_context: dict[str, str] | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    retired_at: datetime | None
+
+
+@dataclass(slots=True)
+class EventRow:
+    """An audit event as written: plain fields (no ORM object on the hot path), MAC set by the Auditor."""
+
+    event_id: uuid.UUID
+    time: datetime
+    request_id: str | None
+    principal_id: uuid.UUID | None
+    principal_name: str | None
+    api_key_id: str | None
+    action: str
+    outcome: str
+    reason: str | None
+    token: str | None
+    customer_id: str | None
+    data_type: str | None
+    grant_id: uuid.UUID | None
+    target_id: str | None
+    access_reason: str | None
+    source_ip: str | None
+    user_agent: str | None
+    kms_request_id: str | None
+    key_version: int | None = None
+    event_mac: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRow:
+    """A stored record: what the data path writes and reads. `repr` shows no ciphertext."""
+
+    token: str
+    customer_id: str
+    data_type: str
+    format_version: int
+    ciphertext: bytes
+    wrapped_key: bytes
+    kms_key_id: str
+    created_by: uuid.UUID
+    created_at: datetime
+
+    def __repr__(self) -> str:
+        return f"RecordRow(token={self.token!r}, data_type={self.data_type!r})"
+
+
+EVENT_COLUMNS = tuple(f.name for f in fields(EventRow))
+RECORD_COLUMNS = tuple(f.name for f in fields(RecordRow))
+_event_values = attrgetter(*EVENT_COLUMNS)
+_record_values = attrgetter(*RECORD_COLUMNS)
+# Column types for unnest(): one array parameter per column, so one prepared statement serves
+# a single item and a batch of a hundred alike.
+_EVENT_TYPES = (
+    "uuid", "timestamptz", "varchar", "uuid", "varchar", "varchar", "varchar", "varchar", "varchar",
+    "varchar", "varchar", "varchar", "uuid", "varchar", "varchar", "varchar", "varchar", "varchar",
+    "smallint", "bytea",
+)  # fmt: skip
+_RECORD_TYPES = (
+    "varchar", "varchar", "varchar", "smallint", "bytea", "bytea", "varchar", "uuid", "timestamptz",
+)  # fmt: skip
+
+
+def _unnest(columns: Sequence[str], types: Sequence[str], prefix: str) -> str:
+    arrays = ", ".join(f"%({prefix}{column})s::{kind}[]" for column, kind in zip(columns, types, strict=True))
+    return f"SELECT * FROM unnest({arrays})"  # noqa: S608 (column names are constants, values parameters)
+
+
+def _values(columns: Sequence[str]) -> str:
+    return f"VALUES ({', '.join(['%s'] * len(columns))})"
+
+
+_INTO_EVENTS = f"INSERT INTO audit_events ({', '.join(EVENT_COLUMNS)}) "
+_INTO_RECORDS = f"INSERT INTO records ({', '.join(RECORD_COLUMNS)}) "
+_INSERT_EVENTS = _INTO_EVENTS + _unnest(EVENT_COLUMNS, _EVENT_TYPES, "e_")
+# Records and their events in one statement: in autocommit, it commits or fails whole.
+_INSERT_RECORDS_AND_EVENTS = (
+    f"WITH new_records AS ({_INTO_RECORDS}{_unnest(RECORD_COLUMNS, _RECORD_TYPES, 'r_')}) {_INSERT_EVENTS}"
+)
+# The same for one item (most requests), with plain parameters: dumping scalars costs a fraction
+# of dumping arrays.
+_INSERT_ONE_EVENT = _INTO_EVENTS + _values(EVENT_COLUMNS)
+_INSERT_ONE_RECORD = _INTO_RECORDS + _values(RECORD_COLUMNS)
+_INSERT_ONE_RECORD_AND_EVENT = (
+    f"WITH new_record AS ({_INTO_RECORDS}{_values(RECORD_COLUMNS)}) {_INSERT_ONE_EVENT}"
+)
+# Authentication and the caller's grants for one operation, in one round trip. The key id is the
+# public half of an API key; the secret is compared by the caller of this query, in constant time.
+# Every column has a name of its own: rows are read by name.
+_RECORD_OF_R = ", ".join("r." + column for column in RECORD_COLUMNS)
+_ACCESS = f"""
+SELECT k.secret_hash, k.revoked_at AS key_revoked_at, p.id AS principal_id, p.name AS principal_name,
+       p.role, p.disabled_at AS principal_disabled_at,
+       g.id AS grant_id, g.constraint_kind, g.constraint_context, g.expires_at,
+       g.revoked_at AS grant_revoked_at, g.retired_at AS grant_retired_at,
+       {_RECORD_OF_R}
+  FROM api_keys k
+  JOIN principals p ON p.id = k.principal_id
+  LEFT JOIN grants g ON g.grantee_id = p.id AND %(operation)s = ANY(g.operations)
+  LEFT JOIN records r ON r.token = %(token)s
+ WHERE k.id = %(key_id)s
+ ORDER BY g.created_at, g.id
+"""  # noqa: S608 (column names are constants, values parameters)
+_RECORDS = f"SELECT {', '.join(RECORD_COLUMNS)} FROM records WHERE token = ANY(%(tokens)s::varchar[])"  # noqa: S608
+
+
+def _record(row: Any) -> RecordRow:
+    return RecordRow(
+        token=row.token,
+        customer_id=row.customer_id,
+        data_type=row.data_type,
+        format_version=row.format_version,
+        ciphertext=row.ciphertext,
+        wrapped_key=row.wrapped_key,
+        kms_key_id=row.kms_key_id,
+        created_by=row.created_by,
+        created_at=row.created_at,
+    )
+
+
+def _columns(rows: Sequence[Any], columns: Sequence[str], prefix: str) -> dict[str, list[Any]]:
+    return {prefix + column: [getattr(row, column) for row in rows] for column in columns}
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What one access query found: the key's credentials (None for an unknown key), the
+    principal's grants naming the operation (active or not: the caller decides), and the
+    records of the tokens asked for."""
+
+    credentials: KeyCredentials | None
+    grants: list[GrantTerms]
+    records: dict[str, RecordRow]
+
+
+class DataPathRepository:
+    """The data path's SQL: every method is one round trip on a connection of its own."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    async def access(self, key_id: str, operation: str, tokens: Sequence[str] = ()) -> Access:
+        """One token (most requests) rides along in the access query; several are fetched by a
+        second query in the same pipeline. Results come in binary: uuids and timestamps then
+        cost far less to load."""
+        single = tokens[0] if len(tokens) == 1 else None
+        parameters = {"key_id": key_id, "operation": operation, "token": single}
+        async with self._database.data_connection() as connection:
+            access = connection.cursor(binary=True, row_factory=namedtuple_row)
+            if len(tokens) > 1:
+                found = connection.cursor(binary=True, row_factory=namedtuple_row)
+                async with connection.pipeline():
+                    await access.execute(_ACCESS, parameters)
+                    await found.execute(_RECORDS, {"tokens": list(tokens)})
+                rows: list[Any] = await access.fetchall()
+                records = {row.token: _record(row) for row in await found.fetchall()}  # type: ignore[attr-defined]
+            else:
+                await access.execute(_ACCESS, parameters)
+                rows = list(await access.fetchall())
+                records = {row.token: _record(row) for row in rows[:1] if row.token is not None}
+        if not rows:
+            return Access(None, [], records)
+        first = rows[0]
+        credentials = KeyCredentials(
+            secret_hash=first.secret_hash,
+            key_revoked_at=first.key_revoked_at,
+            principal_id=first.principal_id,
+            principal_name=first.principal_name,
+            role=first.role,
+            principal_disabled_at=first.principal_disabled_at,
+        )
+        grants = [
+            GrantTerms(
+                id=row.grant_id,
+                constraint_kind=row.constraint_kind,
+                constraint_context=row.constraint_context,
+                expires_at=row.expires_at,
+                revoked_at=row.grant_revoked_at,
+                retired_at=row.grant_retired_at,
+            )
+            for row in rows
+            if row.grant_id is not None
+        ]
+        return Access(credentials, grants, records)
+
+    async def add_events(self, events: Sequence[EventRow]) -> None:
+        if not events:
+            return
+        async with self._database.data_connection() as connection:
+            if len(events) == 1:
+                await connection.execute(_INSERT_ONE_EVENT, _event_values(events[0]))
+            else:
+                await connection.execute(_INSERT_EVENTS, _columns(events, EVENT_COLUMNS, "e_"))
+
+    async def add_records_with_events(self, records: Sequence[RecordRow], events: Sequence[EventRow]) -> None:
+        if not records:
+            await self.add_events(events)
+            return
+        async with self._database.data_connection() as connection:
+            if len(records) == 1 and not events:
+                await connection.execute(_INSERT_ONE_RECORD, _record_values(records[0]))
+            elif len(records) == 1 and len(events) == 1:
+                await connection.execute(
+                    _INSERT_ONE_RECORD_AND_EVENT, _record_values(records[0]) + _event_values(events[0])
+                )
+            else:
+                parameters = _columns(records, RECORD_COLUMNS, "r_") | _columns(events, EVENT_COLUMNS, "e_")
+                await connection.execute(_INSERT_RECORDS_AND_EVENTS, parameters)

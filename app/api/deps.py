@@ -9,6 +9,7 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
+from app.access import ADMINS, AUDIT_READERS
 from app.container import Vault
 from app.db.repositories import DataPathRepository
 from app.services.context import Caller, RequestContext
@@ -104,12 +105,12 @@ WorkDep = Annotated[Work, Depends(get_work)]
 
 
 def require_admin(vault: VaultDep, caller: CallerDep, ctx: ContextDep, request: Request) -> Caller:
-    vault.principals.require_role(caller, {"admin"}, _action(request), ctx)
+    vault.principals.require_role(caller, ADMINS, _action(request), ctx)
     return caller
 
 
 def require_auditor(vault: VaultDep, caller: CallerDep, ctx: ContextDep, request: Request) -> Caller:
-    vault.principals.require_role(caller, {"admin", "auditor"}, _action(request), ctx)
+    vault.principals.require_role(caller, AUDIT_READERS, _action(request), ctx)
     return caller
 
 

@@ -122,6 +122,7 @@ def admin_create(name: Annotated[str, typer.Argument(help="The admin's unique na
     """Create an admin and print its API key (shown once) as the last line."""
     from sqlalchemy.exc import ProgrammingError
 
+    from app.access import Role
     from app.api.schemas import PRINCIPAL_NAME_PATTERN
     from app.container import build_vault
     from app.errors import VaultError
@@ -136,7 +137,7 @@ def admin_create(name: Annotated[str, typer.Argument(help="The admin's unique na
     ctx = RequestContext(request_id="cli", user_agent="piivault-cli")
     try:
         with vault.database.transaction() as session:
-            principal, issued = vault.principals.create(session, None, name, "admin", ctx)
+            principal, issued = vault.principals.create(session, None, name, Role.ADMIN, ctx)
     except VaultError as err:
         typer.echo(f"piivault: {err.message}", err=True)
         raise typer.Exit(1) from None

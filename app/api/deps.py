@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
+from app.access import ADMINS, AUDIT_READERS
 from app.container import Vault
 from app.services.context import Caller, RequestContext
 from app.services.tokens import TokenService
@@ -87,12 +88,12 @@ PresentedKeyDep = Annotated[str | None, Depends(get_presented_key)]
 
 
 def require_admin(vault: VaultDep, caller: CallerDep, ctx: ContextDep, request: Request) -> Caller:
-    vault.principals.require_role(caller, {"admin"}, _action(request), ctx)
+    vault.principals.require_role(caller, ADMINS, _action(request), ctx)
     return caller
 
 
 def require_auditor(vault: VaultDep, caller: CallerDep, ctx: ContextDep, request: Request) -> Caller:
-    vault.principals.require_role(caller, {"admin", "auditor"}, _action(request), ctx)
+    vault.principals.require_role(caller, AUDIT_READERS, _action(request), ctx)
     return caller
 
 

@@ -11,7 +11,7 @@ from app.api.deps import AdminDep, CallerDep, ContextDep, SessionDep, VaultDep
 from app.api.schemas import ErrorResponse, GrantCreate, GrantList, GrantOut
 from app.db.models import Grant
 from app.services.context import utcnow
-from app.services.grants import EQUALS, SUBSET, GrantRequest, is_active
+from app.services.grants import EQUALS, SUBSET, GrantRequest
 
 router = APIRouter(
     prefix="/v1/grants",
@@ -34,7 +34,7 @@ def grant_out(grant: Grant) -> GrantOut:
         created_at=grant.created_at,
         revoked_at=grant.revoked_at,
         retired_at=grant.retired_at,
-        active=is_active(grant, utcnow()),
+        active=grant.active_at(utcnow()),
         kms_grant_id=grant.kms_grant_id,
     )
 

@@ -8,6 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictStr, model_validator
 
+from app.access import Role
+from app.services.context import OPERATIONS, Operation
+
 CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 DATA_TYPE_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
 PRINCIPAL_NAME_PATTERN = r"^[A-Za-z0-9._@-]{1,128}$"
@@ -31,8 +34,6 @@ DataType = Annotated[
     ),
 ]
 PrincipalName = Annotated[StrictStr, Field(pattern=PRINCIPAL_NAME_PATTERN, examples=["kyc-app"])]
-Role = Literal["admin", "service", "auditor"]
-OperationName = Literal["Encrypt", "Decrypt"]
 
 
 class Strict(BaseModel):
@@ -113,7 +114,7 @@ class GrantConstraintsIn(Strict):
 
 class GrantCreate(Strict):
     grantee: StrictStr = Field(max_length=128, description="A principal's id or name.", examples=["kyc-app"])
-    operations: list[OperationName] = Field(min_length=1, max_length=2, examples=[["Decrypt"]])
+    operations: list[Operation] = Field(min_length=1, max_length=len(OPERATIONS), examples=[["Decrypt"]])
     constraints: GrantConstraintsIn | None = None
     expires_at: AwareDatetime | None = Field(default=None, description="RFC 3339, with offset.")
     name: StrictStr | None = Field(default=None, max_length=256)
@@ -138,7 +139,7 @@ class GrantOut(BaseModel):
     id: uuid.UUID
     name: str | None
     grantee: uuid.UUID
-    operations: list[OperationName]
+    operations: list[Operation]
     constraints: dict[str, dict[str, str]] | None
     expires_at: datetime | None
     created_at: datetime

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    ColumnElement,
     DateTime,
     ForeignKey,
     Index,
@@ -21,7 +22,10 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.ext.hybrid import hybrid_method
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
+
+from app.access import Role, grant_active, grant_active_clause
 
 
 class Base(DeclarativeBase):
@@ -34,7 +38,9 @@ def _now() -> Any:
 
 class Principal(Base):
     __tablename__ = "principals"
-    __table_args__ = (CheckConstraint("role IN ('admin', 'service', 'auditor')", name="role_known"),)
+    __table_args__ = (
+        CheckConstraint(f"role IN ({', '.join(repr(str(role)) for role in Role)})", name="role_known"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(128), unique=True)
@@ -87,6 +93,16 @@ class Grant(Base):
     kms_revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Set once the expiry has its audit event, so it is recorded exactly once.
     expiry_audited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    def _active_at(self, now: datetime) -> bool:
+        return grant_active(self, now)
+
+    @classmethod
+    def _active_at_clause(cls, now: datetime) -> ColumnElement[bool]:
+        return grant_active_clause(cls.expires_at, cls.revoked_at, cls.retired_at, now)
+
+    # grant.active_at(now) in Python, Grant.active_at(now) in a query: app.access has both twins.
+    active_at = hybrid_method(_active_at, _active_at_clause)
 
     def __repr__(self) -> str:
         return f"Grant(id={self.id}, grantee_id={self.grantee_id}, operations={self.operations})"

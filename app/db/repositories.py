@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import namedtuple_row
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, defer
 
@@ -98,24 +98,14 @@ class GrantRepository:
         query = select(Grant).order_by(Grant.created_at, Grant.id)
         if grantee_id is not None:
             query = query.where(Grant.grantee_id == grantee_id)
-        is_active = (
-            Grant.revoked_at.is_(None)
-            & Grant.retired_at.is_(None)
-            & or_(Grant.expires_at.is_(None), Grant.expires_at > now)
-        )
         if active is True:
-            query = query.where(is_active)
+            query = query.where(Grant.active_at(now))
         elif active is False:
-            query = query.where(~is_active)
+            query = query.where(~Grant.active_at(now))
         return self.session.scalars(query).all()
 
     def any_active_for(self, grantee_id: uuid.UUID, now: datetime) -> bool:
-        query = select(Grant.id).where(
-            Grant.grantee_id == grantee_id,
-            Grant.revoked_at.is_(None),
-            Grant.retired_at.is_(None),
-            or_(Grant.expires_at.is_(None), Grant.expires_at > now),
-        )
+        query = select(Grant.id).where(Grant.grantee_id == grantee_id, Grant.active_at(now))
         return self.session.scalar(query.limit(1)) is not None
 
     def expired_unaudited(self, now: datetime, limit: int) -> Sequence[Grant]:
@@ -141,11 +131,7 @@ class GrantRepository:
             .where(
                 Grant.kms_grant_id.is_not(None),
                 Grant.kms_revoked_at.is_(None),
-                or_(
-                    Grant.revoked_at.is_not(None),
-                    Grant.retired_at.is_not(None),
-                    Grant.expires_at <= now,
-                ),
+                ~Grant.active_at(now),
             )
             .order_by(Grant.created_at)
             .limit(limit)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, get_args
 
-Role = Literal["admin", "service", "auditor"]
+# What a grant allows; the API's operation names are these.
 Operation = Literal["Encrypt", "Decrypt"]
-OPERATIONS: tuple[Operation, ...] = ("Encrypt", "Decrypt")
+OPERATIONS: tuple[Operation, ...] = get_args(Operation)
 
 
 @dataclass(frozen=True, slots=True)

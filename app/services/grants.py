@@ -10,6 +10,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
+from app.access import grant_active, may_receive_grant, may_retire_grant
 from app.crypto.keys import GrantConstraints, GrantMirror
 from app.db.data_path import GrantTerms
 from app.db.models import Grant
@@ -24,14 +25,6 @@ log = logging.getLogger(__name__)
 
 SUBSET = "encryption_context_subset"
 EQUALS = "encryption_context_equals"
-
-
-def is_active(grant: Grant | GrantTerms, now: datetime) -> bool:
-    return (
-        grant.revoked_at is None
-        and grant.retired_at is None
-        and (grant.expires_at is None or grant.expires_at > now)
-    )
 
 
 def constraints_match(grant: GrantTerms, context: Mapping[str, str]) -> bool:
@@ -65,12 +58,12 @@ class GrantSet:
 
     @property
     def any_active(self) -> bool:
-        return any(is_active(grant, self._now) for grant in self._grants)
+        return any(grant_active(grant, self._now) for grant in self._grants)
 
     def decide(self, context: Mapping[str, str]) -> Decision:
         matching = [grant for grant in self._grants if constraints_match(grant, context)]
         for grant in matching:
-            if is_active(grant, self._now):
+            if grant_active(grant, self._now):
                 return Decision(grant.id)
         # Deny: say why, for the audit trail only (the caller always sees grant_required).
         if any(g.revoked_at is None and g.retired_at is None for g in matching):
@@ -109,9 +102,7 @@ class GrantService:
         grantee = self._principals.resolve(session, request.grantee)
         if grantee.disabled_at is not None:
             raise InvalidInput("the grantee is disabled", field="grantee")
-        # Separation of duties: data access goes to service principals only, never to admins
-        # (who could otherwise grant themselves) or auditors.
-        if grantee.role != "service":
+        if not may_receive_grant(grantee.role):
             raise InvalidInput("grants can only be made to service principals", field="grantee")
         if request.expires_at is not None and request.expires_at <= utcnow():
             raise InvalidInput("expires_at must be in the future", field="expires_at")
@@ -177,8 +168,8 @@ class GrantService:
 
     def retire(self, session: Session, caller: Caller, grant_id: uuid.UUID, ctx: RequestContext) -> Grant:
         grant = GrantRepository(session).get(grant_id, for_update=True)
-        # Only the grantee retires its grant; others learn nothing of grants not theirs.
-        if grant is None or grant.grantee_id != caller.id:
+        # Others learn nothing of grants not theirs: not even whether the id exists.
+        if grant is None or not may_retire_grant(caller, grant.grantee_id):
             attempt = build_event(
                 "RetireGrant", "denied", ctx, caller, Subject(target_id=str(grant_id)), "not_grantee"
             )

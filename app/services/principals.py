@@ -7,11 +7,13 @@ import hmac
 import re
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from sqlalchemy.orm import Session
 
+from app.access import ADMINS, Role, key_issue_refusal, may_disable, may_revoke_key
 from app.db.data_path import EventRow, KeyCredentials
 from app.db.models import ApiKey, Principal
 from app.db.repositories import ApiKeyRepository, GrantRepository, PrincipalRepository
@@ -156,15 +158,8 @@ class PrincipalService:
         if principal.disabled_at is not None:
             raise Conflict("the principal is disabled", field="id")
         if actor.id != principal.id:
-            # Separation of duties: an admin holding a key of a principal with data access (or of
-            # another admin) could act as it. Such principals rotate their own keys.
-            reason = None
-            if actor.role != "admin":
-                reason = "role_required"
-            elif principal.role == "admin":
-                reason = "other_admin"
-            elif GrantRepository(session).any_active_for(principal.id, utcnow()):
-                reason = "grantee_holds_grants"
+            holds_grants = GrantRepository(session).any_active_for(principal.id, utcnow())
+            reason = key_issue_refusal(actor, principal, holds_grants)
             if reason is not None:
                 refused = build_event(
                     "CreateApiKey", "denied", ctx, actor, Subject(target_id=str(principal.id)), reason
@@ -190,8 +185,8 @@ class PrincipalService:
         key_id: str,
         ctx: RequestContext,
     ) -> ApiKey:
-        if actor.id != principal_id:
-            self.require_role(actor, {"admin"}, "RevokeApiKey", ctx)
+        if not may_revoke_key(actor, principal_id):
+            self._refuse_role(actor, ADMINS, "RevokeApiKey", ctx)
         key = ApiKeyRepository(session).get(key_id)
         if key is None or key.principal_id != principal_id:
             raise NotFound("no such key for this principal", field="key_id")
@@ -206,7 +201,7 @@ class PrincipalService:
         self, session: Session, actor: Caller, principal_id: uuid.UUID, ctx: RequestContext
     ) -> Principal:
         principal = self.get(session, principal_id)
-        if principal.id == actor.id:
+        if not may_disable(actor, principal.id):
             raise Forbidden("an admin cannot disable itself")
         if principal.disabled_at is None:
             now = utcnow()
@@ -222,10 +217,14 @@ class PrincipalService:
             )
         return principal
 
-    def require_role(self, caller: Caller, roles: set[str], action: str, ctx: RequestContext) -> None:
+    def require_role(self, caller: Caller, roles: Collection[Role], action: str, ctx: RequestContext) -> None:
         """Refuse (and audit) a caller whose role does not allow this action."""
-        if caller.role in roles:
-            return
+        if caller.role not in roles:
+            self._refuse_role(caller, roles, action, ctx)
+
+    def _refuse_role(
+        self, caller: Caller, roles: Collection[Role], action: str, ctx: RequestContext
+    ) -> NoReturn:
         self._auditor.record_on_its_own(
             [build_event(action, "denied", ctx, caller, Subject(), "role_required")]
         )

@@ -1,0 +1,132 @@
+"""Who may do what: the roles, every access rule as a pure function, and "active grant" in Python
+and in SQL. No database, no FastAPI: models, schemas, services and routes all import this.
+
+Data access (tokenize, detokenize) is decided by grants, not roles: GrantSet in
+app/services/grants.py, on `grant_active` below."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal, Protocol
+
+from sqlalchemy import ColumnElement, SQLColumnExpression, and_, or_
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    SERVICE = "service"
+    AUDITOR = "auditor"
+
+
+# Role gates of the admin routes (principals and grants) and of the audit trail.
+ADMINS: frozenset[Role] = frozenset({Role.ADMIN})
+AUDIT_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.AUDITOR})
+# Separation of duties: data access goes to service principals only, never to admins (who could
+# otherwise grant themselves) or auditors.
+GRANTEES: frozenset[Role] = frozenset({Role.SERVICE})
+
+
+class Party(Protocol):
+    """A principal as the rules see it: a caller, or the principal it acts on."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+
+    @property
+    def role(self) -> str: ...
+
+
+def may_manage_principals(role: str) -> bool:
+    """Create, list, show and disable principals."""
+    return role in ADMINS
+
+
+def may_manage_grants(role: str) -> bool:
+    """Create, list, show and revoke grants."""
+    return role in ADMINS
+
+
+def may_read_audit(role: str) -> bool:
+    """Search the audit trail and verify its chain."""
+    return role in AUDIT_READERS
+
+
+def may_receive_grant(grantee_role: str) -> bool:
+    return grantee_role in GRANTEES
+
+
+KeyIssueRefusal = Literal["role_required", "other_admin", "grantee_holds_grants"]
+
+
+def key_issue_refusal(actor: Party, target: Party, target_holds_grants: bool) -> KeyIssueRefusal | None:
+    """Why `actor` may not issue a new API key to `target` (the audit reason), or None if it may.
+
+    A principal rotates its own keys. An admin may issue keys to others only if they are not admins
+    and hold no active grant: holding another's key, it could act as that principal."""
+    if actor.id == target.id:
+        return None
+    if actor.role not in ADMINS:
+        return "role_required"
+    if target.role in ADMINS:
+        return "other_admin"
+    if target_holds_grants:
+        return "grantee_holds_grants"
+    return None
+
+
+def may_issue_key(actor: Party, target: Party, target_holds_grants: bool) -> bool:
+    return key_issue_refusal(actor, target, target_holds_grants) is None
+
+
+def may_revoke_key(actor: Party, owner_id: uuid.UUID) -> bool:
+    """An admin, or the key's own principal."""
+    return actor.id == owner_id or actor.role in ADMINS
+
+
+def may_disable(actor: Party, target_id: uuid.UUID) -> bool:
+    """An admin disables others, never itself (the last admin could lock everyone out)."""
+    return actor.role in ADMINS and actor.id != target_id
+
+
+def may_retire_grant(actor: Party, grantee_id: uuid.UUID) -> bool:
+    """Only the grantee gives up its grant; not even an admin (who revokes instead)."""
+    return actor.id == grantee_id
+
+
+# "Active grant", once in Python and once in SQL: neither revoked nor retired, and not expired at
+# `now` (a grant expiring exactly at `now` is expired). tests/test_access_rules.py checks they agree.
+
+
+class GrantState(Protocol):
+    @property
+    def expires_at(self) -> datetime | None: ...
+
+    @property
+    def revoked_at(self) -> datetime | None: ...
+
+    @property
+    def retired_at(self) -> datetime | None: ...
+
+
+def grant_active(grant: GrantState, now: datetime) -> bool:
+    return (
+        grant.revoked_at is None
+        and grant.retired_at is None
+        and (grant.expires_at is None or grant.expires_at > now)
+    )
+
+
+def grant_active_clause(
+    expires_at: SQLColumnExpression[datetime | None],
+    revoked_at: SQLColumnExpression[datetime | None],
+    retired_at: SQLColumnExpression[datetime | None],
+    now: datetime,
+) -> ColumnElement[bool]:
+    # Never unknown (a NULL expires_at makes the OR true), so its NOT is exactly the inactive grants.
+    return and_(
+        revoked_at.is_(None),
+        retired_at.is_(None),
+        or_(expires_at.is_(None), expires_at > now),
+    )

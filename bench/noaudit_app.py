@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.container import build_vault
-from app.db.data_path import DataPathRepository, RecordRow
+from app.db.repositories.data_path import DataPathRepository, RecordRow
 from app.main import create_app
 from app.settings import get_settings
 

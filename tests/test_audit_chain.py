@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from app.container import Vault, build_vault
-from app.db.data_path import EventRow
+from app.db.repositories.data_path import EventRow
 from app.main import create_app
 from app.services.audit import build_event, chain_mac, event_mac, new_event_id
 from app.services.context import RequestContext

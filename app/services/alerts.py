@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 
-from app.db.data_path import EventRow
 from app.db.models import AuditEvent
+from app.db.repositories.data_path import EventRow
 from app.metrics import ALERTS_DROPPED, ALERTS_FAILED, DENIALS
 
 log = logging.getLogger("piivault.alerts")

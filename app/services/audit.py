@@ -36,9 +36,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from app.crypto.keys import KeyProvider, length_prefixed, run_blocking
-from app.db.data_path import DataPathRepository, EventRow, RecordRow
 from app.db.models import AuditEvent, AuditKey
 from app.db.repositories import AuditFilter, AuditRepository, SealRepository
+from app.db.repositories.data_path import DataPathRepository, EventRow, RecordRow
 from app.db.session import Database
 from app.errors import AuditUnavailable, DatabaseUnavailable
 from app.metrics import AUDIT_EVENTS

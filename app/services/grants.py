@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 
 from app.access import grant_active, may_receive_grant, may_retire_grant
 from app.crypto.keys import GrantConstraints, GrantMirror
-from app.db.data_path import GrantTerms
 from app.db.models import Grant
 from app.db.repositories import GrantRepository
+from app.db.repositories.data_path import GrantTerms
 from app.db.session import Database, on_rollback
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, Misconfigured, NotFound
 from app.services.audit import Auditor, Subject, build_event

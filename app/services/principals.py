@@ -14,9 +14,9 @@ from typing import NoReturn
 from sqlalchemy.orm import Session
 
 from app.access import ADMINS, Role, key_issue_refusal, may_disable, may_revoke_key
-from app.db.data_path import EventRow, KeyCredentials
 from app.db.models import ApiKey, Principal
 from app.db.repositories import ApiKeyRepository, GrantRepository, PrincipalRepository
+from app.db.repositories.data_path import EventRow, KeyCredentials
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, RequestContext, utcnow

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
 from app.crypto.keys import KeyProvider
-from app.db.data_path import DataPathRepository, EventRow, RecordRow
+from app.db.repositories.data_path import DataPathRepository, EventRow, RecordRow
 from app.db.session import Database
 from app.errors import (
     AccessReasonRequired,

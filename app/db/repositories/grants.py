@@ -1,0 +1,70 @@
+"""Grants, in the caller's ORM session."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db.models import Grant
+
+
+class GrantRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, grant: Grant) -> Grant:
+        self.session.add(grant)
+        self.session.flush()
+        return grant
+
+    def get(self, grant_id: uuid.UUID, *, for_update: bool = False) -> Grant | None:
+        return self.session.get(Grant, grant_id, with_for_update=for_update)
+
+    def list(self, *, grantee_id: uuid.UUID | None, active: bool | None, now: datetime) -> Sequence[Grant]:
+        query = select(Grant).order_by(Grant.created_at, Grant.id)
+        if grantee_id is not None:
+            query = query.where(Grant.grantee_id == grantee_id)
+        if active is True:
+            query = query.where(Grant.active_at(now))
+        elif active is False:
+            query = query.where(~Grant.active_at(now))
+        return self.session.scalars(query).all()
+
+    def any_active_for(self, grantee_id: uuid.UUID, now: datetime) -> bool:
+        query = select(Grant.id).where(Grant.grantee_id == grantee_id, Grant.active_at(now))
+        return self.session.scalar(query.limit(1)) is not None
+
+    def expired_unaudited(self, now: datetime, limit: int) -> Sequence[Grant]:
+        """Grants that expired and whose expiry has no audit event yet; locked, one replica each."""
+        query = (
+            select(Grant)
+            .where(
+                Grant.expires_at <= now,
+                Grant.expiry_audited_at.is_(None),
+                Grant.revoked_at.is_(None),
+                Grant.retired_at.is_(None),
+            )
+            .order_by(Grant.expires_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return self.session.scalars(query).all()
+
+    def mirrors_to_revoke(self, now: datetime, limit: int) -> Sequence[Grant]:
+        """Inactive grants whose KMS mirror still stands; locked so that one replica handles each."""
+        query = (
+            select(Grant)
+            .where(
+                Grant.kms_grant_id.is_not(None),
+                Grant.kms_revoked_at.is_(None),
+                ~Grant.active_at(now),
+            )
+            .order_by(Grant.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return self.session.scalars(query).all()

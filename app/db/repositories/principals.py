@@ -1,0 +1,75 @@
+"""Principals and their API keys, in the caller's ORM session."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.db.models import ApiKey, Principal
+from app.db.repositories.data_path import KeyCredentials
+
+
+class PrincipalRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, principal: Principal) -> Principal:
+        self.session.add(principal)
+        self.session.flush()
+        return principal
+
+    def get(self, principal_id: uuid.UUID) -> Principal | None:
+        return self.session.get(Principal, principal_id)
+
+    def get_by_name(self, name: str) -> Principal | None:
+        return self.session.scalar(select(Principal).where(Principal.name == name))
+
+    def name_taken(self, name: str) -> bool:
+        return self.session.scalar(select(Principal.id).where(Principal.name == name)) is not None
+
+    def list(self) -> Sequence[Principal]:
+        return self.session.scalars(select(Principal).order_by(Principal.created_at, Principal.name)).all()
+
+
+class ApiKeyRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, key: ApiKey) -> ApiKey:
+        self.session.add(key)
+        self.session.flush()
+        return key
+
+    def get(self, key_id: str) -> ApiKey | None:
+        return self.session.get(ApiKey, key_id)
+
+    def credentials(self, key_id: str) -> KeyCredentials | None:
+        """What authentication needs, in one round trip and without ORM objects (the hot path)."""
+        row = self.session.execute(
+            select(
+                ApiKey.secret_hash,
+                ApiKey.revoked_at,
+                Principal.id,
+                Principal.name,
+                Principal.role,
+                Principal.disabled_at,
+            )
+            .join(Principal, Principal.id == ApiKey.principal_id)
+            .where(ApiKey.id == key_id)
+        ).first()
+        return None if row is None else KeyCredentials(*row)
+
+    def list_for(self, principal_id: uuid.UUID) -> Sequence[ApiKey]:
+        query = select(ApiKey).where(ApiKey.principal_id == principal_id).order_by(ApiKey.created_at)
+        return self.session.scalars(query).all()
+
+    def revoke_all_for(self, principal_id: uuid.UUID, now: datetime) -> None:
+        self.session.execute(
+            update(ApiKey)
+            .where(ApiKey.principal_id == principal_id, ApiKey.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )

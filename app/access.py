@@ -1,12 +1,13 @@
 """Who may do what: the roles, every access rule as a pure function, and "active grant" in Python
 and in SQL. No database, no FastAPI: models, schemas, services and routes all import this.
 
-Data access (tokenize, detokenize) is decided by grants, not roles: GrantSet in
-app/services/grants.py, on `grant_active` below."""
+Data access (tokenize, detokenize) is decided by grants, not roles: GrantSet below."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Literal, Protocol
@@ -110,6 +111,19 @@ class GrantState(Protocol):
     def retired_at(self) -> datetime | None: ...
 
 
+class GrantTerms(GrantState, Protocol):
+    """What a data-access decision reads of a grant (a plain row on the data path)."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+
+    @property
+    def constraint_kind(self) -> str | None: ...
+
+    @property
+    def constraint_context(self) -> dict[str, str] | None: ...
+
+
 def grant_active(grant: GrantState, now: datetime) -> bool:
     return (
         grant.revoked_at is None
@@ -130,3 +144,57 @@ def grant_active_clause(
         retired_at.is_(None),
         or_(expires_at.is_(None), expires_at > now),
     )
+
+
+# Data access: a caller's grants for one operation, decided per record context.
+
+SUBSET = "encryption_context_subset"
+EQUALS = "encryption_context_equals"
+
+
+def constraints_match(grant: GrantTerms, context: Mapping[str, str]) -> bool:
+    """KMS semantics: subset = every pair is in the context; equals = the context is exactly this."""
+    wanted = grant.constraint_context or {}
+    if grant.constraint_kind == EQUALS:
+        return dict(context) == wanted
+    if grant.constraint_kind == SUBSET:
+        return all(context.get(key) == value for key, value in wanted.items())
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Allowed under grant_id, or denied for deny_reason (for the audit trail only)."""
+
+    grant_id: uuid.UUID | None
+    deny_reason: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.grant_id is not None
+
+
+class GrantSet:
+    """One principal's grants for one operation, read once per request and evaluated per record."""
+
+    def __init__(self, grants: Sequence[GrantTerms], now: datetime) -> None:
+        self._grants = grants
+        self._now = now
+
+    @property
+    def any_active(self) -> bool:
+        return any(grant_active(grant, self._now) for grant in self._grants)
+
+    def decide(self, context: Mapping[str, str]) -> Decision:
+        matching = [grant for grant in self._grants if constraints_match(grant, context)]
+        for grant in matching:
+            if grant_active(grant, self._now):
+                return Decision(grant.id)
+        # Deny: say why, for the audit trail only (the caller always sees grant_required).
+        if any(g.revoked_at is None and g.retired_at is None for g in matching):
+            return Decision(None, "grant_expired")
+        if matching:
+            return Decision(None, "grant_revoked")
+        if self.any_active:
+            return Decision(None, "context_mismatch")
+        return Decision(None, "no_grant")

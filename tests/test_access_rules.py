@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from app.access import (
+    GrantSet,
     Role,
     grant_active,
     key_issue_refusal,
@@ -34,7 +35,6 @@ from app.api import audit, grants, principals, tokens
 from app.db.models import Grant
 from app.db.repositories import GrantRepository, GrantTerms
 from app.db.session import normalise_url
-from app.services.grants import GrantSet
 from tests.conftest import Actors, assert_error, bearer, create_principal
 
 ADMIN, SERVICE, AUDITOR = Role.ADMIN, Role.SERVICE, Role.AUDITOR

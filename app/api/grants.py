@@ -7,11 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
+from app.access import EQUALS, SUBSET
 from app.api.deps import AdminDep, CallerDep, ContextDep, SessionDep, VaultDep
 from app.api.schemas import ErrorResponse, GrantCreate, GrantList, GrantOut
 from app.db.models import Grant
 from app.services.context import utcnow
-from app.services.grants import EQUALS, SUBSET, GrantRequest
+from app.services.grants import GrantRequest
 
 router = APIRouter(
     prefix="/v1/grants",

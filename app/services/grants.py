@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from app.access import grant_active, may_receive_grant, may_retire_grant
+from app.access import (
+    EQUALS,
+    SUBSET,
+    may_receive_grant,
+    may_retire_grant,
+)
 from app.crypto.keys import GrantConstraints, GrantMirror
 from app.db.models import Grant
 from app.db.repositories import GrantRepository
-from app.db.repositories.data_path import GrantTerms
 from app.db.session import Database, on_rollback
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, Misconfigured, NotFound
 from app.services.audit import Auditor, Subject, build_event
@@ -22,57 +26,6 @@ from app.services.context import Caller, Operation, RequestContext, utcnow
 from app.services.principals import PrincipalService
 
 log = logging.getLogger(__name__)
-
-SUBSET = "encryption_context_subset"
-EQUALS = "encryption_context_equals"
-
-
-def constraints_match(grant: GrantTerms, context: Mapping[str, str]) -> bool:
-    """KMS semantics: subset = every pair is in the context; equals = the context is exactly this."""
-    wanted = grant.constraint_context or {}
-    if grant.constraint_kind == EQUALS:
-        return dict(context) == wanted
-    if grant.constraint_kind == SUBSET:
-        return all(context.get(key) == value for key, value in wanted.items())
-    return True
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Allowed under grant_id, or denied for deny_reason (for the audit trail only)."""
-
-    grant_id: uuid.UUID | None
-    deny_reason: str = ""
-
-    @property
-    def allowed(self) -> bool:
-        return self.grant_id is not None
-
-
-class GrantSet:
-    """One principal's grants for one operation, read once per request and evaluated per record."""
-
-    def __init__(self, grants: Sequence[GrantTerms], now: datetime) -> None:
-        self._grants = grants
-        self._now = now
-
-    @property
-    def any_active(self) -> bool:
-        return any(grant_active(grant, self._now) for grant in self._grants)
-
-    def decide(self, context: Mapping[str, str]) -> Decision:
-        matching = [grant for grant in self._grants if constraints_match(grant, context)]
-        for grant in matching:
-            if grant_active(grant, self._now):
-                return Decision(grant.id)
-        # Deny: say why, for the audit trail only (the caller always sees grant_required).
-        if any(g.revoked_at is None and g.retired_at is None for g in matching):
-            return Decision(None, "grant_expired")
-        if matching:
-            return Decision(None, "grant_revoked")
-        if self.any_active:
-            return Decision(None, "context_mismatch")
-        return Decision(None, "no_grant")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
+from app.access import Decision, GrantSet
 from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
 from app.crypto.keys import KeyProvider
 from app.db.repositories.data_path import DataPathRepository, EventRow, RecordRow
@@ -30,7 +31,6 @@ from app.errors import (
 )
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, Operation, RequestContext, context_of, utcnow
-from app.services.grants import Decision, GrantSet
 from app.services.principals import PrincipalService, parse_api_key
 
 TOKEN_PREFIX = "tok_"  # noqa: S105 (a prefix, not a secret)

@@ -24,7 +24,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-import run as harness  # noqa: E402  (bench/run.py: fresh databases, PostgreSQL's CPU)
+import harness  # noqa: E402  (fresh databases, PostgreSQL's CPU)
 
 DATABASE = "piivault_bench_seal"
 

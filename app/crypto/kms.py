@@ -1,9 +1,9 @@
 """AWS KMS key provider: GenerateDataKey / Decrypt with the record's encryption context.
 
-The two hot-path calls (one per tokenize, one per detokenize) go through KmsWire, a lean JSON 1.1
-path that keeps botocore's credentials, SigV4 signing, retry policy and exceptions but not its
-per-call CPU, and that the data path awaits on its event loop (`*_async`); everything else
-(DescribeKey, grants, readiness) uses the boto3 client.
+The data path's calls (`*_async`: one per tokenize, one per detokenize) go through a KmsTransport
+(app/crypto/kms_transport.py): the lean one by default, awaited on the event loop, or boto3's own.
+Everything else (the audit key's one-time unwrap, DescribeKey, grants, readiness) calls the boto3
+client directly.
 
 boto and KMS errors stop here and become the vault's own: KeyServiceUnavailable (retry later),
 KeyAccessDenied (an operator must act), IntegrityFailure (the wrapped key does not open under
@@ -12,22 +12,23 @@ this context).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from app.crypto.envelope import DATA_KEY_BYTES
 from app.crypto.keys import DataKey, EncryptionContext, GrantConstraints
-from app.crypto.kms_wire import KmsWire
+from app.crypto.kms_transport import Boto3Transport, KmsTransport, TransportKind, build_transport
+from app.crypto.kms_wire import resolved_verify
 from app.errors import IntegrityFailure, KeyAccessDenied, KeyServiceUnavailable, VaultError
 
 if TYPE_CHECKING:
+    from botocore.session import Session
     from mypy_boto3_kms.client import KMSClient
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,18 @@ _UNAVAILABLE = {
 }
 _INVALID_CIPHERTEXT = {"InvalidCiphertextException", "IncorrectKeyException"}
 _OPERATIONS = {"Encrypt": "GenerateDataKey", "Decrypt": "Decrypt"}
-_BOTO3_METHODS = {"GenerateDataKey": "generate_data_key", "Decrypt": "decrypt"}
+_default_session: Session | None = None
+_default_session_lock = threading.Lock()
+
+
+def _shared_session() -> Session:
+    """One botocore session for the process, as boto3's default: making one loads the service
+    models again (about 0.3 s)."""
+    global _default_session
+    with _default_session_lock:
+        if _default_session is None:
+            _default_session = botocore.session.get_session()
+        return _default_session
 
 
 def _vault_error_for(code: str, status: int) -> VaultError:
@@ -106,8 +118,14 @@ class KmsKeyProvider:
         max_attempts: int = 3,
         grantee_principal: str | None = None,
         max_pool_connections: int = 64,
+        verify: bool | str | None = None,
+        transport: TransportKind | KmsTransport = "lean",
+        session: Session | None = None,
         client: KMSClient | None = None,
     ) -> None:
+        """`verify`: TLS verification for the client and the lean path alike (a CA bundle's path,
+        or False; None: botocore's default). An injected `client` should come with the `session`
+        that made it and the `verify` it was given, or the lean path cannot serve it."""
         self._key_id = key_id
         self._grantee_principal = grantee_principal
         # "standard" retries back off on throttling and transient errors, within max_attempts.
@@ -117,11 +135,18 @@ class KmsKeyProvider:
             retries={"total_max_attempts": max_attempts, "mode": "standard"},
             max_pool_connections=max_pool_connections,
         )
-        self.client: KMSClient = client or boto3.client(
-            "kms", endpoint_url=endpoint_url, region_name=region, config=config
-        )
-        # None when the client cannot be served the lean way (not SigV4, say): boto3 carries all.
-        self._wire = KmsWire.for_client(self.client)
+        if client is None:
+            session = session or _shared_session()
+            verify = resolved_verify(verify, session)
+            built: Any = session.create_client(
+                "kms", endpoint_url=endpoint_url, region_name=region, config=config, verify=verify
+            )
+            client = built
+        self.client: KMSClient = client
+        self._boto3 = Boto3Transport(client)
+        if isinstance(transport, str):
+            transport = build_transport(client, transport, session=session, verify=verify)
+        self._transport: KmsTransport = transport
         self._key_arn: str | None = None
         self._arn_lock = threading.Lock()
 
@@ -132,10 +157,13 @@ class KmsKeyProvider:
     def key_id(self) -> str:
         return self._key_id
 
+    @property
+    def transport(self) -> KmsTransport:
+        return self._transport
+
     def close(self) -> None:
-        """Close the lean path's pooled connections (the boto3 client keeps its own)."""
-        if self._wire is not None:
-            self._wire.close()
+        """Close the transport's pooled connections (the boto3 client keeps its own)."""
+        self._transport.close()
 
     def _call(self, operation: str, fn: Callable[[], T]) -> T:
         try:
@@ -144,20 +172,13 @@ class KmsKeyProvider:
             raise _translate(operation, err) from None
 
     def _hot_call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
-        """GenerateDataKey / Decrypt by the lean path if there is one, else by boto3: same answers, errors."""
-        wire = self._wire
-        if wire is not None:
-            return self._call(operation, lambda: wire.call(operation, params))
-        boto_call: Callable[..., Any] = getattr(self.client, _BOTO3_METHODS[operation])
-        return cast(dict[str, Any], self._call(operation, lambda: boto_call(**params)))
+        """A blocking call by the boto3 client (the audit key's one-time unwrap, say)."""
+        return self._call(operation, lambda: self._boto3.call_blocking(operation, params))
 
     async def _hot_call_async(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
-        """_hot_call on the event loop (the lean path's own), else in a thread (boto3 blocks)."""
-        wire = self._wire
-        if wire is None:
-            return await asyncio.to_thread(self._hot_call, operation, params)
+        """A call by the transport, awaited: the lean one's on the event loop, boto3's in a thread."""
         try:
-            return await wire.call_async(operation, params)
+            return await self._transport.call(operation, params)
         except (ClientError, BotoCoreError) as err:
             raise _translate(operation, err) from None
 

@@ -55,6 +55,8 @@ def build_key_provider(settings: Settings) -> tuple[KeyProvider, GrantMirror]:
         read_timeout_s=settings.kms_read_timeout_s,
         max_attempts=settings.kms_max_attempts,
         grantee_principal=settings.kms_grantee_principal,
+        verify=settings.kms_ca_bundle,
+        transport=settings.kms_transport,
     )
     return kms, (kms if settings.kms_mirror_grants else NoGrantMirror())
 

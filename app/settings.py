@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     kms_read_timeout_s: float = Field(default=5.0, gt=0, le=60)
     kms_max_attempts: int = Field(default=3, ge=1, le=10)
     kms_mirror_grants: bool = True
+    # How GenerateDataKey/Decrypt reach KMS: the lean path (signed and sent on the event loop) or
+    # boto3's own client in a thread. The lean path falls back to boto3 when it cannot serve.
+    kms_transport: Literal["lean", "boto3"] = "lean"
+    # A CA bundle (file or directory) to verify KMS's TLS certificate with, for boto3 and the
+    # lean path alike; unset: botocore's default (AWS_CA_BUNDLE, the profile's ca_bundle, its own).
+    kms_ca_bundle: str | None = None
     kms_grantee_principal: str | None = None
 
     max_value_bytes: int = Field(default=4096, ge=1, le=1024 * 1024)
@@ -86,6 +92,8 @@ class Settings(BaseSettings):
             )
         if self.kms_decrypt_key_ids and self.effective_key_provider != "kms":
             problems.append("PIIVAULT_KMS_DECRYPT_KEY_IDS needs the kms key provider (PIIVAULT_KMS_KEY_ID)")
+        if self.kms_ca_bundle and not Path(self.kms_ca_bundle).exists():
+            problems.append(f"PIIVAULT_KMS_CA_BUNDLE names no file or directory: {self.kms_ca_bundle}")
         if self.alert_webhook_url and not self.alert_webhook_url.startswith(("https://", "http://")):
             problems.append("PIIVAULT_ALERT_WEBHOOK_URL must be an http(s) URL")
         if self.environment == "production":

@@ -1,4 +1,4 @@
-"""Client CPU per KMS call: boto3's own call path against the vault's lean path (app/crypto/kms_wire.py).
+"""Client CPU per KMS call: boto3's own call path against the vault's transports (app/crypto/kms_transport.py).
 
     python bench/kms_client_cpu.py [--calls 3000] [--warmup 300] [--rounds 3] [--json]
 
@@ -7,11 +7,13 @@ GenerateDataKey and Decrypt, runs `--calls` sequential calls after `--warmup` an
 process's CPU time (time.process_time: user + system, all threads) by the calls:
 
 - boto3: `client.generate_data_key(...)` / `client.decrypt(...)` on the boto3 client KmsKeyProvider
-  builds (the vault's timeouts, pool and "standard" retries), as the provider called it before;
-- lean: `KmsKeyProvider.generate_data_key` / `decrypt_data_key`, i.e. the whole provider call
-  through the lean path, DataKey included;
-- lean-async: `generate_data_key_async` / `decrypt_data_key_async` awaited one after another on a
-  uvloop event loop, as the vault's data path calls them.
+  builds (the vault's timeouts, pool and "standard" retries), called directly;
+- boto3-transport: `KmsKeyProvider.generate_data_key` / `decrypt_data_key` (awaited) with
+  PIIVAULT_KMS_TRANSPORT=boto3 (the client's call in a thread), DataKey included;
+- lean: the same provider calls with the lean transport (the default).
+
+Provider calls are awaited one after another on a uvloop event loop, as the vault's data path
+makes them.
 
 All sign with SigV4 from the same credentials (fixed bench ones: the stand-in checks no
 signature). The stand-in counts every call, and each measured loop must account for exactly
@@ -142,12 +144,20 @@ def main() -> None:
         os.environ.pop(name, None)
     os.environ.update({"AWS_ACCESS_KEY_ID": "AKIDBENCHCLIENTCPU", "AWS_SECRET_ACCESS_KEY": "bench-secret"})
     from app.crypto.kms import KmsKeyProvider
+    from app.crypto.kms_transport import Boto3Transport
+    from app.crypto.kms_wire import LeanTransport
 
     with kms_standin() as standin:
-        provider = KmsKeyProvider(KEY_ALIAS, endpoint_url=standin, region="us-east-1")
-        client = provider.client
-        wrapped = provider.generate_data_key(CONTEXT).wrapped
+        lean = KmsKeyProvider(KEY_ALIAS, endpoint_url=standin, region="us-east-1", transport="lean")
+        by_boto3 = KmsKeyProvider(KEY_ALIAS, endpoint_url=standin, region="us-east-1", transport="boto3")
+        if not isinstance(lean.transport, LeanTransport) or not isinstance(
+            by_boto3.transport, Boto3Transport
+        ):
+            raise SystemExit(f"unexpected transports: {lean.transport!r}, {by_boto3.transport!r}")
+        client = by_boto3.client
         loop = new_event_loop()
+        made = loop.run_until_complete(by_boto3.generate_data_key(CONTEXT))
+        wrapped, key_arn = made.wrapped, made.key_id
         paths: dict[str, dict[str, Callable[[int], None]]] = {
             "boto3": {
                 "GenerateDataKey": repeated(
@@ -159,13 +169,13 @@ def main() -> None:
                     lambda: client.decrypt(CiphertextBlob=wrapped, KeyId=KEY_ALIAS, EncryptionContext=CONTEXT)
                 ),
             },
-            "lean": {
-                "GenerateDataKey": repeated(lambda: provider.generate_data_key(CONTEXT)),
-                "Decrypt": repeated(lambda: provider.decrypt_data_key(wrapped, CONTEXT)),
+            "boto3-transport": {
+                "GenerateDataKey": awaited(loop, lambda: by_boto3.generate_data_key(CONTEXT)),
+                "Decrypt": awaited(loop, lambda: by_boto3.decrypt_data_key(wrapped, CONTEXT, key_id=key_arn)),
             },
-            "lean-async": {
-                "GenerateDataKey": awaited(loop, lambda: provider.generate_data_key_async(CONTEXT)),
-                "Decrypt": awaited(loop, lambda: provider.decrypt_data_key_async(wrapped, CONTEXT)),
+            "lean": {
+                "GenerateDataKey": awaited(loop, lambda: lean.generate_data_key(CONTEXT)),
+                "Decrypt": awaited(loop, lambda: lean.decrypt_data_key(wrapped, CONTEXT, key_id=key_arn)),
             },
         }
         rounds: dict[str, dict[str, list[float]]] = {p: {op: [] for op in OPERATIONS} for p in paths}
@@ -177,7 +187,8 @@ def main() -> None:
                             calls[operation], calls=args.calls, warmup=args.warmup, standin=standin
                         )
                     )
-        provider.close()
+        lean.close()
+        by_boto3.close()
         loop.close()
 
     median = {p: {op: statistics.median(rounds[p][op]) for op in OPERATIONS} for p in paths}
@@ -188,7 +199,7 @@ def main() -> None:
             "warmup": args.warmup,
             "rounds": rounds,
             "median": median,
-            "speedup": {op: median["boto3"][op] / median["lean"][op] for op in OPERATIONS},
+            "speedup": {op: median["boto3-transport"][op] / median["lean"][op] for op in OPERATIONS},
         }
         print(json.dumps(report, indent=2))
         return
@@ -196,13 +207,15 @@ def main() -> None:
         f"client CPU per call, us (median of {args.rounds} rounds of {args.calls} calls after {args.warmup})"
     )
     print(
-        f"{'operation':<16} {'boto3':>9} {'lean':>9} {'lean-async':>11} {'boto3/lean':>11}"
-        "   rounds boto3 | lean | lean-async"
+        f"{'operation':<16} {'boto3':>9} {'boto3-transport':>16} {'lean':>9} {'transports':>11}"
+        "   rounds boto3 | boto3-transport | lean"
     )
     for operation in OPERATIONS:
-        boto, lean, on_loop = (median[path][operation] for path in ("boto3", "lean", "lean-async"))
+        boto, transport, fast = (median[path][operation] for path in ("boto3", "boto3-transport", "lean"))
         detail = " | ".join(" ".join(f"{v:.0f}" for v in rounds[path][operation]) for path in paths)
-        print(f"{operation:<16} {boto:>9.0f} {lean:>9.0f} {on_loop:>11.0f} {boto / lean:>10.1f}x   {detail}")
+        print(
+            f"{operation:<16} {boto:>9.0f} {transport:>16.0f} {fast:>9.0f} {transport / fast:>10.1f}x   {detail}"
+        )
 
 
 if __name__ == "__main__":

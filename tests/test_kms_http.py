@@ -1,4 +1,4 @@
-"""HttpCarrier, the lean KMS path's HTTP/1.1 client, against a scripted socket server.
+"""LoopHttpCarrier, the lean KMS path's HTTP/1.1 client, against a scripted socket server.
 
 Only HTTP is exercised here (framing, keep-alive, timeouts and failures); KMS itself is in
 test_kms_transport.py against moto.
@@ -19,7 +19,7 @@ import pytest
 from botocore.awsrequest import AWSPreparedRequest, AWSRequest, AWSResponse
 from botocore.exceptions import ConnectionClosedError, HTTPClientError, ReadTimeoutError
 
-from app.crypto.kms_http import MAX_BODY_BYTES, CarrierSettings, HttpCarrier, LoopHttpCarrier, Origin
+from app.crypto.kms_http import MAX_BODY_BYTES, LoopHttpCarrier, Origin
 from tests.conftest import LoopThread
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: 2\r\n\r\n{}"
@@ -120,24 +120,16 @@ class CarrierOnLoop:
 
 
 class MakeCarrier(Protocol):
-    def __call__(
-        self, url: str, *, read_timeout_s: float = ..., pool_size: int = ...
-    ) -> HttpCarrier | CarrierOnLoop: ...
+    def __call__(self, url: str, *, read_timeout_s: float = ..., pool_size: int = ...) -> CarrierOnLoop: ...
 
 
-@pytest.fixture(params=["threads", "event-loop"])
-def carrier_for(request: pytest.FixtureRequest, loop_thread: LoopThread) -> MakeCarrier:
-    """Each test runs against both carriers: the threads' and the event loop's."""
-
-    def make(url: str, *, read_timeout_s: float = 2.0, pool_size: int = 4) -> HttpCarrier | CarrierOnLoop:
-        settings: CarrierSettings = {
-            "connect_timeout_s": 2.0,
-            "read_timeout_s": read_timeout_s,
-            "pool_size": pool_size,
-        }
-        if request.param == "threads":
-            return HttpCarrier(Origin.from_url(url), **settings)
-        return CarrierOnLoop(LoopHttpCarrier(Origin.from_url(url), **settings), loop_thread)
+@pytest.fixture
+def carrier_for(loop_thread: LoopThread) -> MakeCarrier:
+    def make(url: str, *, read_timeout_s: float = 2.0, pool_size: int = 4) -> CarrierOnLoop:
+        carrier = LoopHttpCarrier(
+            Origin.from_url(url), connect_timeout_s=2.0, read_timeout_s=read_timeout_s, pool_size=pool_size
+        )
+        return CarrierOnLoop(carrier, loop_thread)
 
     return make
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Coroutine, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -51,10 +52,22 @@ class KeyProvider(Protocol):
         """Raise KeyServiceUnavailable / KeyAccessDenied unless the current master key is usable."""
 
 
+_outside_loop: ContextVar[bool] = ContextVar("piivault_outside_loop", default=False)
+
+
 def run_blocking(call: Coroutine[Any, Any, T]) -> T:
     """Await a key-provider call from code that runs outside any event loop (a worker thread,
     the CLI): the rare, one-time calls such as unwrapping the audit key."""
-    return asyncio.run(call)
+    token = _outside_loop.set(True)
+    try:
+        return asyncio.run(call)
+    finally:
+        _outside_loop.reset(token)
+
+
+def called_outside_loop() -> bool:
+    """Whether this call came through run_blocking, on a loop of its own that closes after it."""
+    return _outside_loop.get()
 
 
 @dataclass(frozen=True, slots=True)

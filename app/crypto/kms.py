@@ -1,7 +1,8 @@
 """AWS KMS key provider: GenerateDataKey / Decrypt / ReEncrypt with the record's encryption context.
 
-The data-key calls are awaited; GenerateDataKey and Decrypt take the lean path (KmsWire) when the
-client allows it, the rest go through the boto3 client. Every answer is checked in one place
+The data-key calls are awaited and go through a KmsTransport (app/crypto/kms_transport.py): the
+lean one by default, on the event loop, or boto3's own. DescribeKey, grants and readiness call the
+boto3 client directly. Every answer is checked in one place
 (validated_data_key), and boto and KMS errors stop here and become the vault's own:
 KeyServiceUnavailable (transient: retry later), KeyAccessDenied / KeyNotAllowed /
 KeyServiceInvalidResponse (permanent: an operator must act), IntegrityFailure (the wrapped key
@@ -12,17 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from app.crypto.envelope import DATA_KEY_BYTES
-from app.crypto.keys import DataKey, EncryptionContext, GrantConstraints
-from app.crypto.kms_wire import LEAN_OPERATIONS, KmsWire
+from app.crypto.keys import DataKey, EncryptionContext, GrantConstraints, called_outside_loop
+from app.crypto.kms_transport import Boto3Transport, KmsTransport, TransportKind, build_transport
+from app.crypto.kms_wire import resolved_verify
 from app.errors import (
     IntegrityFailure,
     KeyAccessDenied,
@@ -33,6 +36,7 @@ from app.errors import (
 )
 
 if TYPE_CHECKING:
+    from botocore.session import Session
     from mypy_boto3_kms.client import KMSClient
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,20 @@ _UNAVAILABLE = {
 }
 _INVALID_CIPHERTEXT = {"InvalidCiphertextException", "IncorrectKeyException"}
 _OPERATIONS = {"Encrypt": "GenerateDataKey", "Decrypt": "Decrypt"}
-_BOTO3_METHODS = {"GenerateDataKey": "generate_data_key", "Decrypt": "decrypt", "ReEncrypt": "re_encrypt"}
+# A key's ARN (not an alias's): what KMS names the key in its answers, so it needs no DescribeKey.
+_KEY_ARN = re.compile(r"arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/[A-Za-z0-9-]+")
+_default_session: Session | None = None
+_default_session_lock = threading.Lock()
+
+
+def _shared_session() -> Session:
+    """One botocore session for the process, as boto3's default: making one loads the service
+    models again (about 0.3 s)."""
+    global _default_session
+    with _default_session_lock:
+        if _default_session is None:
+            _default_session = botocore.session.get_session()
+        return _default_session
 
 
 def _vault_error_for(code: str, status: int) -> VaultError:
@@ -133,8 +150,14 @@ class KmsKeyProvider:
         max_attempts: int = 3,
         grantee_principal: str | None = None,
         max_pool_connections: int = 64,
+        verify: bool | str | None = None,
+        transport: TransportKind | KmsTransport = "lean",
+        session: Session | None = None,
         client: KMSClient | None = None,
     ) -> None:
+        """`verify`: TLS verification for the client and the lean path alike (a CA bundle's path,
+        or False; None: botocore's default). An injected `client` should come with the `session`
+        that made it and the `verify` it was given, or the lean path cannot serve it."""
         self._key_id = key_id
         self._decrypt_key_ids = tuple(dict.fromkeys(k for k in decrypt_key_ids if k != key_id))
         self._grantee_principal = grantee_principal
@@ -145,11 +168,18 @@ class KmsKeyProvider:
             retries={"total_max_attempts": max_attempts, "mode": "standard"},
             max_pool_connections=max_pool_connections,
         )
-        self.client: KMSClient = client or boto3.client(
-            "kms", endpoint_url=endpoint_url, region_name=region, config=config
-        )
-        # None when the client cannot be served the lean way (not SigV4, say): boto3 carries all.
-        self._wire = KmsWire.for_client(self.client)
+        if client is None:
+            session = session or _shared_session()
+            verify = resolved_verify(verify, session)
+            built: Any = session.create_client(
+                "kms", endpoint_url=endpoint_url, region_name=region, config=config, verify=verify
+            )
+            client = built
+        self.client: KMSClient = client
+        self._boto3 = Boto3Transport(client)
+        if isinstance(transport, str):
+            transport = build_transport(client, transport, session=session, verify=verify)
+        self._transport: KmsTransport = transport
         # Configured name (id, ARN or alias) -> ARN; filled by resolve(), at start-up or first use.
         self._arns: dict[str, str] = {}
         self._allowed: frozenset[str] = frozenset()
@@ -162,10 +192,13 @@ class KmsKeyProvider:
     def key_id(self) -> str:
         return self._key_id
 
+    @property
+    def transport(self) -> KmsTransport:
+        return self._transport
+
     def close(self) -> None:
-        """Close the lean path's pooled connections (the boto3 client keeps its own)."""
-        if self._wire is not None:
-            self._wire.close()
+        """Close the transport's pooled connections (the boto3 client keeps its own)."""
+        self._transport.close()
 
     def _call(self, operation: str, fn: Callable[[], T]) -> T:
         try:
@@ -173,17 +206,14 @@ class KmsKeyProvider:
         except (ClientError, BotoCoreError) as err:
             raise _translate(operation, err) from None
 
-    def _boto3_call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
-        boto_call: Callable[..., Any] = getattr(self.client, _BOTO3_METHODS[operation])
-        return cast(dict[str, Any], self._call(operation, lambda: boto_call(**params)))
-
     async def _hot_call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
-        """A data-key call: on the event loop by the lean path if there is one, else boto3 in a thread."""
-        wire = self._wire
-        if wire is None or operation not in LEAN_OPERATIONS:
-            return await asyncio.to_thread(self._boto3_call, operation, params)
+        """A data-key call by the transport, awaited. A caller outside the event loop (the audit
+        key's one-time unwrap) goes by the boto3 client in its own thread instead: no lean
+        connection is opened on a loop that is about to close."""
         try:
-            return await wire.call_async(operation, params)
+            if called_outside_loop():
+                return self._boto3.call_blocking(operation, params)
+            return await self._transport.call(operation, params)
         except (ClientError, BotoCoreError) as err:
             raise _translate(operation, err) from None
 
@@ -203,6 +233,9 @@ class KmsKeyProvider:
                 return
             arns: dict[str, str] = {}
             for name in (self._key_id, *self._decrypt_key_ids):
+                if _KEY_ARN.fullmatch(name):
+                    arns[name] = name  # already the name KMS answers with
+                    continue
                 try:
                     meta = self._describe(name)
                 except KeyAccessDenied:

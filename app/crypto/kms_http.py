@@ -4,10 +4,10 @@ Why not the boto3 client's own urllib3 session: measured against the bench KMS s
 a signed request through it costs about 400-500 us of client CPU, through this about 60-70 us,
 and it was the largest part of the lean path's cost. It does only what the KMS hot path
 needs: POST a small request, written with one send, and read a small answer (Content-Length,
-chunked or close-delimited), over pooled keep-alive connections with the boto3 client's connect
-and read timeouts and TLS verified as botocore verifies it (its CA bundle or `verify` setting,
-host name checked). Requests to a proxy never come here: KmsWire gives those to the client's
-own session.
+chunked or close-delimited), over keep-alive connections pooled per event loop, with the boto3
+client's connect and read timeouts and TLS verified as botocore verifies it (the CA bundle or
+`verify` setting the vault gives both, host name checked). When a proxy applies, the lean
+transport is not used at all: boto3's client carries the call.
 
 Failures surface as botocore's own exceptions (EndpointConnectionError, ConnectTimeoutError,
 ReadTimeoutError, ConnectionClosedError, SSLError) so botocore's retry policy treats them exactly
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import select
 import socket
 import ssl
 import threading
@@ -92,8 +91,7 @@ class _BufferedBody:
 
 
 # Reading an answer, without I/O: each reader is a generator that yields when it needs more bytes
-# in the buffer, and is thrown _PeerClosed when there are none to come. One parser, two drivers:
-# the blocking socket's (_Connection) and the event loop's (_LoopConnection).
+# in the buffer, and is thrown _PeerClosed when there are none to come (_LoopConnection drives it).
 _Reader = Generator[None, None, T]
 
 
@@ -208,41 +206,6 @@ def _read_answer(buffer: bytearray) -> _Reader[_Answer]:
     return _Answer(status, headers, body, reusable and not buffer)
 
 
-class _Connection:
-    """A blocking socket (its timeout is the read timeout) and the bytes read from it."""
-
-    __slots__ = ("buffer", "poller", "sock")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-        self.poller = select.poll()
-        self.poller.register(sock, select.POLLIN)
-
-    def is_dropped(self) -> bool:
-        """An idle keep-alive connection is readable only if the server closed it (or misbehaved)."""
-        return bool(self.poller.poll(0))
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def read_answer(self) -> _Answer:
-        reader = _read_answer(self.buffer)
-        try:
-            reader.send(None)
-            while True:
-                chunk = self.sock.recv(_RECV_BYTES)
-                if chunk:
-                    self.buffer += chunk
-                    reader.send(None)
-                else:
-                    reader.throw(_PeerClosed())
-        except StopIteration as done:
-            answer: _Answer = done.value
-            return answer
-
-
 class _LoopConnection(asyncio.Protocol):
     """A connection on the event loop: what arrives is buffered, and wakes the one reader waiting."""
 
@@ -346,8 +309,35 @@ class CarrierSettings(TypedDict):
     socket_options: NotRequired[Sequence[SocketOption]]
 
 
-class _CarrierBase:
-    """What both carriers share: the origin, the timeouts, TLS, and how a request is written."""
+def _response(url: str, answer: _Answer) -> AWSResponse:
+    # AWSResponse keeps any mapping as a case-insensitive HeadersDict; the stubs ask for more.
+    return AWSResponse(url, answer.status, cast(Any, answer.headers), _BufferedBody(answer.body))
+
+
+@dataclass(slots=True)
+class _LoopPool:
+    """One event loop's connections: the idle ones, and a slot for each one open or in use."""
+
+    idle: list[_LoopConnection]
+    slots: asyncio.Semaphore
+
+
+def _close_idle(pool: _LoopPool) -> None:
+    idle, pool.idle = pool.idle, []
+    for connection in idle:
+        connection.close()
+
+
+class LoopHttpCarrier:
+    """Sends prepared (signed) requests to one origin over keep-alive connections, on the event
+    loop: a request waits for KMS without holding a thread.
+
+    Connections belong to the loop that opened them, so each loop has its own pool (a uvicorn
+    worker has one loop; tests may run several). A request waits for a free connection once
+    `pool_size` are in use: a burst on the event loop (batches of hundreds) then reuses
+    connections instead of opening and dropping one per call. The read timeout applies to each
+    wait for bytes, as a socket's does.
+    """
 
     def __init__(self, origin: Origin, **settings: Unpack[CarrierSettings]) -> None:
         ssl_context = settings.get("ssl_context")
@@ -361,6 +351,8 @@ class _CarrierBase:
         self._socket_options = list(settings.get("socket_options", ()))
         self._lock = threading.Lock()
         self._closed = False
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPool]
+        self._pools = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._origin.scheme}://{self._origin.host_header})"
@@ -400,123 +392,6 @@ class _CarrierBase:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for level, option, value in self._socket_options:
             sock.setsockopt(level, option, value)
-
-
-def _response(url: str, answer: _Answer) -> AWSResponse:
-    # AWSResponse keeps any mapping as a case-insensitive HeadersDict; the stubs ask for more.
-    return AWSResponse(url, answer.status, cast(Any, answer.headers), _BufferedBody(answer.body))
-
-
-class HttpCarrier(_CarrierBase):
-    """Sends prepared (signed) requests to one origin over a pool of keep-alive connections.
-
-    Thread-safe. Like botocore's pool it never blocks for a connection: a caller that finds no
-    idle one opens its own, and at most `pool_size` are kept once returned.
-    """
-
-    def __init__(self, origin: Origin, **settings: Unpack[CarrierSettings]) -> None:
-        super().__init__(origin, **settings)
-        self._idle: list[_Connection] = []
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.close()
-
-    def send(self, request: AWSPreparedRequest) -> AWSResponse:
-        url = request.url
-        message = self._serialize(request)
-        connection = self._checkout(url)
-        try:
-            connection.sock.sendall(message)
-            answer = connection.read_answer()
-        except BaseException as err:
-            connection.close()
-            mapped = _transport_error(url, err)
-            if mapped is None:
-                raise
-            raise mapped from err
-        if answer.reusable:
-            self._checkin(connection)
-        else:
-            connection.close()
-        return _response(url, answer)
-
-    # The pool
-
-    def _checkout(self, url: str) -> _Connection:
-        while True:
-            with self._lock:
-                connection = self._idle.pop() if self._idle else None
-            if connection is None:
-                return self._connect(url)
-            if not connection.is_dropped():
-                return connection
-            connection.close()
-
-    def _checkin(self, connection: _Connection) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle) < self._pool_size:
-                self._idle.append(connection)
-                return
-        connection.close()
-
-    def _connect(self, url: str) -> _Connection:
-        origin = self._origin
-        try:
-            sock = socket.create_connection((origin.host, origin.port), timeout=self._connect_timeout_s)
-        except TimeoutError as err:
-            raise ConnectTimeoutError(endpoint_url=url, error=err) from err
-        except OSError as err:
-            raise EndpointConnectionError(endpoint_url=url, error=err) from err
-        try:
-            self._configure(sock)
-            if self._ssl_context is not None:
-                # The handshake runs under the connect timeout, as with urllib3.
-                sock = self._ssl_context.wrap_socket(sock, server_hostname=origin.host)
-            sock.settimeout(self._read_timeout_s)
-        except BaseException as err:
-            sock.close()
-            if isinstance(err, TimeoutError):
-                raise ConnectTimeoutError(endpoint_url=url, error=err) from err
-            if isinstance(err, ssl.SSLError):
-                raise SSLError(endpoint_url=url, error=err) from err
-            if isinstance(err, OSError):
-                raise EndpointConnectionError(endpoint_url=url, error=err) from err
-            raise
-        return _Connection(sock)
-
-
-@dataclass(slots=True)
-class _LoopPool:
-    """One event loop's connections: the idle ones, and a slot for each one open or in use."""
-
-    idle: list[_LoopConnection]
-    slots: asyncio.Semaphore
-
-
-def _close_idle(pool: _LoopPool) -> None:
-    idle, pool.idle = pool.idle, []
-    for connection in idle:
-        connection.close()
-
-
-class LoopHttpCarrier(_CarrierBase):
-    """HttpCarrier for the event loop: a request waits for KMS without holding a thread.
-
-    Connections belong to the loop that opened them, so each loop has its own pool (a uvicorn
-    worker has one loop; tests may run several). Unlike the thread carrier, a request waits for
-    a free connection once `pool_size` are in use: a burst on the event loop (batches of
-    hundreds) then reuses connections instead of opening and dropping one per call. The read
-    timeout applies to each wait for bytes, as a socket's does.
-    """
-
-    def __init__(self, origin: Origin, **settings: Unpack[CarrierSettings]) -> None:
-        super().__init__(origin, **settings)
-        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPool]
-        self._pools = weakref.WeakKeyDictionary()
 
     def close(self) -> None:
         """Close the idle connections; ones in use are closed when their request ends. Each

@@ -3,23 +3,24 @@
 A boto3 call spends well over 1 ms of client CPU on parameter validation, endpoint ruleset
 resolution, a dozen event emissions, response parsing and urllib3. On the vault's hot path (one
 GenerateDataKey per tokenize, one Decrypt per detokenize) that is most of the request's CPU, so
-these two operations take this path instead. What stays botocore's own:
+LeanTransport serves these two operations itself, awaited on the event loop (a request waiting
+for KMS holds no thread). It stands on botocore's public API only:
 
-- credentials: the client's credential chain, frozen per request so refreshable ones refresh;
-- signing: botocore's SigV4Auth, on a botocore AWSRequest;
-- retries: the client's own retry handler decides (`needs-retry`), so the policy, max attempts,
-  backoff with jitter and the retry quota are exactly the client's ("standard" as the vault
-  configures it) and attempts are counted as boto3 counts them;
+- credentials: the session's `get_credentials()`, frozen per attempt so refreshable ones refresh
+  (in a thread when a refresh is due: it blocks on STS or instance metadata);
+- signing: `botocore.auth.SigV4Auth` on a botocore AWSRequest, for `client.meta.region_name` and
+  the service model's signing name, to `client.meta.endpoint_url`;
+- retries: the client's own `needs-retry` handler decides, so the policy, max attempts, backoff
+  with jitter and the retry quota are the client's ("standard" as the vault configures it);
 - errors: HTTP errors are raised as botocore's ClientError, transport failures as botocore's
   exceptions, so callers map both exactly as they map boto3's;
 - hooks: `provide-client-params`, `before-send` (a handler's AWSResponse answers instead of the
   network: moto's mock_aws and fault injectors rely on it), `needs-retry`, `after-call` and
-  `after-call-error` are emitted on the client's event system as botocore emits them.
+  `after-call-error` are emitted on `client.meta.events` as botocore emits them.
 
-A call is written once, without I/O (`_steps`), and driven two ways: `call` blocks a thread,
-`call_async` waits on the event loop, so a request waiting for KMS holds no thread and pays no
-thread hand-off. The bytes go through HttpCarrier or LoopHttpCarrier (app/crypto/kms_http.py),
-or through the client's own HTTP session (in a thread) when a proxy applies to the endpoint.
+TLS is verified with the `verify` value the vault gives the boto3 client too. A client this
+path cannot serve exactly as boto3 would (a proxy applies, not SigV4, not JSON) is refused by
+`LeanTransport.for_client` with the reason, and boto3's client carries every call instead.
 Nothing here logs; payloads hold data keys.
 """
 
@@ -30,11 +31,11 @@ import base64
 import binascii
 import json
 import os.path
+import socket
 import ssl
-import time
-from collections.abc import Generator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import botocore
@@ -44,11 +45,16 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from botocore.hooks import first_non_none_response
 from botocore.httpsession import create_urllib3_context, get_cert_path
 from botocore.model import OperationModel
+from botocore.utils import get_environ_proxies
 
-from app.crypto.kms_http import CarrierSettings, HttpCarrier, LoopHttpCarrier, Origin, SocketOption
+from app.crypto.kms_http import LoopHttpCarrier, Origin, SocketOption
 
 if TYPE_CHECKING:
+    from botocore.credentials import Credentials
+    from botocore.session import Session
     from mypy_boto3_kms.client import KMSClient
+
+    from app.crypto.kms_transport import KmsTransport
 
 _CONTENT_TYPE = "application/x-amz-json-1.1"
 _TARGET_PREFIX = "TrentService."
@@ -56,9 +62,8 @@ _USER_AGENT = f"pii-vault-lean-kms Botocore/{botocore.__version__}"
 # Members the JSON protocol carries as base64 (blobs), for the operations this path serves.
 _BLOB_MEMBERS = frozenset({"CiphertextBlob", "Plaintext"})
 LEAN_OPERATIONS = ("GenerateDataKey", "Decrypt")
-# The pause between attempts; module attributes so tests can record it instead of waiting.
-_sleep = time.sleep
-_sleep_async = asyncio.sleep
+# The pause between attempts; a module attribute so tests can record it instead of waiting.
+_sleep = asyncio.sleep
 
 
 class MalformedKmsResponse(BotoCoreError):
@@ -67,32 +72,8 @@ class MalformedKmsResponse(BotoCoreError):
     fmt = "KMS answered {operation} with a response that could not be read"
 
 
-class _Sender(Protocol):
-    def __call__(self, request: AWSPreparedRequest) -> AWSResponse: ...
-
-
-@dataclass(frozen=True, slots=True)
-class _Pause:
-    """A step of a call: wait this long before the next attempt."""
-
-    seconds: float
-
-
-class _Credentials:
-    """A step of a call: freeze the client's credentials for signing (refreshing them when due,
-    which blocks on STS or instance metadata) and send them back."""
-
-
-_CREDENTIALS = _Credentials()
-# A step of a call is a request to send, a pause, or credentials to fetch.
-_Step = AWSPreparedRequest | _Pause | _Credentials
-
-
-def _attempt(send: _Sender, request: AWSPreparedRequest) -> tuple[AWSResponse | None, Exception | None]:
-    try:
-        return send(request), None
-    except Exception as err:
-        return None, err
+class LeanPathUnavailable(Exception):
+    """The lean path cannot serve this client exactly as boto3 would; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,60 +163,60 @@ def _ssl_context(verify: bool | str, client_cert: object) -> ssl.SSLContext:
     return context
 
 
-def _carriers_for(client: Any, url: str, origin: Origin) -> tuple[HttpCarrier, LoopHttpCarrier] | None:
-    """Carriers (threads', event loop's) with the client's HTTP settings, or None when the client's
-    own session must carry the bytes (a proxy applies, or its settings are not the ones this module
-    knows how to read)."""
-    http_session = client._endpoint.http_session
-    proxy_config = getattr(http_session, "_proxy_config", None)
-    verify = getattr(http_session, "_verify", None)
-    if proxy_config is None or verify is None or proxy_config.proxy_url_for(url):
-        return None
-    config = client.meta.config
-    socket_options: list[SocketOption] = list(getattr(http_session, "_socket_options", None) or [])
-    settings: CarrierSettings = {
-        "connect_timeout_s": float(config.connect_timeout),
-        "read_timeout_s": float(config.read_timeout),
-        "pool_size": int(config.max_pool_connections),
-        "ssl_context": _ssl_context(verify, config.client_cert) if origin.scheme == "https" else None,
-        "socket_options": socket_options,
-    }
-    return HttpCarrier(origin, **settings), LoopHttpCarrier(origin, **settings)
+def _socket_options(client: Any, session: Session) -> list[SocketOption]:
+    """Beyond TCP_NODELAY (the carrier sets it): keep-alive probes if the client's config or the
+    profile asks for them, as botocore adds them."""
+    keepalive = client.meta.config.tcp_keepalive
+    if keepalive is None:
+        keepalive = str(session.get_scoped_config().get("tcp_keepalive", "")).lower() == "true"
+    return [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] if keepalive else []
 
 
-class KmsWire:
-    """Calls GenerateDataKey and Decrypt for a boto3 KMS client, returning what boto3 would return.
+def resolved_verify(verify: bool | str | None, session: Session) -> bool | str:
+    """TLS verification as botocore resolves an unset `verify`: the profile's or AWS_CA_BUNDLE's
+    `ca_bundle`, else REQUESTS_CA_BUNDLE, else its own bundle. The vault passes the result to the
+    boto3 client and to the lean path alike, so both verify the same way."""
+    if verify is not None:
+        return verify
+    configured = session.get_config_variable("ca_bundle")
+    if configured:
+        return str(configured)
+    return os.environ.get("REQUESTS_CA_BUNDLE") or True
 
-    Use `for_client`: it declines (None) a client whose requests it cannot sign as botocore would.
+
+class LeanTransport:
+    """Calls GenerateDataKey and Decrypt for a boto3 KMS client, returning what boto3 would return
+    and raising what it would raise; any other operation goes to `fallback`.
+
+    Use `for_client`: it refuses a client whose calls it cannot make exactly as boto3 would.
     """
 
     def __init__(
         self,
         client: KMSClient,
         *,
+        credentials: Credentials | None,
         url: str,
         origin: Origin,
-        carriers: tuple[HttpCarrier, LoopHttpCarrier] | None,
+        carrier: LoopHttpCarrier,
+        fallback: KmsTransport,
     ) -> None:
-        raw: Any = client
-        signer = raw._request_signer
-        self._client: Any = raw
-        self._events = raw.meta.events
-        self._endpoint = raw._endpoint
+        meta = cast(Any, client).meta
+        self._config = meta.config
+        self._events = meta.events
+        self._region: str = meta.region_name
+        self._signing_name: str = meta.service_model.signing_name
+        self._credentials = credentials  # the session's chain; None if it found none
         self._url = url
         # Sent and signed as given, so SigV4Auth need not work it out from the URL on every request.
         self._host_header = origin.host_header
-        self._region: str = signer.region_name
-        self._signing_name: str = signer.signing_name
-        self._credentials = signer._credentials  # the client's chain; None if it found none
-        self._carrier: HttpCarrier | None = carriers[0] if carriers is not None else None
-        self._loop_carrier: LoopHttpCarrier | None = carriers[1] if carriers is not None else None
-        self._send: _Sender = carriers[0].send if carriers is not None else raw._endpoint.http_session.send
-        service_id = raw.meta.service_model.service_id.hyphenize()
+        self._carrier = carrier
+        self._fallback = fallback
+        service_id = meta.service_model.service_id.hyphenize()
         self._operations = {
             name: _Operation(
                 name=name,
-                model=raw.meta.service_model.operation_model(name),
+                model=meta.service_model.operation_model(name),
                 target=_TARGET_PREFIX + name,
                 provide_params_event=f"provide-client-params.{service_id}.{name}",
                 before_send_event=f"before-send.{service_id}.{name}",
@@ -247,89 +228,59 @@ class KmsWire:
         }
 
     @classmethod
-    def for_client(cls, client: KMSClient) -> KmsWire | None:
-        raw = cast(Any, client)
-        signer = getattr(raw, "_request_signer", None)
-        endpoint = getattr(raw, "_endpoint", None)
-        if (
-            signer is None
-            or endpoint is None
-            or getattr(signer, "signature_version", None) != "v4"
-            or not hasattr(signer, "_credentials")
-            or not signer.region_name
-            or raw.meta.service_model.protocol != "json"
-        ):
-            return None
-        url = _request_url(raw.meta.endpoint_url)
+    def for_client(
+        cls, client: KMSClient, *, session: Session, verify: bool | str, fallback: KmsTransport
+    ) -> LeanTransport:
+        """The lean path for `client`, made by `session`, whose TLS verification is `verify`
+        (give both the same value). Raises LeanPathUnavailable with the reason if it cannot
+        serve the client exactly as boto3 would."""
+        meta = cast(Any, client).meta
+        config = meta.config
+        if config.signature_version not in (None, "v4") or meta.service_model.signature_version != "v4":
+            raise LeanPathUnavailable("the client does not sign with SigV4")
+        if meta.service_model.protocol != "json":
+            raise LeanPathUnavailable(f"the client speaks {meta.service_model.protocol}, not JSON 1.1")
+        if not meta.region_name:
+            raise LeanPathUnavailable("the client has no region")
+        url = _request_url(meta.endpoint_url)
         try:
             origin = Origin.from_url(url)
         except ValueError:
-            return None
-        return cls(client, url=url, origin=origin, carriers=_carriers_for(raw, url, origin))
+            raise LeanPathUnavailable("the endpoint is not an http(s) URL") from None
+        if (config.proxies or {}).get(origin.scheme) or get_environ_proxies(url).get(origin.scheme):
+            raise LeanPathUnavailable("a proxy applies to the endpoint")
+        carrier = LoopHttpCarrier(
+            origin,
+            connect_timeout_s=float(config.connect_timeout),
+            read_timeout_s=float(config.read_timeout),
+            pool_size=int(config.max_pool_connections),
+            ssl_context=_ssl_context(verify, config.client_cert) if origin.scheme == "https" else None,
+            socket_options=_socket_options(client, session),
+        )
+        return cls(
+            client,
+            credentials=session.get_credentials(),
+            url=url,
+            origin=origin,
+            carrier=carrier,
+            fallback=fallback,
+        )
 
     def __repr__(self) -> str:
-        return f"KmsWire({self._url!r})"
+        return f"LeanTransport({self._url!r})"
 
     def close(self) -> None:
-        if self._carrier is not None:
-            self._carrier.close()
-        if self._loop_carrier is not None:
-            self._loop_carrier.close()
+        self._carrier.close()
+        self._fallback.close()
 
-    def call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
         """Run `operation` with boto3-style params; returns boto3's response shape or raises as boto3."""
-        steps = self._steps(operation, params)
-        try:
-            step = next(steps)
-            while True:
-                if isinstance(step, _Pause):
-                    _sleep(step.seconds)
-                    step = steps.send(None)
-                elif isinstance(step, _Credentials):
-                    step = steps.send(self._freeze_credentials())
-                else:
-                    step = steps.send(_attempt(self._send, step))
-        except StopIteration as done:
-            result: dict[str, Any] = done.value
-            return result
-
-    async def call_async(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
-        """`call` on the event loop: the request waits for KMS (and for a retry's pause) without
-        holding a thread. Through a proxy the client's own session carries it, in a thread."""
-        carrier = self._loop_carrier
-        if carrier is None:
-            return await asyncio.to_thread(self.call, operation, params)
-        steps = self._steps(operation, params)
-        try:
-            step = next(steps)
-            while True:
-                if isinstance(step, _Pause):
-                    await _sleep_async(step.seconds)
-                    step = steps.send(None)
-                elif isinstance(step, _Credentials):
-                    # A refresh blocks (STS, instance metadata): then in a thread, never on the loop.
-                    if self._refresh_due():
-                        step = steps.send(await asyncio.to_thread(self._freeze_credentials))
-                    else:
-                        step = steps.send(self._freeze_credentials())
-                else:
-                    try:
-                        sent: tuple[AWSResponse | None, Exception | None] = (await carrier.send(step), None)
-                    except Exception as err:
-                        sent = (None, err)
-                    step = steps.send(sent)
-        except StopIteration as done:
-            result: dict[str, Any] = done.value
-            return result
-
-    def _steps(self, operation: str, params: dict[str, Any]) -> Generator[_Step, Any, dict[str, Any]]:
-        """The call without its I/O: yields for the credentials to sign each attempt with, each
-        request to send (and is sent back the response or the exception) and each pause between
-        attempts; returns boto3's response shape or raises."""
-        op = self._operations[operation]
+        op = self._operations.get(operation)
+        if op is None:
+            return await self._fallback.call(operation, params)
         context: dict[str, Any] = {
             "client_region": self._region,
-            "client_config": self._client.meta.config,
+            "client_config": self._config,
             "has_streaming_input": False,
             "auth_type": "v4",
         }
@@ -343,8 +294,7 @@ class KmsWire:
             context.setdefault("retries", {})["attempt"] = attempts
             # Signed per attempt (a fresh X-Amz-Date), as botocore re-signs each retry. A missing
             # credential raises NoCredentialsError here, outside the retried part, as in botocore.
-            credentials = yield _CREDENTIALS
-            request = self._signed_request(op, body, credentials)
+            request = self._signed_request(op, body, await self._frozen_credentials())
             http_response: AWSResponse | None = None
             parsed_error: dict[str, Any] | None = None
             caught: Exception | None = None
@@ -355,7 +305,10 @@ class KmsWire:
             if answered is not None:
                 http_response = answered
             elif caught is None:
-                http_response, caught = yield request
+                try:
+                    http_response = await self._carrier.send(request)
+                except Exception as err:
+                    caught = err
             if http_response is not None and http_response.status_code < 300:
                 break
             if http_response is not None:
@@ -363,7 +316,7 @@ class KmsWire:
             delay = self._retry_delay(op, attempts, http_response, parsed_error, caught, context)
             if delay is None:
                 break
-            yield _Pause(delay)
+            await _sleep(delay)
 
         if http_response is None:
             self._events.emit(op.after_call_error_event, exception=caught, context=context)
@@ -389,16 +342,16 @@ class KmsWire:
         self._after_call(op, http_response, parsed, context)
         return parsed
 
-    def _refresh_due(self) -> bool:
-        """Whether freezing the credentials now would refresh them (refreshable ones only)."""
-        refresh_needed = getattr(self._credentials, "refresh_needed", None)
-        return bool(refresh_needed()) if refresh_needed is not None else False
-
-    def _freeze_credentials(self) -> Any:
-        if self._credentials is None:
+    async def _frozen_credentials(self) -> Any:
+        credentials = self._credentials
+        if credentials is None:
             raise NoCredentialsError()
-        # Frozen per request: refreshable credentials (roles, SSO) refresh here when due.
-        return self._credentials.get_frozen_credentials()
+        # Frozen per request: refreshable credentials (roles, SSO) refresh here when due, and a
+        # refresh blocks (STS, instance metadata), so then it runs in a thread, never on the loop.
+        refresh_needed = getattr(credentials, "refresh_needed", None)
+        if refresh_needed is not None and refresh_needed():
+            return await asyncio.to_thread(credentials.get_frozen_credentials)
+        return credentials.get_frozen_credentials()
 
     def _signed_request(self, op: _Operation, body: bytes, credentials: Any) -> AWSPreparedRequest:
         request = AWSRequest(
@@ -427,11 +380,13 @@ class KmsWire:
         caught: Exception | None,
         context: dict[str, Any],
     ) -> float | None:
-        """Seconds to wait before another attempt, as the client's retry handler decides; None: stop."""
+        """Seconds to wait before another attempt, as the client's retry handler decides; None: stop.
+        The event carries what botocore's endpoint emits, but no endpoint: the retry handlers a
+        KMS client registers (standard and legacy modes) do not read it."""
         responses = self._events.emit(
             op.needs_retry_event,
             response=(http_response, parsed_error) if http_response is not None else None,
-            endpoint=self._endpoint,
+            endpoint=None,
             operation=op.model,
             attempts=attempts,
             caught_exception=caught,

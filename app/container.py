@@ -32,8 +32,7 @@ class Vault:
     def close(self) -> None:
         self.auditor.close()
         self.database.dispose()
-        if isinstance(self.keys, KmsKeyProvider):
-            self.keys.close()  # its pooled KMS connections
+        self.keys.close()
 
 
 def database_url(settings: Settings) -> str:

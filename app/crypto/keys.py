@@ -51,6 +51,9 @@ class KeyProvider(Protocol):
     def check(self) -> None:
         """Raise KeyServiceUnavailable / KeyAccessDenied unless the current master key is usable."""
 
+    def close(self) -> None:
+        """Release pooled connections to the key service, if any."""
+
 
 _outside_loop: ContextVar[bool] = ContextVar("piivault_outside_loop", default=False)
 

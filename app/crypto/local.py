@@ -102,3 +102,6 @@ class LocalKeyProvider:
 
     def check(self) -> None:
         return None
+
+    def close(self) -> None:
+        return None

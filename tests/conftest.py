@@ -49,6 +49,12 @@ LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 TABLES = ("audit_events", "audit_chain", "audit_keys", "records", "grants", "api_keys", "principals")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "fresh_kms_key: kms_key_id is a key of the test's own, not the session's shared key"
+    )
+
+
 def _answers(url: str) -> bool:
     try:
         with psycopg.connect(url, connect_timeout=2):
@@ -107,16 +113,46 @@ def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
         yield connection
 
 
-@pytest.fixture
-def aws() -> Iterator[None]:
-    with mock_aws():
+@pytest.fixture(scope="session")
+def aws_session() -> Iterator[None]:
+    """moto's KMS for the whole session: starting it resets boto3's default session, so a mock per
+    test paid for loading boto3's KMS model again each time. The environment's fake credentials
+    (set above) stay as they are."""
+    with mock_aws(config={"core": {"mock_credentials": False}}):
         yield
 
 
 @pytest.fixture
-def kms_key_id(aws: None) -> str:
-    key_id: str = boto3.client("kms").create_key(Description="piivault test key")["KeyMetadata"]["KeyId"]
+def aws(aws_session: None) -> None:
+    """moto answers KMS calls. Its state lives for the session: a test that needs a key no other
+    test touches takes `fresh_kms_key_id`, or is marked `fresh_kms_key`."""
+
+
+def create_kms_key(description: str) -> str:
+    # moto makes an RSA key pair for every key, symmetric ones too: a key costs tenths of a second.
+    key_id: str = boto3.client("kms").create_key(Description=description)["KeyMetadata"]["KeyId"]
     return key_id
+
+
+@pytest.fixture(scope="session")
+def shared_kms_key_id(aws_session: None) -> str:
+    """One key for the tests that neither change its state nor count what is on it."""
+    return create_kms_key("piivault shared test key")
+
+
+@pytest.fixture
+def fresh_kms_key_id(aws: None) -> str:
+    """A key of this test's own: to disable, to count its grants on, to change."""
+    return create_kms_key("piivault test key")
+
+
+@pytest.fixture
+def kms_key_id(request: pytest.FixtureRequest, aws: None) -> str:
+    """The vault's KMS key: the session's shared key, or a fresh one for a test (or a module)
+    marked `fresh_kms_key`."""
+    if request.node.get_closest_marker("fresh_kms_key"):
+        return str(request.getfixturevalue("fresh_kms_key_id"))
+    return str(request.getfixturevalue("shared_kms_key_id"))
 
 
 def make_settings(database_url: str, kms_key_id: str | None, **overrides: Any) -> Settings:

@@ -46,6 +46,7 @@ os.environ.pop("AWS_PROFILE", None)
 
 GRANTEE_ARN = "arn:aws:iam::123456789012:role/piivault"
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+# Referrers before the tables they refer to (the order `db` empties them in).
 TABLES = ("audit_events", "audit_chain", "audit_keys", "records", "grants", "api_keys", "principals")
 
 
@@ -101,11 +102,31 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def table_sequences(database_url: str) -> list[str]:
+    """The sequences behind the serial columns of TABLES, which each test starts afresh."""
+    with psycopg.connect(database_url) as connection:
+        rows = connection.execute(
+            "SELECT pg_get_serial_sequence(c.relname, a.attname) FROM pg_class c"
+            " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped"
+            " WHERE c.relname = ANY(%s) AND c.relkind = 'r'"
+            " AND pg_get_serial_sequence(c.relname, a.attname) IS NOT NULL",
+            (list(TABLES),),
+        ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
 @pytest.fixture
-def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
+def db(database_url: str, table_sequences: list[str]) -> Iterator[psycopg.Connection[Any]]:
     """A plain connection for arranging and inspecting rows with SQL; tables start empty."""
     with psycopg.connect(database_url, autocommit=True) as connection:
-        connection.execute("TRUNCATE " + ", ".join(TABLES) + " RESTART IDENTITY CASCADE")
+        # DELETE, not TRUNCATE: on a few rows it takes a millisecond where TRUNCATE (new files for
+        # every table and index) takes a tenth of a second. In TABLES' order: referrers first.
+        with connection.transaction():
+            for table in TABLES:
+                connection.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
+            for sequence in table_sequences:
+                connection.execute("SELECT setval(%s::regclass, 1, false)", (sequence,))
         connection.execute(
             "UPDATE audit_chain_head SET seq = 0, mac = decode(repeat('00', 32), 'hex'),"
             " sealed_below = 0, pending_xids = '{}'"

@@ -25,10 +25,12 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from app.container import Vault, build_vault
+from app.crypto.keys import GrantConstraints
 from app.crypto.kms import KmsKeyProvider
 from app.main import create_app
 from app.migrate import upgrade
 from app.services.context import RequestContext
+from app.services.grants import EQUALS, SUBSET
 from app.settings import Settings
 
 T = TypeVar("T")
@@ -46,7 +48,14 @@ os.environ.pop("AWS_PROFILE", None)
 
 GRANTEE_ARN = "arn:aws:iam::123456789012:role/piivault"
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+# Referrers before the tables they refer to (the order `db` empties them in).
 TABLES = ("audit_events", "audit_chain", "audit_keys", "records", "grants", "api_keys", "principals")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "fresh_kms_key: kms_key_id is a key of the test's own, not the session's shared key"
+    )
 
 
 def _answers(url: str) -> bool:
@@ -95,28 +104,82 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def db(database_url: str) -> Iterator[psycopg.Connection[Any]]:
-    """A plain connection for arranging and inspecting rows with SQL; tables start empty."""
-    with psycopg.connect(database_url, autocommit=True) as connection:
-        connection.execute("TRUNCATE " + ", ".join(TABLES) + " RESTART IDENTITY CASCADE")
+@pytest.fixture(scope="session")
+def table_sequences(database_url: str) -> list[str]:
+    """The sequences behind the serial columns of TABLES, which each test starts afresh."""
+    with psycopg.connect(database_url) as connection:
+        rows = connection.execute(
+            "SELECT pg_get_serial_sequence(c.relname, a.attname) FROM pg_class c"
+            " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped"
+            " WHERE c.relname = ANY(%s) AND c.relkind = 'r'"
+            " AND pg_get_serial_sequence(c.relname, a.attname) IS NOT NULL",
+            (list(TABLES),),
+        ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def empty_tables(connection: psycopg.Connection[Any], table_sequences: list[str]) -> None:
+    # DELETE, not TRUNCATE: on a few rows it takes a millisecond where TRUNCATE (new files for
+    # every table and index) takes a tenth of a second. In TABLES' order: referrers first.
+    with connection.transaction():
+        for table in TABLES:
+            connection.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
+        for sequence in table_sequences:
+            connection.execute("SELECT setval(%s::regclass, 1, false)", (sequence,))
         connection.execute(
             "UPDATE audit_chain_head SET seq = 0, mac = decode(repeat('00', 32), 'hex'),"
             " sealed_below = 0, pending_xids = '{}'"
         )
-        yield connection
 
 
 @pytest.fixture
-def aws() -> Iterator[None]:
-    with mock_aws():
+def db(database_url: str, table_sequences: list[str]) -> Iterator[psycopg.Connection[Any]]:
+    """A plain connection for arranging and inspecting rows with SQL; tables start empty."""
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        empty_tables(connection, table_sequences)
+        yield connection
+
+
+@pytest.fixture(scope="session")
+def aws_session() -> Iterator[None]:
+    """moto's KMS for the whole session: starting it resets boto3's default session, so a mock per
+    test paid for loading boto3's KMS model again each time. The environment's fake credentials
+    (set above) stay as they are."""
+    with mock_aws(config={"core": {"mock_credentials": False}}):
         yield
 
 
 @pytest.fixture
-def kms_key_id(aws: None) -> str:
-    key_id: str = boto3.client("kms").create_key(Description="piivault test key")["KeyMetadata"]["KeyId"]
+def aws(aws_session: None) -> None:
+    """moto answers KMS calls. Its state lives for the session: a test that needs a key no other
+    test touches takes `fresh_kms_key_id`, or is marked `fresh_kms_key`."""
+
+
+def create_kms_key(description: str) -> str:
+    # moto makes an RSA key pair for every key, symmetric ones too: a key costs tenths of a second.
+    key_id: str = boto3.client("kms").create_key(Description=description)["KeyMetadata"]["KeyId"]
     return key_id
+
+
+@pytest.fixture(scope="session")
+def shared_kms_key_id(aws_session: None) -> str:
+    """One key for the tests that neither change its state nor count what is on it."""
+    return create_kms_key("piivault shared test key")
+
+
+@pytest.fixture
+def fresh_kms_key_id(aws: None) -> str:
+    """A key of this test's own: to disable, to count its grants on, to change."""
+    return create_kms_key("piivault test key")
+
+
+@pytest.fixture
+def kms_key_id(request: pytest.FixtureRequest, aws: None) -> str:
+    """The vault's KMS key: the session's shared key, or a fresh one for a test (or a module)
+    marked `fresh_kms_key`."""
+    if request.node.get_closest_marker("fresh_kms_key"):
+        return str(request.getfixturevalue("fresh_kms_key_id"))
+    return str(request.getfixturevalue("shared_kms_key_id"))
 
 
 def make_settings(database_url: str, kms_key_id: str | None, **overrides: Any) -> Settings:
@@ -229,9 +292,8 @@ def create_grant(client: TestClient, admin_key: str, **body: Any) -> dict[str, A
     return grant
 
 
-@pytest.fixture
-def actors(client: TestClient, vault: Vault) -> Actors:
-    """The seed scenario's set-up: onboarding may Encrypt DriverLicense, KYC may Decrypt it."""
+def build_seed(client: TestClient, vault: Vault) -> Actors:
+    """The seed scenario's set-up, over HTTP: onboarding may Encrypt DriverLicense, KYC may Decrypt it."""
     admin = create_admin(vault)
     onboarding = create_principal(client, admin, "onboarding-app")
     kyc = create_principal(client, admin, "kyc-app")
@@ -239,6 +301,95 @@ def actors(client: TestClient, vault: Vault) -> Actors:
     create_grant(client, admin, grantee="onboarding-app", operations=["Encrypt"], constraints=licence_only)
     create_grant(client, admin, grantee="kyc-app", operations=["Decrypt"], constraints=licence_only)
     return Actors(admin, onboarding["api_key"], kyc["api_key"], onboarding["id"], kyc["id"])
+
+
+SEED_SCHEMA = "test_seed"
+SEED_TABLES = (*TABLES, "audit_chain_head")
+
+
+@dataclass(frozen=True)
+class SeedSnapshot:
+    """The seed's rows, built once and saved in SEED_SCHEMA, and where its sequences stood."""
+
+    actors: Actors
+    sequences: list[tuple[str, int, bool]]
+
+
+@pytest.fixture(scope="session")
+def seed_snapshot(database_url: str, table_sequences: list[str], shared_kms_key_id: str) -> SeedSnapshot:
+    """build_seed once, on the shared key, by a vault of its own; its rows are copied aside."""
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        empty_tables(connection, table_sequences)
+        vault = build_vault(make_settings(database_url, shared_kms_key_id))
+        try:
+            with TestClient(create_app(vault), raise_server_exceptions=False) as client:
+                actors = build_seed(client, vault)
+        finally:
+            vault.close()
+        schema = sql.Identifier(SEED_SCHEMA)
+        with connection.transaction():
+            connection.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(schema))
+            connection.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
+            for table in SEED_TABLES:
+                connection.execute(
+                    sql.SQL("CREATE TABLE {} AS SELECT * FROM {}").format(
+                        sql.Identifier(SEED_SCHEMA, table), sql.Identifier(table)
+                    )
+                )
+        sequences = []
+        for sequence in table_sequences:
+            row = connection.execute(
+                sql.SQL("SELECT last_value, is_called FROM {}").format(sql.Identifier(*sequence.split(".")))
+            ).fetchone()
+            assert row is not None
+            sequences.append((sequence, int(row[0]), bool(row[1])))
+        empty_tables(connection, table_sequences)  # as the test that asked for the seed found them
+    return SeedSnapshot(actors, sequences)
+
+
+def restore_seed(db: psycopg.Connection[Any], vault: Vault, snapshot: SeedSnapshot) -> Actors:
+    """The rows build_seed leaves, copied back into the (empty) tables, the seed's grants mirrored
+    afresh on the vault's key: as if build_seed had just run, in a few milliseconds."""
+    with db.transaction():
+        db.execute("DELETE FROM audit_chain_head")
+        for table in reversed(SEED_TABLES):  # referred-to tables first
+            db.execute(
+                sql.SQL("INSERT INTO {} SELECT * FROM {}").format(
+                    sql.Identifier(table), sql.Identifier(SEED_SCHEMA, table)
+                )
+            )
+        for sequence, last_value, is_called in snapshot.sequences:
+            db.execute("SELECT setval(%s::regclass, %s, %s)", (sequence, last_value, is_called))
+        # A test may have revoked a seed grant's mirror on the shared key: each test's are its own.
+        if isinstance(vault.keys, KmsKeyProvider) and vault.settings.kms_mirror_grants:
+            grants = db.execute(
+                "SELECT id, operations, constraint_kind, constraint_context FROM grants"
+                " WHERE kms_grant_id IS NOT NULL"
+            ).fetchall()
+            for grant_id, operations, kind, context in grants:
+                constraints = GrantConstraints(
+                    subset=context if kind == SUBSET else None, equals=context if kind == EQUALS else None
+                )
+                mirror = vault.keys.create_grant(
+                    name=f"piivault-{grant_id}", operations=list(operations), constraints=constraints
+                )
+                db.execute("UPDATE grants SET kms_grant_id = %s WHERE id = %s", (mirror, grant_id))
+    # build_seed leaves the vault with its audit key loaded: tests count KMS calls from there on.
+    vault.auditor._keyring.current()
+    return snapshot.actors
+
+
+@pytest.fixture
+def actors(
+    request: pytest.FixtureRequest, client: TestClient, vault: Vault, db: psycopg.Connection[Any]
+) -> Actors:
+    """The seed scenario's set-up: onboarding may Encrypt DriverLicense, KYC may Decrypt it.
+
+    On the shared KMS key, the seed's saved rows are restored (its audit key is wrapped under that
+    key); on a test's own key, it is built over HTTP as the saved one was."""
+    if vault.settings.kms_key_id == request.getfixturevalue("shared_kms_key_id"):
+        return restore_seed(db, vault, request.getfixturevalue("seed_snapshot"))
+    return build_seed(client, vault)
 
 
 class LoopThread:

@@ -6,12 +6,16 @@ from typing import Any
 
 import boto3
 import psycopg
+import pytest
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 from fastapi.testclient import TestClient
 
 from app.container import Vault
 from app.services.context import RequestContext
 from tests.conftest import GRANTEE_ARN, Actors, audit_inserts_refused, bearer, create_admin, create_principal
+
+# These tests count the grants on the vault's key: each has a key of its own.
+pytestmark = pytest.mark.fresh_kms_key
 
 
 def kms_grants(key_id: str) -> list[dict[str, Any]]:

@@ -24,13 +24,13 @@ from moto import mock_aws
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
+from app.access import EQUALS, SUBSET
 from app.container import Vault, build_vault
 from app.crypto.keys import GrantConstraints
 from app.crypto.kms import KmsKeyProvider
 from app.main import create_app
 from app.migrate import upgrade
 from app.services.context import RequestContext
-from app.services.grants import EQUALS, SUBSET
 from app.settings import Settings
 
 T = TypeVar("T")

@@ -374,15 +374,16 @@ def add_filler_records(url: str, total: int) -> None:
                                     kms_key_id, created_at, created_by)
                SELECT 'tok_filler' || lpad(n::text, 24, '0'), 'filler-' || n, 'DriverLicense', 1,
                       gen_random_bytes(45), gen_random_bytes(120), 'filler', now(), %s
-               FROM generate_series(%s, %s) AS n""",
+               FROM generate_series(%s::integer, %s::integer) AS n""",
             (creator[0], have + 1, total),
         )
         connection.execute("ANALYZE records")
 
 
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+def git_commit(root: Path | None = None) -> str:
+    root = root or ROOT
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
     dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "app"], cwd=ROOT, capture_output=True, text=True
+        ["git", "status", "--porcelain", "--", "app"], cwd=root, capture_output=True, text=True
     )
     return result.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

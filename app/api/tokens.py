@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, status
 from pydantic import ValidationError
 
-from app.api.deps import ContextDep, PresentedKeyDep, TokensDep, VaultDep
+from app.api.deps import DataCallDep, VaultDep
 from app.api.errors import error_body, validation_problem
 from app.api.schemas import (
     BatchTokenizeItemResult,
@@ -60,13 +60,11 @@ def _item_error(err: VaultError) -> ItemErrorBody:
     name="Tokenize",
     responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
 )
-async def tokenize(
-    body: TokenizeRequest, tokens: TokensDep, key: PresentedKeyDep, ctx: ContextDep
-) -> TokenOut:
+async def tokenize(body: TokenizeRequest, call: DataCallDep) -> TokenOut:
     """Store a value and get its token. Needs an active Encrypt grant matching
     {"customerID": customer_id, "dataType": data_type}."""
     item = TokenizeItem(body.customer_id, body.data_type, body.value)
-    result = await tokens.tokenize_one(presented=key, item=item, ctx=ctx)
+    result = await call.tokens.tokenize_one(presented=call.presented, item=item, ctx=call.ctx)
     return TokenOut(
         token=result.token,
         customer_id=result.customer_id,
@@ -82,12 +80,12 @@ async def tokenize(
     responses={413: {"model": ErrorResponse}},
 )
 async def tokenize_batch(
-    body: BatchTokenizeRequest, vault: VaultDep, tokens: TokensDep, key: PresentedKeyDep, ctx: ContextDep
+    body: BatchTokenizeRequest, vault: VaultDep, call: DataCallDep
 ) -> BatchTokenizeResponse:
     """Tokenize many values; results come in request order, each a token or its own error."""
     _check_batch_size(len(body.items), vault.settings.max_batch_items, "items")
     items = [_parse_item(index, raw) for index, raw in enumerate(body.items)]
-    results = await tokens.tokenize(presented=key, items=items, ctx=ctx)
+    results = await call.tokens.tokenize(presented=call.presented, items=items, ctx=call.ctx)
     return BatchTokenizeResponse(
         results=[
             BatchTokenizeItemResult(error=_item_error(r.error))
@@ -109,12 +107,10 @@ async def tokenize_batch(
     response_model_exclude_none=True,
     responses={413: {"model": ErrorResponse}},
 )
-async def detokenize_batch(
-    body: DetokenizeRequest, vault: VaultDep, tokens: TokensDep, key: PresentedKeyDep, ctx: ContextDep
-) -> DetokenizeResponse:
+async def detokenize_batch(body: DetokenizeRequest, vault: VaultDep, call: DataCallDep) -> DetokenizeResponse:
     """Reveal many tokens; each result is the value or its own error (not_found, grant_required…)."""
     _check_batch_size(len(body.tokens), vault.settings.max_batch_items, "tokens")
-    results = await tokens.detokenize(presented=key, tokens=body.tokens, ctx=ctx)
+    results = await call.tokens.detokenize(presented=call.presented, tokens=body.tokens, ctx=call.ctx)
     return DetokenizeResponse(
         results=[
             DetokenizeItemResult(token=r.token or "", error=_item_error(r.error))
@@ -134,13 +130,11 @@ async def detokenize_batch(
 )
 async def detokenize(
     token: Annotated[str, Path(max_length=128, examples=["tok_3q2-7wEvmn8CRTfF1ZrPuS9QoHgH4kDy"])],
-    tokens: TokensDep,
-    key: PresentedKeyDep,
-    ctx: ContextDep,
+    call: DataCallDep,
 ) -> RevealedOut:
     """Reveal a token's value. Needs an active Decrypt grant matching the record's context;
     send X-Access-Reason to record why."""
-    revealed = await tokens.detokenize_one(presented=key, token=token, ctx=ctx)
+    revealed = await call.tokens.detokenize_one(presented=call.presented, token=token, ctx=call.ctx)
     return RevealedOut(
         token=revealed.token,
         customer_id=revealed.customer_id,

@@ -88,7 +88,8 @@ class ApiKeyCreated(BaseModel):
 
 
 class PrincipalList(BaseModel):
-    principals: list[PrincipalOut]
+    principals: list[PrincipalOut] = Field(description="Oldest first.")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
 
 # Grants
@@ -150,7 +151,8 @@ class GrantOut(BaseModel):
 
 
 class GrantList(BaseModel):
-    grants: list[GrantOut]
+    grants: list[GrantOut] = Field(description="Oldest first.")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
 
 # Tokens

@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 class VaultError(Exception):
     code: ClassVar[str] = "internal_error"
     default_message: ClassVar[str] = "the vault could not complete the request"
+    # Whether the same request may succeed later unchanged: only a dependency that is down for now.
+    retryable: ClassVar[bool] = False
 
     def __init__(self, message: str | None = None, *, field: str | None = None) -> None:
         self.message = message or self.default_message
@@ -69,6 +71,8 @@ class Conflict(VaultError):
 
 class DependencyUnavailable(VaultError):
     """A dependency is down for now; the caller should retry later (503 with Retry-After)."""
+
+    retryable = True
 
 
 class DatabaseUnavailable(DependencyUnavailable):

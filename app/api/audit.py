@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import AuditorDep, SessionDep, VaultDep
+from app.api.deps import AuditorDep, KnownQueryOnly, SessionDep, VaultDep
 from app.api.schemas import AuditEventOut, AuditEventPage, AuditVerifyOut, ErrorResponse
 from app.db.models import AuditEvent
 from app.db.repositories import AuditFilter
@@ -33,6 +33,7 @@ def list_events(
     vault: VaultDep,
     session: SessionDep,
     auditor: AuditorDep,
+    _known: KnownQueryOnly,
     principal: Annotated[str | None, Query(description="A principal's id or name.", max_length=128)] = None,
     action: Annotated[str | None, Query(max_length=64, examples=["Detokenize"])] = None,
     outcome: Literal["allowed", "denied", "error"] | None = None,

@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
 from app.access import ADMINS, AUDIT_READERS
 from app.container import Vault
+from app.errors import InvalidInput
 from app.services.context import Caller, RequestContext
 from app.services.tokens import TokenService
 
@@ -107,3 +110,28 @@ def _action(request: Request) -> str:
 
 AdminDep = Annotated[Caller, Depends(require_admin)]
 AuditorDep = Annotated[Caller, Depends(require_auditor)]
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """Refuse a query parameter the endpoint does not declare: a misspelt filter (`?grante=`) would
+    otherwise be ignored, and the caller would take the whole list for the filtered one."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    declared = _query_names(route.dependant)
+    unknown = next((name for name in request.query_params if name not in declared), None)
+    if unknown is not None:
+        name = unknown[:64]
+        takes = ", ".join(sorted(declared)) or "none"
+        raise InvalidInput(f"unknown query parameter {name!r}; this endpoint takes: {takes}", field=name)
+
+
+# Put after the caller's dependency, so that a stranger is refused (and audited) first.
+KnownQueryOnly = Annotated[None, Depends(reject_unknown_query)]

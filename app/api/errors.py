@@ -78,7 +78,7 @@ def install(app: FastAPI) -> None:
     async def vault_error(request: Request, exc: errors.VaultError) -> JSONResponse:
         status = status_of(exc)
         headers = None
-        if isinstance(exc, errors.DependencyUnavailable):
+        if exc.retryable:
             headers = {"Retry-After": str(request.app.state.vault.settings.retry_after_s)}
         return _respond(request, status, error_body(exc), headers)
 

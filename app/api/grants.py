@@ -8,11 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from app.access import EQUALS, SUBSET
-from app.api.deps import AdminDep, CallerDep, ContextDep, SessionDep, VaultDep
+from app.api.deps import AdminDep, CallerDep, ContextDep, KnownQueryOnly, SessionDep, VaultDep
+from app.api.paging import CursorParam, Limit, decode_cursor, split_page
 from app.api.schemas import ErrorResponse, GrantCreate, GrantList, GrantOut
 from app.db.models import Grant
 from app.services.context import utcnow
 from app.services.grants import GrantRequest
+
+CURSOR_KIND = "g"
 
 router = APIRouter(
     prefix="/v1/grants",
@@ -73,15 +76,22 @@ def create_grant(
     return grant_out(grant)
 
 
-@router.get("", name="ListGrants")
+@router.get("", name="ListGrants", responses={422: {"model": ErrorResponse}})
 def list_grants(
     vault: VaultDep,
     session: SessionDep,
     admin: AdminDep,
+    _known: KnownQueryOnly,
     grantee: Annotated[str | None, Query(description="A principal's id or name.")] = None,
     active: bool | None = None,
+    cursor: CursorParam = None,
+    limit: Limit = 100,
 ) -> GrantList:
-    return GrantList(grants=[grant_out(g) for g in vault.grants.list(session, grantee, active)])
+    """Grants, oldest first, a page at a time (follow `next_cursor`); the filters hold on every page."""
+    after = decode_cursor(CURSOR_KIND, cursor)
+    rows = vault.grants.list(session, grantee, active, after=after, limit=limit + 1)
+    page, next_cursor = split_page(CURSOR_KIND, rows, limit)
+    return GrantList(grants=[grant_out(g) for g in page], next_cursor=next_cursor)
 
 
 @router.get("/{grant_id}", name="GetGrant", responses={404: {"model": ErrorResponse}})

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from fastapi import APIRouter, status
 
-from app.api.deps import AdminDep, CallerDep, ContextDep, SessionDep, VaultDep
+from app.api.deps import AdminDep, CallerDep, ContextDep, KnownQueryOnly, SessionDep, VaultDep
+from app.api.paging import CursorParam, Limit, decode_cursor, split_page
 from app.api.schemas import (
     ApiKeyCreated,
     ApiKeyOut,
@@ -18,6 +19,8 @@ from app.api.schemas import (
     PrincipalOut,
 )
 from app.db.models import ApiKey, Principal
+
+CURSOR_KIND = "p"
 
 router = APIRouter(
     prefix="/v1/principals",
@@ -53,9 +56,20 @@ def create_principal(
     return PrincipalCreated(**out.model_dump(), key_id=issued.key_id, api_key=issued.secret_key)
 
 
-@router.get("", name="ListPrincipals")
-def list_principals(vault: VaultDep, session: SessionDep, admin: AdminDep) -> PrincipalList:
-    return PrincipalList(principals=[principal_out(p) for p in vault.principals.list(session)])
+@router.get("", name="ListPrincipals", responses={422: {"model": ErrorResponse}})
+def list_principals(
+    vault: VaultDep,
+    session: SessionDep,
+    admin: AdminDep,
+    _known: KnownQueryOnly,
+    cursor: CursorParam = None,
+    limit: Limit = 100,
+) -> PrincipalList:
+    """Principals, oldest first, a page at a time (follow `next_cursor`)."""
+    after = decode_cursor(CURSOR_KIND, cursor)
+    rows = vault.principals.list(session, after=after, limit=limit + 1)
+    page, next_cursor = split_page(CURSOR_KIND, rows, limit)
+    return PrincipalList(principals=[principal_out(p) for p in page], next_cursor=next_cursor)
 
 
 @router.get("/{principal_id}", name="GetPrincipal", responses={404: {"model": ErrorResponse}})

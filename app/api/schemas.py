@@ -88,7 +88,8 @@ class ApiKeyCreated(BaseModel):
 
 
 class PrincipalList(BaseModel):
-    principals: list[PrincipalOut]
+    principals: list[PrincipalOut] = Field(description="Oldest first.")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
 
 # Grants
@@ -150,7 +151,8 @@ class GrantOut(BaseModel):
 
 
 class GrantList(BaseModel):
-    grants: list[GrantOut]
+    grants: list[GrantOut] = Field(description="Oldest first.")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
 
 # Tokens
@@ -175,9 +177,15 @@ class TokenOut(BaseModel):
 
 
 class ItemErrorBody(BaseModel):
-    code: str
+    code: str = Field(examples=["key_service_unavailable"])
     message: str
     field: str | None = None
+    retryable: bool = Field(
+        description="True when the item failed only because a dependency (database, key service, "
+        "audit trail) is down for now: the same item may succeed if sent again later, in a new "
+        "batch. False for everything else, including a key service that refuses the vault "
+        "(key_access_denied, key_not_allowed, key_service_invalid_response), which needs an operator."
+    )
 
 
 class BatchTokenizeRequest(Strict):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, status
 from pydantic import ValidationError
@@ -22,8 +23,8 @@ from app.api.schemas import (
     TokenizeRequest,
     TokenOut,
 )
-from app.errors import InvalidInput, PayloadTooLarge, VaultError
-from app.services.tokens import ItemError, TokenizeItem
+from app.errors import DependencyUnavailable, InvalidInput, Misconfigured, PayloadTooLarge, VaultError
+from app.services.tokens import ItemError, Revealed, Tokenized, TokenizeItem
 
 router = APIRouter(
     prefix="/v1/tokens",
@@ -51,7 +52,29 @@ def _parse_item(index: int, raw: dict[str, object]) -> TokenizeItem | VaultError
 
 
 def _item_error(err: VaultError) -> ItemErrorBody:
-    return ItemErrorBody.model_validate(error_body(err))
+    return ItemErrorBody.model_validate({**error_body(err), "retryable": err.retryable})
+
+
+# A batch's own 503 (see whole_batch_failure).
+_BATCH_503: dict[str, Any] = {
+    "model": ErrorResponse,
+    "description": "every item failed at the same dependency, so nothing was stored: "
+    "with Retry-After when it is down for now (send the batch again later), "
+    "without when it refuses the vault (an operator must act)",
+}
+
+
+def whole_batch_failure(results: Sequence[Tokenized | Revealed | ItemError]) -> VaultError | None:
+    """The error a batch answers with as a whole: when every item failed with the same dependency
+    error, nothing was stored or revealed, and the batch is what to retry (or what an operator must
+    fix), as for one item; a 200 would read as done. Otherwise None: 200, each item its own."""
+    errors = [result.error for result in results if isinstance(result, ItemError)]
+    if not errors or len(errors) < len(results):
+        return None
+    first = errors[0]
+    if not isinstance(first, DependencyUnavailable | Misconfigured):
+        return None
+    return first if all(err.code == first.code for err in errors) else None
 
 
 @router.post(
@@ -77,15 +100,18 @@ async def tokenize(body: TokenizeRequest, call: DataCallDep) -> TokenOut:
     "/batch",
     name="TokenizeBatch",
     response_model_exclude_none=True,
-    responses={413: {"model": ErrorResponse}},
+    responses={413: {"model": ErrorResponse}, 503: _BATCH_503},
 )
 async def tokenize_batch(
     body: BatchTokenizeRequest, vault: VaultDep, call: DataCallDep
 ) -> BatchTokenizeResponse:
-    """Tokenize many values; results come in request order, each a token or its own error."""
+    """Tokenize many values; results come in request order, each a token or its own error, which
+    says whether it is retryable. When every item failed at the same dependency, 503 instead."""
     _check_batch_size(len(body.items), vault.settings.max_batch_items, "items")
     items = [_parse_item(index, raw) for index, raw in enumerate(body.items)]
     results = await call.tokens.tokenize(presented=call.presented, items=items, ctx=call.ctx)
+    if (failure := whole_batch_failure(results)) is not None:
+        raise failure
     return BatchTokenizeResponse(
         results=[
             BatchTokenizeItemResult(error=_item_error(r.error))
@@ -105,12 +131,15 @@ async def tokenize_batch(
     "/detokenize",
     name="DetokenizeBatch",
     response_model_exclude_none=True,
-    responses={413: {"model": ErrorResponse}},
+    responses={413: {"model": ErrorResponse}, 503: _BATCH_503},
 )
 async def detokenize_batch(body: DetokenizeRequest, vault: VaultDep, call: DataCallDep) -> DetokenizeResponse:
-    """Reveal many tokens; each result is the value or its own error (not_found, grant_required…)."""
+    """Reveal many tokens; each result is the value or its own error (not_found, grant_required…),
+    which says whether it is retryable. When every item failed at the same dependency, 503 instead."""
     _check_batch_size(len(body.tokens), vault.settings.max_batch_items, "tokens")
     results = await call.tokens.detokenize(presented=call.presented, tokens=body.tokens, ctx=call.ctx)
+    if (failure := whole_batch_failure(results)) is not None:
+        raise failure
     return DetokenizeResponse(
         results=[
             DetokenizeItemResult(token=r.token or "", error=_item_error(r.error))

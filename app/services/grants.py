@@ -102,9 +102,19 @@ class GrantService:
             raise NotFound("no grant with this id", field="id")
         return grant
 
-    def list(self, session: Session, grantee: str | None, active: bool | None) -> Sequence[Grant]:
+    def list(
+        self,
+        session: Session,
+        grantee: str | None,
+        active: bool | None,
+        *,
+        after: tuple[datetime, uuid.UUID] | None = None,
+        limit: int | None = None,
+    ) -> Sequence[Grant]:
         grantee_id = self._principals.resolve(session, grantee).id if grantee else None
-        return GrantRepository(session).list(grantee_id=grantee_id, active=active, now=utcnow())
+        return GrantRepository(session).list(
+            grantee_id=grantee_id, active=active, now=utcnow(), after=after, limit=limit
+        )
 
     def revoke(self, session: Session, actor: Caller, grant_id: uuid.UUID, ctx: RequestContext) -> Grant:
         grant = GrantRepository(session).get(grant_id, for_update=True)

@@ -9,6 +9,7 @@ import secrets
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import NoReturn
 
 from sqlalchemy.orm import Session
@@ -145,8 +146,10 @@ class PrincipalService:
             raise InvalidInput("no principal with this id or name", field="grantee")
         return principal
 
-    def list(self, session: Session) -> Sequence[Principal]:
-        return PrincipalRepository(session).list()
+    def list(
+        self, session: Session, *, after: tuple[datetime, uuid.UUID] | None = None, limit: int | None = None
+    ) -> Sequence[Principal]:
+        return PrincipalRepository(session).list(after=after, limit=limit)
 
     def keys_of(self, session: Session, principal_id: uuid.UUID) -> Sequence[ApiKey]:
         return ApiKeyRepository(session).list_for(principal_id)

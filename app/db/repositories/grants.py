@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from app.db.models import Grant
@@ -24,8 +24,19 @@ class GrantRepository:
     def get(self, grant_id: uuid.UUID, *, for_update: bool = False) -> Grant | None:
         return self.session.get(Grant, grant_id, with_for_update=for_update)
 
-    def list(self, *, grantee_id: uuid.UUID | None, active: bool | None, now: datetime) -> Sequence[Grant]:
-        query = select(Grant).order_by(Grant.created_at, Grant.id)
+    def list(
+        self,
+        *,
+        grantee_id: uuid.UUID | None,
+        active: bool | None,
+        now: datetime,
+        after: tuple[datetime, uuid.UUID] | None = None,
+        limit: int | None = None,
+    ) -> Sequence[Grant]:
+        """In (created_at, id) order, from just after `after`; `limit` rows at most."""
+        query = select(Grant).order_by(Grant.created_at, Grant.id).limit(limit)
+        if after is not None:
+            query = query.where(tuple_(Grant.created_at, Grant.id) > tuple_(*after))
         if grantee_id is not None:
             query = query.where(Grant.grantee_id == grantee_id)
         if active is True:

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import select, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.db.models import ApiKey, Principal
@@ -31,8 +31,14 @@ class PrincipalRepository:
     def name_taken(self, name: str) -> bool:
         return self.session.scalar(select(Principal.id).where(Principal.name == name)) is not None
 
-    def list(self) -> Sequence[Principal]:
-        return self.session.scalars(select(Principal).order_by(Principal.created_at, Principal.name)).all()
+    def list(
+        self, *, after: tuple[datetime, uuid.UUID] | None = None, limit: int | None = None
+    ) -> Sequence[Principal]:
+        """In (created_at, id) order, from just after `after`; `limit` rows at most."""
+        query = select(Principal).order_by(Principal.created_at, Principal.id).limit(limit)
+        if after is not None:
+            query = query.where(tuple_(Principal.created_at, Principal.id) > tuple_(*after))
+        return self.session.scalars(query).all()
 
 
 class ApiKeyRepository:

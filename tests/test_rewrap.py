@@ -4,9 +4,13 @@ counts what each key wraps."""
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -30,6 +34,8 @@ from tests.conftest import (
     create_principal,
     make_settings,
 )
+from tests.processes import free_port, running, wait_for_http
+from tests.test_e2e_processes import BIN, PIIVAULT, base_env, kms_client
 from tests.test_failures import kms_error_response, kms_events
 from tests.test_key_boundary import new_key, seed
 
@@ -381,3 +387,82 @@ def test_on_a_terminal_the_progress_is_a_bar_with_count_rate_and_eta(
     shown = capsys.readouterr().out
     assert "rewrap" in shown and "5/10" in shown and "50%" in shown and "/s" in shown
     assert "rewrap: " not in shown  # not the plain lines
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flask") is None, reason="moto's server needs moto[server]")
+@pytest.mark.skipif(not PIIVAULT.exists(), reason=f"no piivault console script at {PIIVAULT}")
+def test_a_rewrap_process_killed_with_sigkill_loses_nothing_and_finishes_when_run_again(
+    database_url: str, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    moto_args = [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with running("moto", moto_args, env=base_env(), log_dir=tmp_path / "logs", cwd=tmp_path) as moto:
+        wait_for_http(moto, f"{endpoint}/moto-api/", timeout_s=20)
+        kms = kms_client(endpoint)
+        made = [kms.create_key()["KeyMetadata"] for _ in range(2)]
+        (key_a, arn_a), (key_b, arn_b) = ((meta["KeyId"], meta["Arn"]) for meta in made)
+
+        def vault_on(key: str, decrypt: str = "") -> tuple[Vault, TestClient]:
+            settings = make_settings(
+                database_url,
+                key,
+                kms_endpoint_url=endpoint,
+                kms_decrypt_key_ids=decrypt,
+                kms_mirror_grants=False,
+            )
+            vault = build_vault(settings)
+            client = TestClient(create_app(vault), raise_server_exceptions=False)
+            client.__enter__()
+            return vault, client
+
+        vault, client = vault_on(key_a)
+        try:
+            actors = seed(client, vault)
+            values = fill(client, actors.onboarding, 120)
+        finally:
+            client.__exit__(None, None, None)
+            vault.close()
+        env = base_env() | {
+            "PIIVAULT_ENVIRONMENT": "development",
+            "PIIVAULT_DATABASE_URL": database_url,
+            "PIIVAULT_KMS_KEY_ID": key_b,
+            "PIIVAULT_KMS_DECRYPT_KEY_IDS": key_a,
+            "PIIVAULT_KMS_ENDPOINT_URL": endpoint,
+            "PIIVAULT_KMS_MIRROR_GRANTS": "false",
+        }
+        args = [str(PIIVAULT), "keys", "rewrap", "--to", key_b, "--batch", "2"]
+
+        # SIGKILL once a few batches have committed: wherever it is then, it gets no say.
+        with running("rewrap", args, env=env, log_dir=tmp_path / "logs", cwd=tmp_path) as rewrapping:
+            deadline = time.monotonic() + 60
+            while rewrapping.stdout_path.read_text().count("rewrap: ") < 5:
+                assert rewrapping.running(), rewrapping.output()
+                assert time.monotonic() < deadline, rewrapping.output()
+                time.sleep(0.005)
+            rewrapping.popen.kill()
+            rewrapping.popen.wait(timeout=10)
+        moved = key_of_records(db).get(arn_b, 0)
+        assert 0 < moved < 120, rewrapping.output()
+        vault, client = vault_on(key_b, key_a)
+        try:
+            assert_readable(client, actors.kyc, values)
+        finally:
+            client.__exit__(None, None, None)
+            vault.close()
+
+        finished = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+        assert finished.returncode == 0, finished.stderr
+        assert finished.stdout.splitlines()[-1] == (
+            f"rewrapped {120 - moved} data keys to {arn_b}; 0 left under other keys"
+        )
+        assert key_of_records(db) == {arn_b: 120} and key_of_audit_keys(db) == [arn_b]
+        vault, client = vault_on(key_b)
+        try:
+            assert_readable(client, actors.kyc, values)
+            assert verified(client, actors.admin)
+        finally:
+            client.__exit__(None, None, None)
+            vault.close()
+        assert arn_a not in {row[0] for row in db.execute("SELECT kms_key_id FROM records").fetchall()}

@@ -10,6 +10,8 @@ import re
 import signal
 import sys
 import tempfile
+import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -20,7 +22,10 @@ from pydantic import ValidationError
 from app.settings import Settings, get_settings
 
 if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
     from app.container import Vault
+    from app.services.keys import RewrapReport
 
 cli = typer.Typer(help="pii-vault: a PII tokenization vault.", no_args_is_help=True, add_completion=False)
 admin_cli = typer.Typer(help="Manage admins.", no_args_is_help=True)
@@ -211,6 +216,125 @@ def audit_export(
         if output:
             handle.close()
     typer.echo(f"exported {count} events", err=True)
+
+
+keys_cli = typer.Typer(
+    help="Rotate master keys: move wrapped data keys to another key.", no_args_is_help=True
+)
+cli.add_typer(keys_cli, name="keys")
+
+
+@keys_cli.command("rewrap")
+def keys_rewrap(
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="The key to move to (id, ARN or alias): PIIVAULT_KMS_KEY_ID or one of "
+            "PIIVAULT_KMS_DECRYPT_KEY_IDS.",
+        ),
+    ],
+    from_key: Annotated[
+        str | None,
+        typer.Option("--from", help="Only what this key wraps (default: everything not under --to)."),
+    ] = None,
+    batch: Annotated[
+        int, typer.Option(min=1, max=10000, help="Wrapped keys per batch: one transaction, one audit event.")
+    ] = 500,
+) -> None:
+    """Re-wrap every data key (records and the vault's audit keys) under KEY with KMS ReEncrypt.
+
+    The data keys never leave KMS in clear. Each batch commits on its own: killed at any point,
+    run the same command again and it finishes what is left; run once more, it does nothing."""
+    from app.errors import KeyNotAllowed, VaultError
+    from app.services.context import RequestContext
+
+    vault = _vault_for_cli()
+    ctx = RequestContext(request_id=f"rewrap-{uuid.uuid4().hex[:16]}", user_agent="piivault-cli")
+    progress = _RewrapProgress()
+    try:
+        try:
+            to_arn = vault.rotation.target(to, ctx)
+            from_arn = vault.rotation.target(from_key, ctx) if from_key else None
+        except KeyNotAllowed:
+            typer.echo(
+                "piivault: --to and --from must each be PIIVAULT_KMS_KEY_ID or in "
+                "PIIVAULT_KMS_DECRYPT_KEY_IDS",
+                err=True,
+            )
+            raise typer.Exit(2) from None
+        report = vault.rotation.run(to_arn, from_key=from_arn, batch=batch, ctx=ctx, on_progress=progress)
+        left = vault.rotation.left(to_arn, from_arn)
+    except VaultError as err:
+        progress.stop()
+        typer.echo(f"piivault: {err.message}", err=True)
+        typer.echo(
+            "piivault: every batch done so far is kept; run the same command again to finish", err=True
+        )
+        raise typer.Exit(1) from None
+    finally:
+        progress.stop()
+        vault.close()
+    summary = f"rewrapped {report.rewrapped} data keys to {to_arn}"
+    if report.skipped:
+        summary += f"; {report.skipped} changed meanwhile (erased or moved) and were left as they are"
+    if report.failed:
+        summary += f"; {report.failed} failed (RewrapKeys error events in the audit trail)"
+    typer.echo(f"{summary}; {left} left under other keys")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+class _RewrapProgress:
+    """A progress bar (items, rate, ETA) on a terminal; plain lines otherwise (logs, CI)."""
+
+    def __init__(self) -> None:
+        self._started = time.monotonic()
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
+
+    def __call__(self, report: RewrapReport) -> None:
+        if report.total == 0:
+            return
+        if not sys.stdout.isatty():
+            if report.batches:
+                elapsed = max(time.monotonic() - self._started, 1e-6)
+                rate = report.done / elapsed
+                eta = (report.total - report.done) / rate if rate else 0.0
+                typer.echo(
+                    f"rewrap: {report.done}/{report.total} (rewrapped {report.rewrapped}, skipped "
+                    f"{report.skipped}, failed {report.failed}; {rate:.0f}/s, eta {eta:.0f}s)"
+                )
+            return
+        if self._bar is None:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("rewrap"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[rate]}/s"),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("rewrap", total=report.total, rate="-")
+        assert self._task is not None  # noqa: S101 (added with the bar)
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        self._bar.update(self._task, completed=report.done, rate=f"{report.done / elapsed:.0f}")
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
 
 def _aware(text: str | None) -> datetime | None:

@@ -12,6 +12,7 @@ from app.db.session import Database
 from app.services.alerts import Alerter, Webhook
 from app.services.audit import AuditKeyring, Auditor
 from app.services.grants import GrantService
+from app.services.keys import KeyRotation, allow_list_of
 from app.services.principals import PrincipalService
 from app.services.tokens import TokenService
 from app.settings import Settings
@@ -28,6 +29,7 @@ class Vault:
     principals: PrincipalService
     grants: GrantService
     tokens: TokenService
+    rotation: KeyRotation
 
     def close(self) -> None:
         self.auditor.close()
@@ -88,4 +90,5 @@ def build_vault(
         max_value_bytes=settings.max_value_bytes,
         require_access_reason=settings.require_access_reason,
     )
-    return Vault(settings, database, keys, auditor, principals, grants, tokens)
+    rotation = KeyRotation(database, auditor, keys, allow_list_of(keys))
+    return Vault(settings, database, keys, auditor, principals, grants, tokens, rotation)

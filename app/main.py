@@ -12,7 +12,7 @@ from functools import partial
 import anyio.to_thread
 from fastapi import FastAPI
 
-from app.api import audit, errors, grants, ops, principals, tokens
+from app.api import audit, errors, grants, keys, ops, principals, tokens
 from app.api.middleware import VaultMiddleware
 from app.container import Vault, build_vault
 from app.errors import VaultError
@@ -113,6 +113,6 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
     app.add_middleware(VaultMiddleware, max_body_bytes=settings.max_body_bytes)
     errors.install(app)
     # The data path first: routes are matched in order, and it carries nearly all the traffic.
-    for router in (tokens.router, principals.router, grants.router, audit.router, ops.router):
+    for router in (tokens.router, principals.router, grants.router, audit.router, keys.router, ops.router):
         app.include_router(router)
     return app

@@ -31,7 +31,7 @@ from app.access import (
     may_retire_grant,
     may_revoke_key,
 )
-from app.api import audit, grants, principals, tokens
+from app.api import audit, grants, keys, principals, tokens
 from app.db.models import Grant
 from app.db.repositories import GrantRepository, GrantTerms
 from app.db.session import normalise_url
@@ -136,6 +136,8 @@ TABLE: list[Case] = [
     ],
     # GET /v1/audit/events, GET /v1/audit/verify: admin, auditor
     *gate(("ListAuditEvents", "VerifyAuditTrail"), frozenset({ADMIN, AUDITOR})),
+    # GET /v1/keys: admin, auditor
+    *gate(("ListKeys",), frozenset({ADMIN, AUDITOR})),
 ]
 
 
@@ -176,7 +178,7 @@ def outcome(case: Case) -> str:
         case "Tokenize" | "TokenizeBatch" | "Detokenize" | "DetokenizeBatch":
             context = {"customerID": "12345", "dataType": "DriverLicense"}
             verdict = GrantSet(grant_terms(case.relation), NOW).decide(context).allowed
-        case "ListAuditEvents" | "VerifyAuditTrail":
+        case "ListAuditEvents" | "VerifyAuditTrail" | "ListKeys":
             verdict = may_read_audit(actor.role)
         case _:
             raise AssertionError(f"no rule for {case.action}")
@@ -191,7 +193,7 @@ def test_who_may_do_what(case: Case) -> None:
 def test_the_table_covers_every_authenticated_route() -> None:
     names = {
         route.name
-        for router in (principals.router, grants.router, audit.router, tokens.router)
+        for router in (principals.router, grants.router, audit.router, keys.router, tokens.router)
         for route in router.routes
         if hasattr(route, "name")
     }

@@ -7,7 +7,7 @@ import struct
 from collections.abc import Coroutine, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 EncryptionContext = Mapping[str, str]
 T = TypeVar("T")
@@ -53,6 +53,25 @@ class KeyProvider(Protocol):
 
     def close(self) -> None:
         """Release pooled connections to the key service, if any."""
+
+
+@runtime_checkable
+class KeyAllowList(Protocol):
+    """The master keys a provider may use, named as records name them (KMS: ARNs). Blocking: the
+    first call may ask the key service to resolve ids and aliases."""
+
+    def key_arn(self) -> str:
+        """The current key, as records name it."""
+        ...
+
+    def allowed_arns(self) -> frozenset[str]:
+        """Every key this vault may use: the current key and the decrypt keys."""
+        ...
+
+    def allowed_arn_for(self, name: str) -> str:
+        """The key `name` (an id, ARN or alias) as records name it, if it is on the allow-list;
+        else KeyNotAllowed."""
+        ...
 
 
 _outside_loop: ContextVar[bool] = ContextVar("piivault_outside_loop", default=False)

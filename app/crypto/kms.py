@@ -307,6 +307,29 @@ class KmsKeyProvider:
         self.resolve()
         return self._arns[self._key_id]
 
+    def allowed_arns(self) -> frozenset[str]:
+        self.resolve()
+        return self._allowed
+
+    def allowed_arn_for(self, name: str) -> str:
+        """`name` (an id, ARN or alias) as its ARN, if that key is on the allow-list; a name the
+        settings do not spell is described (one DescribeKey) to find its ARN."""
+        self.resolve()
+        arn = name if name in self._allowed else self._arns.get(name)
+        if arn is None and not _KEY_ARN.fullmatch(name):
+            try:
+                described = self._describe(name).get("KeyMetadata", {}).get("Arn")
+            except KeyAccessDenied:
+                described = None  # no such key, or not the vault's to use: not on the list either
+            arn = described if isinstance(described, str) else None
+        if arn is None or arn not in self._allowed:
+            log.error(
+                "refused to use KMS key %s: not PIIVAULT_KMS_KEY_ID nor in PIIVAULT_KMS_DECRYPT_KEY_IDS",
+                name,
+            )
+            raise KeyNotAllowed()
+        return arn
+
     def check(self) -> None:
         """The current key exists and is enabled, and the allow-list resolves; a key that is
         missing, disabled or refused is named in one log line."""

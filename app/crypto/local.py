@@ -100,6 +100,16 @@ class LocalKeyProvider:
         rewrapped = self._wrap(self._unwrap(wrapped, context), context)
         return DataKey(b"", rewrapped, self._key_id, str(uuid.uuid4()))
 
+    def key_arn(self) -> str:
+        return self._key_id
+
+    def allowed_arns(self) -> frozenset[str]:
+        return frozenset({self._key_id})
+
+    def allowed_arn_for(self, name: str) -> str:
+        self._allowed(name)
+        return name
+
     def check(self) -> None:
         return None
 

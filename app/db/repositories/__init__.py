@@ -12,6 +12,7 @@ from app.db.repositories.data_path import (
     RecordRow,
 )
 from app.db.repositories.grants import GrantRepository
+from app.db.repositories.keys import KeyRepository, Rewrapped, WrappedKey
 from app.db.repositories.principals import ApiKeyRepository, PrincipalRepository
 from app.db.repositories.seal import SealRepository
 
@@ -24,7 +25,10 @@ __all__ = [
     "GrantRepository",
     "GrantTerms",
     "KeyCredentials",
+    "KeyRepository",
     "PrincipalRepository",
     "RecordRow",
+    "Rewrapped",
     "SealRepository",
+    "WrappedKey",
 ]

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, status
 
 from app.access import EQUALS, SUBSET
 from app.api.deps import AdminDep, CallerDep, ContextDep, SessionDep, VaultDep
-from app.api.schemas import ErrorResponse, GrantCreate, GrantList, GrantOut
+from app.api.schemas import ErrorResponse, GrantCreate, GrantList, GrantOut, Text
 from app.db.models import Grant
 from app.services.context import utcnow
 from app.services.grants import GrantRequest
@@ -78,7 +78,7 @@ def list_grants(
     vault: VaultDep,
     session: SessionDep,
     admin: AdminDep,
-    grantee: Annotated[str | None, Query(description="A principal's id or name.")] = None,
+    grantee: Annotated[Text | None, Query(description="A principal's id or name.", max_length=128)] = None,
     active: bool | None = None,
 ) -> GrantList:
     return GrantList(grants=[grant_out(g) for g in vault.grants.list(session, grantee, active)])

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 import anyio.to_thread
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 
 from app.api import audit, errors, grants, keys, ops, principals, tokens
 from app.api.middleware import VaultMiddleware
@@ -66,6 +72,54 @@ class _TypeOnlyExceptions(logging.Filter):
 
 TYPE_ONLY_EXCEPTIONS = _TypeOnlyExceptions()
 
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """Control characters as \\xNN: a value in a log line cannot forge a line or drive a terminal."""
+    return _CONTROL_CHARACTERS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+
+
+class EscapedLogRecord(logging.LogRecord):
+    """A log record whose rendered message has its control characters escaped, whatever handler
+    or formatter writes it. String arguments are escaped too, for formatters that read them
+    directly (uvicorn's access log builds its request line from them)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(self.args, tuple):
+            self.args = tuple(escape_controls(a) if isinstance(a, str) else a for a in self.args)
+
+    def getMessage(self) -> str:
+        return escape_controls(super().getMessage())
+
+
+def escape_log_records() -> None:
+    """Every log record of the process escapes control characters (if no one else installed a
+    record factory; a second call changes nothing)."""
+    if logging.getLogRecordFactory() is logging.LogRecord:
+        logging.setLogRecordFactory(EscapedLogRecord)
+
+
+DOCS_PATH = "/docs"
+_INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
+
+
+def docs_csp(page: bytes) -> str:
+    """The docs page's policy: the Swagger UI assets FastAPI's page loads from its CDN, its one
+    inline script by hash, inline styles (Swagger UI sets some), and fetches to this origin only."""
+    hashes = "".join(
+        f" 'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+        for script in _INLINE_SCRIPT.findall(page)
+    )
+    return (
+        "default-src 'none'; "
+        f"script-src https://cdn.jsdelivr.net{hashes}; "
+        "style-src https://cdn.jsdelivr.net 'unsafe-inline'; "
+        "img-src 'self' data: https://fastapi.tiangolo.com; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    )
+
 
 def create_app(vault: Vault | None = None, settings: Settings | None = None) -> FastAPI:
     settings = vault.settings if vault else (settings or get_settings())
@@ -103,14 +157,33 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
                 app.state.vault.close()
 
     logging.getLogger("uvicorn.error").addFilter(TYPE_ONLY_EXCEPTIONS)  # once: the same instance
+    escape_log_records()
     app = FastAPI(
         title="pii-vault",
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # No redirect to the path with(out) its trailing slash: Starlette builds its Location from
+        # the request's Host header, which the caller chooses.
+        redirect_slashes=False,
+        # The docs page is served below, with a policy of its own; ReDoc would need a looser one
+        # (workers from blob:, web fonts, inline styles) for a second copy of the same document.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.vault = vault
-    app.add_middleware(VaultMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.state.readiness = ops.Readiness(settings.ready_cache_s)
+
+    async def docs(request: Request) -> HTMLResponse:
+        root_path = request.scope.get("root_path", "").rstrip("/")
+        page = get_swagger_ui_html(openapi_url=f"{root_path}/openapi.json", title="pii-vault - Swagger UI")
+        page.headers["Content-Security-Policy"] = docs_csp(bytes(page.body))
+        return page
+
+    app.add_route(DOCS_PATH, docs, include_in_schema=False)
+    app.add_middleware(
+        VaultMiddleware, max_body_bytes=settings.max_body_bytes, own_csp_paths=frozenset({DOCS_PATH})
+    )
     errors.install(app)
     # The data path first: routes are matched in order, and it carries nearly all the traffic.
     for router in (tokens.router, principals.router, grants.router, audit.router, keys.router, ops.router):

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # How often a replica chains new audit events (one sealer at a time runs, cluster-wide).
     audit_seal_interval_s: float = Field(default=0.5, ge=0)
     retry_after_s: int = Field(default=5, ge=1, le=3600)
+    # /readyz checks the database and KMS at most this often per process and answers from the last
+    # check in between, so probes (or anyone) polling it cannot multiply KMS calls; 0: every time.
+    ready_cache_s: float = Field(default=5.0, ge=0, le=300)
     # Denials and failed authentications are POSTed here (JSON) in the background.
     alert_webhook_url: str | None = None
 

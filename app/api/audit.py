@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
 from app.api.deps import AuditorDep, KnownQueryOnly, SessionDep, VaultDep
-from app.api.schemas import AuditEventOut, AuditEventPage, AuditVerifyOut, ErrorResponse
+from app.api.schemas import (
+    MAX_BIGINT,
+    AuditEventOut,
+    AuditEventPage,
+    AuditVerifyOut,
+    ErrorResponse,
+    Text,
+    UtcDatetime,
+)
 from app.db.models import AuditEvent
 from app.db.repositories import AuditFilter
 from app.errors import InvalidInput
@@ -34,13 +41,13 @@ def list_events(
     session: SessionDep,
     auditor: AuditorDep,
     _known: KnownQueryOnly,
-    principal: Annotated[str | None, Query(description="A principal's id or name.", max_length=128)] = None,
-    action: Annotated[str | None, Query(max_length=64, examples=["Detokenize"])] = None,
+    principal: Annotated[Text | None, Query(description="A principal's id or name.", max_length=128)] = None,
+    action: Annotated[Text | None, Query(max_length=64, examples=["Detokenize"])] = None,
     outcome: Literal["allowed", "denied", "error"] | None = None,
-    customer_id: Annotated[str | None, Query(max_length=128)] = None,
-    token: Annotated[str | None, Query(max_length=128)] = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    customer_id: Annotated[Text | None, Query(max_length=128)] = None,
+    token: Annotated[Text | None, Query(max_length=128)] = None,
+    since: Annotated[UtcDatetime | None, Query(description="RFC 3339; without an offset, UTC.")] = None,
+    until: Annotated[UtcDatetime | None, Query(description="RFC 3339; without an offset, UTC.")] = None,
     cursor: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditEventPage:
@@ -51,7 +58,8 @@ def list_events(
             principal_id = uuid.UUID(principal)
         except ValueError:
             principal_name = principal
-    if cursor is not None and not cursor.isdigit():
+    # ASCII digits only ("²".isdigit() is true), and within the id column's range.
+    if cursor is not None and not (cursor.isascii() and cursor.isdigit() and int(cursor) <= MAX_BIGINT):
         raise InvalidInput("cursor is not one this endpoint returned", field="cursor")
     where = AuditFilter(
         principal_id=principal_id,
@@ -74,10 +82,10 @@ def list_events(
 def verify(
     vault: VaultDep,
     auditor: AuditorDep,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: Annotated[UtcDatetime | None, Query(description="RFC 3339; without an offset, UTC.")] = None,
+    until: Annotated[UtcDatetime | None, Query(description="RFC 3339; without an offset, UTC.")] = None,
     anchor_seq: Annotated[
-        int | None, Query(ge=1, description="A head_seq kept from an earlier verify.")
+        int | None, Query(ge=1, le=MAX_BIGINT, description="A head_seq kept from an earlier verify.")
     ] = None,
     anchor_mac: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="Its head_mac.")] = None,
 ) -> AuditVerifyOut:

@@ -12,6 +12,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
 from app.access import ADMINS, AUDIT_READERS
+from app.api.schemas import Text
 from app.container import Vault
 from app.errors import InvalidInput
 from app.services.context import Caller, RequestContext
@@ -28,7 +29,7 @@ VaultDep = Annotated[Vault, Depends(get_vault)]
 
 
 AccessReasonHeader = Annotated[
-    str | None,
+    Text | None,
     Header(
         alias="X-Access-Reason",
         max_length=512,
@@ -41,7 +42,8 @@ def _context(request: Request, access_reason: str | None) -> RequestContext:
     return RequestContext(
         request_id=request.state.request_id,
         source_ip=request.client.host if request.client else None,
-        user_agent=(request.headers.get("user-agent") or "")[:512] or None,
+        # (PostgreSQL text cannot hold NUL; no HTTP server passes one on, but an ASGI caller could.)
+        user_agent=(request.headers.get("user-agent") or "")[:512].replace("\x00", "") or None,
         access_reason=access_reason,
     )
 

@@ -9,8 +9,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app import errors
+from app.api.middleware import SECURITY_HEADERS
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,21 @@ def validation_problem(exc: RequestValidationError | Any) -> tuple[str, str, lis
     return first["field"], f"{first['field']}: {first['message']}", problems
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path, asked of the routes themselves. (Starlette's
+    own Allow names the methods of the first route that matched the path only, so DELETE
+    /v1/grants would be told POST, not GET and POST.)"""
+    routes = request.app.router.routes
+    return ", ".join(
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(errors.VaultError)
     async def vault_error(request: Request, exc: errors.VaultError) -> JSONResponse:
@@ -91,13 +108,17 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return _respond(request, exc.status_code, {"code": code, "message": str(exc.detail)})
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
+        return _respond(request, exc.status_code, {"code": code, "message": str(exc.detail)}, headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Logged with its type only: an exception's text could quote data.
         log.error("unexpected %s on %s %s", type(exc).__name__, request.method, request.url.path)
         err = errors.VaultError()
-        # This handler runs outside the middleware that stamps the header, so stamp it here.
+        # This handler runs outside the middleware that stamps the headers, so stamp them here.
         request_id = getattr(request.state, "request_id", None)
-        return _respond(request, 500, error_body(err), {"X-Request-ID": request_id} if request_id else None)
+        headers = {**SECURITY_HEADERS, **({"X-Request-ID": request_id} if request_id else {})}
+        return _respond(request, 500, error_body(err), headers)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, status
 from app.access import EQUALS, SUBSET
 from app.api.deps import AdminDep, CallerDep, ContextDep, KnownQueryOnly, SessionDep, VaultDep
 from app.api.paging import CursorParam, Limit, decode_cursor, split_page
-from app.api.schemas import ErrorResponse, GrantCreate, GrantList, GrantOut
+from app.api.schemas import ErrorResponse, GrantCreate, GrantList, GrantOut, Text
 from app.db.models import Grant
 from app.services.context import utcnow
 from app.services.grants import GrantRequest
@@ -82,7 +82,7 @@ def list_grants(
     session: SessionDep,
     admin: AdminDep,
     _known: KnownQueryOnly,
-    grantee: Annotated[str | None, Query(description="A principal's id or name.")] = None,
+    grantee: Annotated[Text | None, Query(description="A principal's id or name.", max_length=128)] = None,
     active: bool | None = None,
     cursor: CursorParam = None,
     limit: Limit = 100,

@@ -1,4 +1,4 @@
-"""ASGI middleware: request ids, the body-size limit and request metrics, in one pass."""
+"""ASGI middleware: request ids, security headers, the body limit and request metrics, in one pass."""
 
 from __future__ import annotations
 
@@ -14,11 +14,35 @@ from app.metrics import LATENCY, REQUESTS
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
+# On every response: nothing the vault answers (a value, an API key, an audit page) is kept by a
+# cache, sniffed as another type, framed, or sent on as a referrer.
+_COMMON_HEADERS: dict[str, str] = {
+    "Cache-Control": "no-store",
+    "Pragma": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+# JSON loads nothing and may be framed by nothing. The docs page sets its own policy (app/main.py).
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+SECURITY_HEADERS: dict[str, str] = {**_COMMON_HEADERS, "Content-Security-Policy": API_CSP}
+
+
+def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+
 
 class VaultMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, own_csp_paths: frozenset[str] = frozenset()
+    ) -> None:
+        """own_csp_paths: routes that set their own Content-Security-Policy (the docs page)."""
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self._own_csp_paths = own_csp_paths
+        # Built once: a response only concatenates them.
+        self._headers = _raw(SECURITY_HEADERS)
+        self._headers_own_csp = _raw(_COMMON_HEADERS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -30,6 +54,10 @@ class VaultMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
+        path, root_path = scope["path"], scope.get("root_path", "")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
+        extra = self._headers_own_csp if path in self._own_csp_paths else self._headers
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -38,6 +66,7 @@ class VaultMiddleware:
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode()),
+                    *extra,
                 ]
             await send(message)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Annotated
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Path, status
 
 from app.api.deps import AdminDep, CallerDep, ContextDep, KnownQueryOnly, SessionDep, VaultDep
 from app.api.paging import CursorParam, Limit, decode_cursor, split_page
@@ -17,6 +18,7 @@ from app.api.schemas import (
     PrincipalCreated,
     PrincipalList,
     PrincipalOut,
+    Text,
 )
 from app.db.models import ApiKey, Principal
 
@@ -101,7 +103,7 @@ def create_key(
 )
 def revoke_key(
     principal_id: uuid.UUID,
-    key_id: str,
+    key_id: Annotated[Text, Path(max_length=64)],
     vault: VaultDep,
     session: SessionDep,
     caller: CallerDep,

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    model_validator,
+)
 
 from app.access import Role
 from app.services.context import OPERATIONS, Operation
@@ -34,6 +42,32 @@ DataType = Annotated[
     ),
 ]
 PrincipalName = Annotated[StrictStr, Field(pattern=PRINCIPAL_NAME_PATTERN, examples=["kyc-app"])]
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL: refused here, naming the field, not by the database.
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+# Free text that reaches the database: any character PostgreSQL can store.
+Text = Annotated[StrictStr, AfterValidator(_no_nul)]
+
+
+def _in_utc(value: datetime) -> datetime:
+    """The time in UTC (one without an offset is taken as UTC), if it falls in years 1 to 9999
+    there: the range Python and the database can both hold."""
+    try:
+        return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    except OverflowError:
+        raise ValueError("must fall between the years 1 and 9999 in UTC") from None
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_in_utc)]
+AwareUtcDatetime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+# A bigint column's largest value: cursors and sequence numbers above it are refused here.
+MAX_BIGINT = 2**63 - 1
 
 
 class Strict(BaseModel):
@@ -95,13 +129,15 @@ class PrincipalList(BaseModel):
 # Grants
 
 ContextKey = Literal["customerID", "dataType"]
+# As long as the longest customer id; what is longer could match no record.
+ContextValue = Annotated[Text, Field(max_length=128)]
 
 
 class GrantConstraintsIn(Strict):
-    encryption_context_subset: dict[ContextKey, StrictStr] | None = Field(
+    encryption_context_subset: dict[ContextKey, ContextValue] | None = Field(
         default=None, examples=[{"dataType": "DriverLicense"}]
     )
-    encryption_context_equals: dict[ContextKey, StrictStr] | None = None
+    encryption_context_equals: dict[ContextKey, ContextValue] | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> GrantConstraintsIn:
@@ -114,11 +150,11 @@ class GrantConstraintsIn(Strict):
 
 
 class GrantCreate(Strict):
-    grantee: StrictStr = Field(max_length=128, description="A principal's id or name.", examples=["kyc-app"])
+    grantee: Text = Field(max_length=128, description="A principal's id or name.", examples=["kyc-app"])
     operations: list[Operation] = Field(min_length=1, max_length=len(OPERATIONS), examples=[["Decrypt"]])
     constraints: GrantConstraintsIn | None = None
-    expires_at: AwareDatetime | None = Field(default=None, description="RFC 3339, with offset.")
-    name: StrictStr | None = Field(default=None, max_length=256)
+    expires_at: AwareUtcDatetime | None = Field(default=None, description="RFC 3339, with offset.")
+    name: Text | None = Field(default=None, max_length=256)
 
     model_config = ConfigDict(
         extra="forbid",

@@ -12,11 +12,11 @@ from psycopg_pool import AsyncConnectionPool
 from psycopg_pool import PoolTimeout as DataPoolTimeout
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import Conflict, DatabaseUnavailable, VaultError
+from app.errors import Conflict, DatabaseUnavailable, InvalidInput, VaultError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,16 @@ def database_error(err: Exception) -> VaultError | None:
     if isinstance(err, IntegrityError | psycopg.IntegrityError):
         # A unique constraint lost to a concurrent request (two principals of one name, say).
         return Conflict("the request conflicts with a concurrent change; retry it")
+    if isinstance(err, DataError | psycopg.DataError):
+        # A value the database cannot hold (a NUL byte, a number or a time out of range) that the
+        # API's own checks, which name the field, let through. Logged by its SQLSTATE only.
+        refused = err.orig if isinstance(err, DataError) else err
+        log.warning(
+            "database refused a value: %s", getattr(refused, "sqlstate", None) or type(refused).__name__
+        )
+        return InvalidInput(
+            "a value in the request is out of range or holds a character the database cannot store"
+        )
     if isinstance(err, DBAPIError):
         if not (isinstance(err, OperationalError) or err.connection_invalidated):
             return None

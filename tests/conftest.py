@@ -10,7 +10,7 @@ import asyncio
 import os
 import threading
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,6 +213,30 @@ def vault(settings: Settings, db: psycopg.Connection[Any]) -> Iterator[Vault]:
 def client(vault: Vault) -> Iterator[TestClient]:
     with TestClient(create_app(vault), raise_server_exceptions=False) as test_client:
         yield test_client
+
+
+ClientFactory = Callable[..., tuple[Vault, TestClient]]
+
+
+@pytest.fixture
+def make_client(database_url: str, db: psycopg.Connection[Any]) -> Iterator[ClientFactory]:
+    """Builds a vault from make_settings(kms_key_id, **overrides) (on `url` if given) and serves it
+    through a client; both are closed after the test."""
+    opened: list[tuple[Vault, TestClient]] = []
+
+    def factory(
+        kms_key_id: str | None, *, url: str | None = None, **overrides: Any
+    ) -> tuple[Vault, TestClient]:
+        vault = build_vault(make_settings(url or database_url, kms_key_id, **overrides))
+        client = TestClient(create_app(vault), raise_server_exceptions=False)
+        client.__enter__()
+        opened.append((vault, client))
+        return vault, client
+
+    yield factory
+    for vault, client in reversed(opened):
+        client.__exit__(None, None, None)
+        vault.close()
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -21,12 +21,13 @@ from botocore.exceptions import EndpointConnectionError
 from fastapi.testclient import TestClient
 from psycopg import sql
 
-from app.container import Vault, build_vault
+from app.container import Vault
 from app.crypto.kms import KmsKeyProvider
 from app.main import create_app
 from tests.conftest import (
     TABLES,
     Actors,
+    ClientFactory,
     assert_error,
     bearer,
     make_settings,
@@ -36,8 +37,6 @@ LICENCE = {"customer_id": "12345", "data_type": "DriverLicense", "value": "D1234
 CLOSED_PORT = "127.0.0.1:9"  # the discard port: nothing listens there on a test machine
 WELL_FORMED_UNKNOWN_KEY = "pv_0123456789abcdef_" + "A" * 43
 SENTINEL = "SENTINEL-7c1f9e-PII"
-
-ClientFactory = Callable[..., tuple[Vault, TestClient]]
 
 
 def assert_retry_after(response: Any) -> None:
@@ -55,27 +54,6 @@ def record_count(db: psycopg.Connection[Any]) -> int:
     row = db.execute("SELECT count(*) FROM records").fetchone()
     assert row is not None
     return int(row[0])
-
-
-@pytest.fixture
-def make_client(database_url: str, db: psycopg.Connection[Any]) -> Iterator[ClientFactory]:
-    """Builds a vault and a client from make_settings(...); both are closed after the test."""
-    opened: list[tuple[Vault, TestClient]] = []
-
-    def factory(
-        kms_key_id: str | None, *, url: str | None = None, **overrides: Any
-    ) -> tuple[Vault, TestClient]:
-        settings = make_settings(url or database_url, kms_key_id, **overrides)
-        vault = build_vault(settings)
-        client = TestClient(create_app(vault), raise_server_exceptions=False)
-        client.__enter__()
-        opened.append((vault, client))
-        return vault, client
-
-    yield factory
-    for vault, client in reversed(opened):
-        client.__exit__(None, None, None)
-        vault.close()
 
 
 def unreachable_kms(make_client: ClientFactory) -> tuple[Vault, TestClient]:

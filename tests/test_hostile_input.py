@@ -10,7 +10,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,15 +19,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from app.api.middleware import API_CSP
-from app.container import Vault, build_vault
+from app.container import Vault
 from app.errors import InvalidInput
-from app.main import EscapedLogRecord, create_app
+from app.main import EscapedLogRecord
 from tests.conftest import (
     Actors,
+    ClientFactory,
     LoopThread,
     assert_error,
     bearer,
-    make_settings,
     tokenize,
 )
 from tests.test_failures import kms_error_injector
@@ -41,25 +40,6 @@ NO_STORE = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
-ClientFactory = Callable[..., tuple[Vault, TestClient]]
-
-
-@pytest.fixture
-def make_client(database_url: str, kms_key_id: str, db: psycopg.Connection[Any]) -> Iterator[ClientFactory]:
-    """A vault built with make_settings overrides and a client on it; closed after the test."""
-    opened: list[tuple[Vault, TestClient]] = []
-
-    def factory(**overrides: Any) -> tuple[Vault, TestClient]:
-        vault = build_vault(make_settings(database_url, kms_key_id, **overrides))
-        client = TestClient(create_app(vault), raise_server_exceptions=False)
-        client.__enter__()
-        opened.append((vault, client))
-        return vault, client
-
-    yield factory
-    for vault, client in reversed(opened):
-        client.__exit__(None, None, None)
-        vault.close()
 
 
 def assert_security_headers(response: Any, csp: str | None = API_CSP) -> None:
@@ -314,8 +294,8 @@ def _count_describe_key(vault: Vault) -> list[int]:
     return calls
 
 
-def test_readyz_checks_kms_at_most_once_per_cache_period(make_client: ClientFactory) -> None:
-    vault, client = make_client(ready_cache_s=0.5)
+def test_readyz_checks_kms_at_most_once_per_cache_period(make_client: ClientFactory, kms_key_id: str) -> None:
+    vault, client = make_client(kms_key_id, ready_cache_s=0.5)
     calls = _count_describe_key(vault)
 
     answers = [client.get("/readyz") for _ in range(20)]
@@ -327,8 +307,10 @@ def test_readyz_checks_kms_at_most_once_per_cache_period(make_client: ClientFact
     assert len(calls) == 2
 
 
-def test_readyz_remembers_a_failure_for_the_cache_period_too(make_client: ClientFactory) -> None:
-    vault, client = make_client(ready_cache_s=30)
+def test_readyz_remembers_a_failure_for_the_cache_period_too(
+    make_client: ClientFactory, kms_key_id: str
+) -> None:
+    vault, client = make_client(kms_key_id, ready_cache_s=30)
     calls = _count_describe_key(vault)
 
     injected = kms_error_injector(vault, "DescribeKey", "DisabledException", "key is disabled")
@@ -340,8 +322,8 @@ def test_readyz_remembers_a_failure_for_the_cache_period_too(make_client: Client
     assert first.json()["error"]["request_id"] != second.json()["error"]["request_id"]
 
 
-def test_readyz_checks_every_time_when_the_cache_is_off(make_client: ClientFactory) -> None:
-    vault, client = make_client(ready_cache_s=0)
+def test_readyz_checks_every_time_when_the_cache_is_off(make_client: ClientFactory, kms_key_id: str) -> None:
+    vault, client = make_client(kms_key_id, ready_cache_s=0)
     calls = _count_describe_key(vault)
     for _ in range(3):
         assert client.get("/readyz").status_code == 200

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import boto3
@@ -14,12 +14,12 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from app.container import Vault, build_vault
+from app.container import Vault
 from app.crypto.kms import KmsKeyProvider, validated_data_key
 from app.errors import IntegrityFailure, KeyNotAllowed, KeyServiceInvalidResponse
-from app.main import create_app
 from tests.conftest import (
     Actors,
+    ClientFactory,
     assert_error,
     bearer,
     create_admin,
@@ -32,25 +32,12 @@ from tests.test_failures import kms_error_response
 
 LICENCE = {"customer_id": "12345", "data_type": "DriverLicense", "value": "D1234-56789-01234"}
 ARN_PREFIX = "arn:aws:kms:us-east-1:"
-Serve = Callable[..., tuple[Vault, TestClient]]
 
 
 @pytest.fixture
-def serve(database_url: str, db: psycopg.Connection[Any], aws: None) -> Iterator[Serve]:
-    """Builds and serves a vault on the test database with these settings; closed afterwards."""
-    opened: list[tuple[Vault, TestClient]] = []
-
-    def factory(kms_key_id: str, **overrides: Any) -> tuple[Vault, TestClient]:
-        vault = build_vault(make_settings(database_url, kms_key_id, **overrides))
-        client = TestClient(create_app(vault), raise_server_exceptions=False)
-        client.__enter__()
-        opened.append((vault, client))
-        return vault, client
-
-    yield factory
-    for vault, client in reversed(opened):
-        client.__exit__(None, None, None)
-        vault.close()
+def serve(make_client: ClientFactory, aws: None) -> ClientFactory:
+    """make_client without KMS grant mirrors: these tests make and switch keys of their own."""
+    return partial(make_client)
 
 
 def new_key(alias: str | None = None) -> tuple[str, str]:
@@ -79,18 +66,18 @@ def stored_key_ids(db: psycopg.Connection[Any]) -> dict[str, str]:
 
 
 def test_records_stay_readable_under_the_key_they_name_after_the_current_key_changes(
-    serve: Serve, db: psycopg.Connection[Any]
+    serve: ClientFactory, db: psycopg.Connection[Any]
 ) -> None:
     _, arn_a = new_key("alias/piivault-a")
     key_b, arn_b = new_key()
-    vault, client = serve("alias/piivault-a", kms_mirror_grants=False)
+    vault, client = serve("alias/piivault-a")
     actors = seed(client, vault)
     under_a = tokenize(client, actors.onboarding, LICENCE)
     # Records name their key by ARN, whatever form the setting used.
     assert stored_key_ids(db) == {under_a: arn_a}
 
     # The current key becomes B; A stays allowed for decryption, by its alias.
-    _, client = serve(key_b, kms_decrypt_key_ids="alias/piivault-a", kms_mirror_grants=False)
+    _, client = serve(key_b, kms_decrypt_key_ids="alias/piivault-a")
     under_b = tokenize(client, actors.onboarding, {**LICENCE, "value": "B-VALUE-2"})
     assert stored_key_ids(db) == {under_a: arn_a, under_b: arn_b}
     assert reveal(client, actors.kyc, under_a).json()["value"] == LICENCE["value"]
@@ -102,18 +89,18 @@ def test_records_stay_readable_under_the_key_they_name_after_the_current_key_cha
 
 
 def test_a_key_off_the_allow_list_is_refused_clearly_and_is_no_integrity_alarm(
-    serve: Serve, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+    serve: ClientFactory, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     _, arn_a = new_key()
     key_b, _ = new_key()
     # The vault starts on key B (its audit key is wrapped under B), then writes one record under A.
-    vault, client = serve(key_b, kms_mirror_grants=False)
+    vault, client = serve(key_b)
     actors = seed(client, vault)
-    _, client = serve(arn_a, kms_decrypt_key_ids=key_b, kms_mirror_grants=False)
+    _, client = serve(arn_a, kms_decrypt_key_ids=key_b)
     under_a = tokenize(client, actors.onboarding, LICENCE)
 
     # Back on B alone, key A is no longer listed: its records are refused before any KMS call.
-    vault, client = serve(key_b, kms_mirror_grants=False)
+    vault, client = serve(key_b)
     assert isinstance(vault.keys, KmsKeyProvider)
     decrypts: list[Any] = []
     vault.keys.client.meta.events.register("before-send.kms.Decrypt", lambda **kw: decrypts.append(kw))
@@ -143,51 +130,51 @@ def test_a_key_off_the_allow_list_is_refused_clearly_and_is_no_integrity_alarm(
 
 
 def test_the_audit_chain_verifies_after_the_current_key_changes(
-    serve: Serve, db: psycopg.Connection[Any]
+    serve: ClientFactory, db: psycopg.Connection[Any]
 ) -> None:
     key_a, _ = new_key()
     key_b, _ = new_key()
-    vault, client = serve(key_a, kms_mirror_grants=False)
+    vault, client = serve(key_a)
     actors = seed(client, vault)
     tokenize(client, actors.onboarding, LICENCE)
     assert client.get("/v1/audit/verify", headers=bearer(actors.admin)).json()["ok"] is True
 
     # A new process, current key B: the audit key, wrapped under A, is opened under A.
-    vault, client = serve(key_b, kms_decrypt_key_ids=key_a, kms_mirror_grants=False)
+    vault, client = serve(key_b, kms_decrypt_key_ids=key_a)
     tokenize(client, actors.onboarding, {**LICENCE, "value": "B-VALUE-2"})
     report = client.get("/v1/audit/verify", headers=bearer(actors.admin)).json()
     assert report["ok"] is True and report["events_checked"] > 0
 
 
 def test_an_unknown_or_disabled_current_key_is_named_in_one_line_at_start_up(
-    serve: Serve, caplog: pytest.LogCaptureFixture
+    serve: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     key_id, _ = new_key()
     boto3.client("kms").disable_key(KeyId=key_id)
     with caplog.at_level(logging.WARNING):
-        serve(key_id, kms_mirror_grants=False)
+        serve(key_id)
     named = [r for r in caplog.records if key_id in r.getMessage()]
     assert len(named) == 1 and "Disabled" in named[0].getMessage()
 
     caplog.clear()
     missing = "alias/piivault-nobody-made-this"
     with caplog.at_level(logging.WARNING):
-        _, client = serve(missing, kms_mirror_grants=False)
+        _, client = serve(missing)
     named = [r for r in caplog.records if missing in r.getMessage()]
     assert len(named) == 1 and named[0].levelno == logging.ERROR
     assert client.get("/readyz").status_code == 503
 
 
 def test_a_disabled_decrypt_key_is_access_denied_not_retryable(
-    serve: Serve, db: psycopg.Connection[Any]
+    serve: ClientFactory, db: psycopg.Connection[Any]
 ) -> None:
     key_a, arn_a = new_key()
     key_b, _ = new_key()
-    vault, client = serve(key_b, kms_mirror_grants=False)
+    vault, client = serve(key_b)
     actors = seed(client, vault)
-    _, client = serve(key_a, kms_decrypt_key_ids=key_b, kms_mirror_grants=False)
+    _, client = serve(key_a, kms_decrypt_key_ids=key_b)
     under_a = tokenize(client, actors.onboarding, LICENCE)
-    vault, client = serve(key_b, kms_decrypt_key_ids=key_a, kms_mirror_grants=False)
+    vault, client = serve(key_b, kms_decrypt_key_ids=key_a)
     assert isinstance(vault.keys, KmsKeyProvider)
     # moto keeps a key's state but still decrypts with a disabled key; KMS answers DisabledException.
     boto3.client("kms").disable_key(KeyId=key_a)
@@ -245,10 +232,10 @@ def test_a_well_formed_answer_is_a_data_key() -> None:
 
 
 def test_a_short_data_key_from_kms_fails_tokenize_cleanly(
-    serve: Serve, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+    serve: ClientFactory, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key_id, _ = new_key()
-    vault, client = serve(key_id, kms_mirror_grants=False)
+    vault, client = serve(key_id)
     actors = seed(client, vault)
     assert isinstance(vault.keys, KmsKeyProvider)
     real_call = vault.keys._hot_call

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from app.services.audit import AUDIT_KEY_CONTEXT
 from app.services.context import RequestContext
 from app.services.keys import RewrapReport
 from tests.conftest import (
+    ClientFactory,
     assert_error,
     audit_inserts_refused,
     bearer,
@@ -39,25 +40,11 @@ from tests.test_e2e_processes import BIN, PIIVAULT, base_env, kms_client
 from tests.test_failures import kms_error_response, kms_events
 from tests.test_key_boundary import new_key, seed
 
-Serve = Callable[..., tuple[Vault, TestClient]]
-
 
 @pytest.fixture
-def serve(database_url: str, db: psycopg.Connection[Any], aws: None) -> Iterator[Serve]:
-    """Builds and serves a vault on the test database with these settings; closed afterwards."""
-    opened: list[tuple[Vault, TestClient]] = []
-
-    def factory(kms_key_id: str, **overrides: Any) -> tuple[Vault, TestClient]:
-        vault = build_vault(make_settings(database_url, kms_key_id, kms_mirror_grants=False, **overrides))
-        client = TestClient(create_app(vault), raise_server_exceptions=False)
-        client.__enter__()
-        opened.append((vault, client))
-        return vault, client
-
-    yield factory
-    for vault, client in reversed(opened):
-        client.__exit__(None, None, None)
-        vault.close()
+def serve(make_client: ClientFactory, aws: None) -> ClientFactory:
+    """make_client without KMS grant mirrors: these tests make and switch keys of their own."""
+    return partial(make_client)
 
 
 def fill(client: TestClient, key: str, count: int, prefix: str = "D") -> dict[str, str]:
@@ -107,7 +94,7 @@ def verified(client: TestClient, admin: str) -> bool:
 
 
 def test_rewrap_moves_every_wrapped_key_so_the_old_key_can_leave_the_allow_list(
-    serve: Serve, db: psycopg.Connection[Any]
+    serve: ClientFactory, db: psycopg.Connection[Any]
 ) -> None:
     key_a, arn_a = new_key()
     key_b, arn_b = new_key()
@@ -160,7 +147,7 @@ def test_rewrap_moves_every_wrapped_key_so_the_old_key_can_leave_the_allow_list(
 
 
 def test_a_rewrap_stopped_part_way_loses_nothing_and_finishes_when_run_again(
-    serve: Serve, db: psycopg.Connection[Any]
+    serve: ClientFactory, db: psycopg.Connection[Any]
 ) -> None:
     key_a, arn_a = new_key()
     key_b, arn_b = new_key()
@@ -214,7 +201,7 @@ def test_a_rewrap_stopped_part_way_loses_nothing_and_finishes_when_run_again(
 
 
 def test_a_row_changed_while_its_key_is_rewrapped_is_not_overwritten(
-    serve: Serve, db: psycopg.Connection[Any]
+    serve: ClientFactory, db: psycopg.Connection[Any]
 ) -> None:
     key_a, arn_a = new_key()
     key_b, arn_b = new_key()
@@ -248,7 +235,7 @@ def test_a_row_changed_while_its_key_is_rewrapped_is_not_overwritten(
 
 
 def test_rewrap_from_one_key_moves_only_what_that_key_wraps(
-    serve: Serve, db: psycopg.Connection[Any]
+    serve: ClientFactory, db: psycopg.Connection[Any]
 ) -> None:
     key_a, arn_a = new_key()
     key_b, arn_b = new_key()
@@ -269,7 +256,7 @@ def test_rewrap_from_one_key_moves_only_what_that_key_wraps(
 
 
 def test_a_key_off_the_allow_list_is_refused_and_the_refusal_audited(
-    serve: Serve, db: psycopg.Connection[Any]
+    serve: ClientFactory, db: psycopg.Connection[Any]
 ) -> None:
     key_a, arn_a = new_key()
     key_c, _ = new_key()
@@ -292,7 +279,7 @@ def test_a_key_off_the_allow_list_is_refused_and_the_refusal_audited(
 
 
 def test_the_cli_prints_progress_and_a_final_count_and_refuses_a_key_off_the_list(
-    serve: Serve,
+    serve: ClientFactory,
     db: psycopg.Connection[Any],
     database_url: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -303,7 +290,7 @@ def test_the_cli_prints_progress_and_a_final_count_and_refuses_a_key_off_the_lis
     vault, client = serve(key_a)
     actors = seed(client, vault)
     fill(client, actors.onboarding, 12)
-    settings = make_settings(database_url, key_b, kms_decrypt_key_ids=key_a, kms_mirror_grants=False)
+    settings = make_settings(database_url, key_b, kms_decrypt_key_ids=key_a)
     monkeypatch.setattr(cli, "_vault_for_cli", lambda: build_vault(settings))
     runner = CliRunner()
 
@@ -328,7 +315,7 @@ def test_the_cli_prints_progress_and_a_final_count_and_refuses_a_key_off_the_lis
 
 
 def test_list_keys_counts_what_each_key_wraps_for_admins_and_auditors_only(
-    serve: Serve, db: psycopg.Connection[Any]
+    serve: ClientFactory, db: psycopg.Connection[Any]
 ) -> None:
     key_a, arn_a = new_key()
     key_b, arn_b = new_key()

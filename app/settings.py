@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger(__name__)
 
 
 class UnsafeSettings(ValueError):
@@ -127,6 +133,26 @@ class Settings(BaseSettings):
         return self
 
 
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """`PIIVAULT_` variables that name no setting (a misspelling is otherwise ignored silently),
+    each with the setting it most resembles, if any."""
+    known = {f"PIIVAULT_{name.upper()}" for name in Settings.model_fields}
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith("PIIVAULT_") and upper not in known:
+            close = difflib.get_close_matches(upper, known, n=1)
+            found.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return found
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    settings = Settings()
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        message = "unknown settings: " + ", ".join(unknown)
+        if settings.environment == "production":
+            raise UnsafeSettings(f"refusing to start: {message}")
+        log.warning(message)
+    return settings

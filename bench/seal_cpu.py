@@ -2,7 +2,7 @@
 
     python bench/seal_cpu.py [--events 20000] [--rounds 2]
 
-Each round migrates a fresh database on the bench's PostgreSQL server (PIIVAULT_BENCH_SERVER_URL,
+Each round migrates a fresh database on the bench's PostgreSQL server (VAULT_BENCH_SERVER_URL,
 default the local one), writes `--events` stamped audit events in transactions of 1,000 through
 the vault's own Auditor (local development key provider), and then times one `Auditor.seal()`:
 time.process_time() for this process, and the CPU of every PostgreSQL process on the machine

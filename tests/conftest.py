@@ -1,6 +1,6 @@
 """Test fixtures: a real PostgreSQL with the real migrations, and KMS from moto.
 
-Database: PIIVAULT_TEST_DATABASE_URL (a server URL) if set, else the server on 127.0.0.1:5432 if it
+Database: VAULT_TEST_DATABASE_URL (a server URL) if set, else the server on 127.0.0.1:5432 if it
 answers, else an embedded PostgreSQL. Each run works in its own freshly created database.
 """
 
@@ -67,7 +67,7 @@ def _answers(url: str) -> bool:
 
 
 def _server_url(tmp_root: Path) -> str:
-    configured = os.environ.get("PIIVAULT_TEST_DATABASE_URL")
+    configured = os.environ.get("VAULT_TEST_DATABASE_URL")
     if configured:
         return make_url(configured).set(drivername="postgresql").render_as_string(hide_password=False)
     if _answers(LOCAL_SERVER):

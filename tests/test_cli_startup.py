@@ -1,0 +1,153 @@
+"""Start-up failures are a line or two naming the setting, with exit code 2 for a configuration to
+fix and 3 for a dependency not reachable now; `piivault check` runs the same checks and exits."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from typer.testing import CliRunner
+
+from app.cli import EXIT_CONFIG, EXIT_UNREACHABLE, cli
+from app.settings import get_settings
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each invocation reads the environment this test sets, and nothing the suite left behind."""
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def invoke(monkeypatch: pytest.MonkeyPatch, args: list[str], **env: str) -> Any:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = runner.invoke(cli, args)
+    assert "Traceback" not in result.output
+    return result
+
+
+def closed_port() -> int:
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        port: int = placeholder.getsockname()[1]
+        return port
+
+
+DEV = {"PIIVAULT_ENVIRONMENT": "development"}
+
+
+def test_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = invoke(monkeypatch, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("piivault ")
+
+
+def test_a_bad_type_names_the_variable(monkeypatch: pytest.MonkeyPatch, database_url: str) -> None:
+    result = invoke(
+        monkeypatch, ["check"], PIIVAULT_MAX_BATCH_ITEMS="lots", PIIVAULT_DATABASE_URL=database_url, **DEV
+    )
+    assert result.exit_code == EXIT_CONFIG
+    assert "PIIVAULT_MAX_BATCH_ITEMS" in result.output and len(result.output.strip().splitlines()) <= 2
+
+
+def test_a_misspelled_variable_is_refused_in_production_with_a_suggestion(
+    monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    result = invoke(
+        monkeypatch,
+        ["check"],
+        PIIVAULT_MAX_BATCH_ITEM="5",
+        PIIVAULT_DATABASE_URL=database_url,
+        PIIVAULT_KMS_KEY_ID="alias/anything",
+        PIIVAULT_KMS_MIRROR_GRANTS="false",
+    )
+    assert result.exit_code == EXIT_CONFIG
+    assert "PIIVAULT_MAX_BATCH_ITEM (did you mean PIIVAULT_MAX_BATCH_ITEMS?)" in result.output
+
+
+def test_a_misspelled_variable_is_a_warning_in_development(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("PIIVAULT_ENVIRONMENT", "development")
+    monkeypatch.setenv("PIIVAULT_REQUIRE_ACCESS_REASONS", "true")
+    with caplog.at_level(logging.WARNING, logger="app.settings"):
+        settings = get_settings()
+    assert settings.environment == "development"
+    assert "PIIVAULT_REQUIRE_ACCESS_REASONS (did you mean PIIVAULT_REQUIRE_ACCESS_REASON?)" in caplog.text
+
+
+def test_an_unreachable_database_is_one_line_and_exit_3(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"postgresql://vault:secret-password@127.0.0.1:{closed_port()}/vault"
+    for command in (["migrate"], ["check"]):
+        result = invoke(monkeypatch, command, PIIVAULT_DATABASE_URL=url, **DEV)
+        assert result.exit_code == EXIT_UNREACHABLE, result.output
+        assert "cannot reach the database (PIIVAULT_DATABASE_URL)" in result.output
+        assert "secret-password" not in result.output
+        assert len(result.output.strip().splitlines()) <= 2
+
+
+def test_a_malformed_database_url_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = invoke(monkeypatch, ["migrate"], PIIVAULT_DATABASE_URL="not a url", **DEV)
+    assert result.exit_code == EXIT_CONFIG
+    assert "PIIVAULT_DATABASE_URL is not a PostgreSQL URL" in result.output
+
+
+def test_check_passes_on_a_migrated_database_and_refuses_an_unmigrated_one(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, tmp_path: Any
+) -> None:
+    ready = invoke(
+        monkeypatch, ["check"], PIIVAULT_DATABASE_URL=database_url, PIIVAULT_DATA_DIR=str(tmp_path), **DEV
+    )
+    assert ready.exit_code == 0, ready.output
+    assert "ready" in ready.output
+
+    server = database_url.rsplit("/", 1)[0] + "/postgres"  # a database with no vault tables
+    get_settings.cache_clear()
+    bare = invoke(monkeypatch, ["check"], PIIVAULT_DATABASE_URL=server)
+    assert bare.exit_code == EXIT_CONFIG
+    assert "run `piivault migrate`" in bare.output
+
+
+@pytest.mark.parametrize("problem", ["disabled", "missing"])
+def test_production_refuses_to_start_on_a_disabled_or_missing_key(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, aws: None, problem: str
+) -> None:
+    kms = boto3.client("kms")
+    key_id = kms.create_key(Description="piivault start-up test")["KeyMetadata"]["KeyId"]
+    if problem == "disabled":
+        kms.disable_key(KeyId=key_id)
+    else:
+        key_id = "alias/piivault-nobody-made-this"
+    production = {
+        "PIIVAULT_DATABASE_URL": database_url,
+        "PIIVAULT_KMS_KEY_ID": key_id,
+        "PIIVAULT_KMS_MIRROR_GRANTS": "false",
+    }
+    for command in (["check"], ["serve", "--no-migrate"]):
+        get_settings.cache_clear()
+        result = invoke(monkeypatch, command, **production)
+        assert result.exit_code == EXIT_CONFIG, result.output
+        assert "PIIVAULT_KMS_KEY_ID" in result.output
+
+
+def test_an_unreachable_key_service_is_exit_3(monkeypatch: pytest.MonkeyPatch, database_url: str) -> None:
+    result = invoke(
+        monkeypatch,
+        ["check"],
+        PIIVAULT_DATABASE_URL=database_url,
+        PIIVAULT_KMS_KEY_ID="alias/piivault",
+        PIIVAULT_KMS_ENDPOINT_URL=f"http://127.0.0.1:{closed_port()}",
+        PIIVAULT_KMS_ALLOW_INSECURE_ENDPOINT="true",
+        PIIVAULT_KMS_MIRROR_GRANTS="false",
+        PIIVAULT_KMS_MAX_ATTEMPTS="1",
+        PIIVAULT_KMS_CONNECT_TIMEOUT_S="0.5",
+    )
+    assert result.exit_code == EXIT_UNREACHABLE, result.output
+    assert "PIIVAULT_KMS_ENDPOINT_URL" in result.output

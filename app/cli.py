@@ -68,7 +68,8 @@ def _settings() -> Settings:
         for problem in err.errors():
             location = problem.get("loc") or ()
             variable = f"PIIVAULT_{str(location[0]).upper()}: " if location else ""
-            typer.echo(f"piivault: {variable}{problem['msg']}", err=True)
+            message = str(problem["msg"]).removeprefix("Value error, ")
+            typer.echo(f"piivault: {variable}{message}", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
     except UnsafeSettings as err:
         _fail(str(err), EXIT_CONFIG)

@@ -20,6 +20,10 @@ class UnsafeSettings(ValueError):
     """Raised when the settings would run the vault unsafely; the message says why and how to fix it."""
 
 
+# Secrets that may come from a file named by PIIVAULT_<NAME>_FILE.
+SECRET_FILE_SETTINGS = ("database_url", "alert_webhook_url")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PIIVAULT_", extra="ignore", frozen=True)
 
@@ -89,6 +93,26 @@ class Settings(BaseSettings):
     def uses_embedded_database(self) -> bool:
         return self.database_url is None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: object) -> object:
+        """PIIVAULT_<SECRET>_FILE names a file holding the secret (as Docker and Kubernetes mount
+        secrets), instead of the secret itself in the environment."""
+        if not isinstance(data, dict):
+            return data
+        for name in SECRET_FILE_SETTINGS:
+            variable = f"PIIVAULT_{name.upper()}_FILE"
+            path = os.environ.get(variable)
+            if not path:
+                continue
+            if data.get(name) is not None:
+                raise UnsafeSettings(f"set PIIVAULT_{name.upper()} or {variable}, not both")
+            try:
+                data[name] = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as err:
+                raise UnsafeSettings(f"{variable}: cannot read {path} ({err.strerror})") from None
+        return data
+
     @model_validator(mode="after")
     def _refuse_unsafe_combinations(self) -> Settings:
         problems: list[str] = []
@@ -137,6 +161,7 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """`PIIVAULT_` variables that name no setting (a misspelling is otherwise ignored silently),
     each with the setting it most resembles, if any."""
     known = {f"PIIVAULT_{name.upper()}" for name in Settings.model_fields}
+    known |= {f"PIIVAULT_{name.upper()}_FILE" for name in SECRET_FILE_SETTINGS}
     found = []
     for name in sorted(environ):
         upper = name.upper()

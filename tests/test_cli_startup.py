@@ -151,3 +151,32 @@ def test_an_unreachable_key_service_is_exit_3(monkeypatch: pytest.MonkeyPatch, d
     )
     assert result.exit_code == EXIT_UNREACHABLE, result.output
     assert "PIIVAULT_KMS_ENDPOINT_URL" in result.output
+
+
+def test_a_secret_can_come_from_a_file(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, tmp_path: Any
+) -> None:
+    secret = tmp_path / "database_url"
+    secret.write_text(database_url + "\n")
+    settings = {"PIIVAULT_DATABASE_URL_FILE": str(secret), "PIIVAULT_DATA_DIR": str(tmp_path), **DEV}
+    ready = invoke(monkeypatch, ["check"], **settings)
+    assert ready.exit_code == 0, ready.output
+    read = get_settings().database_url
+    assert read is not None and read.get_secret_value() == database_url
+
+
+def test_a_secret_file_that_cannot_be_read_or_doubles_the_variable_is_refused(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, tmp_path: Any
+) -> None:
+    missing = invoke(monkeypatch, ["check"], PIIVAULT_DATABASE_URL_FILE=str(tmp_path / "absent"), **DEV)
+    assert missing.exit_code == EXIT_CONFIG
+    assert missing.output.startswith("piivault: PIIVAULT_DATABASE_URL_FILE: cannot read")
+
+    secret = tmp_path / "database_url"
+    secret.write_text(database_url)
+    get_settings.cache_clear()
+    both = invoke(
+        monkeypatch, ["check"], PIIVAULT_DATABASE_URL=database_url, PIIVAULT_DATABASE_URL_FILE=str(secret)
+    )
+    assert both.exit_code == EXIT_CONFIG
+    assert "not both" in both.output and database_url not in both.output

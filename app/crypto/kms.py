@@ -266,11 +266,6 @@ class KmsKeyProvider:
             raise KeyNotAllowed()
         return key_id
 
-    @property
-    def allowed_key_arns(self) -> frozenset[str]:
-        """The ARNs this vault may decrypt with (empty until resolved)."""
-        return self._allowed
-
     # KeyProvider
 
     async def generate_data_key(self, context: EncryptionContext) -> DataKey:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -237,6 +238,12 @@ def make_client(database_url: str, db: psycopg.Connection[Any]) -> Iterator[Clie
     for vault, client in reversed(opened):
         client.__exit__(None, None, None)
         vault.close()
+
+
+@pytest.fixture
+def serve(make_client: ClientFactory, aws: None) -> ClientFactory:
+    """make_client without KMS grant mirrors, for tests that make and switch keys of their own."""
+    return partial(make_client, kms_mirror_grants=False)
 
 
 @contextmanager

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from functools import partial
 from typing import Any
 
 import boto3
@@ -32,12 +31,6 @@ from tests.test_failures import kms_error_response
 
 LICENCE = {"customer_id": "12345", "data_type": "DriverLicense", "value": "D1234-56789-01234"}
 ARN_PREFIX = "arn:aws:kms:us-east-1:"
-
-
-@pytest.fixture
-def serve(make_client: ClientFactory, aws: None) -> ClientFactory:
-    """make_client without KMS grant mirrors: these tests make and switch keys of their own."""
-    return partial(make_client)
 
 
 def new_key(alias: str | None = None) -> tuple[str, str]:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +38,6 @@ from tests.processes import free_port, running, wait_for_http
 from tests.test_e2e_processes import BIN, PIIVAULT, base_env, kms_client
 from tests.test_failures import kms_error_response, kms_events
 from tests.test_key_boundary import new_key, seed
-
-
-@pytest.fixture
-def serve(make_client: ClientFactory, aws: None) -> ClientFactory:
-    """make_client without KMS grant mirrors: these tests make and switch keys of their own."""
-    return partial(make_client)
 
 
 def fill(client: TestClient, key: str, count: int, prefix: str = "D") -> dict[str, str]:

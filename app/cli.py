@@ -337,7 +337,7 @@ def keys_rewrap(
         typer.Option(
             "--to",
             help="The key to move to (id, ARN or alias): PIIVAULT_KMS_KEY_ID or one of "
-            "PIIVAULT_KMS_DECRYPT_KEY_IDS.",
+            "PIIVAULT_KMS_DECRYPT_KEY_IDS; with the local development provider, local:N.",
         ),
     ],
     from_key: Annotated[
@@ -365,7 +365,7 @@ def keys_rewrap(
         except KeyNotAllowed:
             typer.echo(
                 "piivault: --to and --from must each be PIIVAULT_KMS_KEY_ID or in "
-                "PIIVAULT_KMS_DECRYPT_KEY_IDS",
+                "PIIVAULT_KMS_DECRYPT_KEY_IDS (local:N with the local development provider)",
                 err=True,
             )
             raise typer.Exit(2) from None
@@ -389,6 +389,26 @@ def keys_rewrap(
     typer.echo(f"{summary}; {left} left under other keys")
     if report.failed:
         raise typer.Exit(1)
+
+
+@keys_cli.command("new-local")
+def keys_new_local() -> None:
+    """Add a version to the local development provider's master key (development only).
+
+    Processes started afterwards wrap new data keys under it; move the existing ones with
+    `piivault keys rewrap --to local:N`. Older versions stay readable while their files exist."""
+    from app.crypto.local import create_local_key_version
+    from app.errors import VaultError
+
+    settings = _settings()
+    if settings.effective_key_provider != "local":
+        _fail("keys new-local rotates the local development key only; with KMS, create a key in KMS", 2)
+    try:
+        version, key_id = create_local_key_version(settings.data_dir)
+    except VaultError as err:
+        _fail(err.message, 1)
+    typer.echo(f"created local:{version} ({key_id}); restart the vault to wrap new records under it, then")
+    typer.echo(f"move the existing ones with: piivault keys rewrap --to local:{version}")
 
 
 class _RewrapProgress:

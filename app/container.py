@@ -46,7 +46,7 @@ def database_url(settings: Settings) -> str:
 
 def build_key_provider(settings: Settings) -> tuple[KeyProvider, GrantMirror]:
     if settings.effective_key_provider == "local":
-        return LocalKeyProvider.from_file(settings.data_dir / "dev-master.key"), NoGrantMirror()
+        return LocalKeyProvider.from_directory(settings.data_dir), NoGrantMirror()
     kms = KmsKeyProvider(
         settings.kms_key_id or "",  # required by Settings validation for the kms provider
         decrypt_key_ids=settings.kms_decrypt_key_ids,

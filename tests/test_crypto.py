@@ -11,7 +11,12 @@ import pytest
 
 from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
 from app.crypto.keys import DataKey, canonical_context, length_prefixed
-from app.crypto.local import LocalKeyProvider, load_or_create_master_key
+from app.crypto.local import (
+    LocalKeyProvider,
+    create_local_key_version,
+    load_or_create_master_key,
+    local_key_versions,
+)
 from app.errors import IntegrityFailure, KeyAccessDenied, KeyNotAllowed
 
 KEY = bytes(range(32))
@@ -129,3 +134,46 @@ def test_local_provider_rewraps_under_the_same_context(tmp_path: Path) -> None:
 def test_local_provider_warns_loudly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     LocalKeyProvider.from_file(tmp_path / "dev-master.key")
     assert "LOCAL DEVELOPMENT KEY PROVIDER" in caplog.text
+
+
+def test_local_key_versions_wrap_under_the_newest_and_open_under_the_one_named(tmp_path: Path) -> None:
+    context = {"customerID": "12345", "dataType": "SSN"}
+    first = LocalKeyProvider.from_directory(tmp_path)
+    made = asyncio.run(first.generate_data_key(context))
+    version, second_id = create_local_key_version(tmp_path)
+    assert version == 2 and local_key_versions(tmp_path) == [1, 2]
+
+    both = LocalKeyProvider.from_directory(tmp_path)
+
+    assert both.key_id == second_id != first.key_id
+    assert both.allowed_arns() == {first.key_id, second_id}
+    assert both.allowed_arn_for("local:1") == first.key_id
+    assert both.allowed_arn_for("local:2") == second_id == both.allowed_arn_for(second_id)
+    for unknown in ("local:3", "local:0", "local:x", "arn:aws:kms:eu-west-1:1:key/k"):
+        with pytest.raises(KeyNotAllowed):
+            both.allowed_arn_for(unknown)
+    assert asyncio.run(both.generate_data_key(context)).key_id == second_id
+    opened = asyncio.run(both.decrypt_data_key(made.wrapped, context, key_id=first.key_id))
+    assert opened.plaintext == made.plaintext
+    moved = asyncio.run(
+        both.reencrypt_data_key(made.wrapped, context, key_id=first.key_id, to_key_id=second_id)
+    )
+    assert moved.key_id == second_id and moved.plaintext == b""
+    # Under version 2 only: claiming version 1 fails whole, as a swapped key would.
+    with pytest.raises(IntegrityFailure):
+        asyncio.run(both.decrypt_data_key(moved.wrapped, context, key_id=first.key_id))
+    (tmp_path / "dev-master.key").unlink()
+    retired = LocalKeyProvider.from_directory(tmp_path)
+    assert retired.allowed_arns() == {second_id}
+    assert asyncio.run(retired.decrypt_data_key(moved.wrapped, context, key_id=second_id)).plaintext == (
+        made.plaintext
+    )
+    with pytest.raises(KeyNotAllowed):
+        asyncio.run(retired.decrypt_data_key(made.wrapped, context, key_id=first.key_id))
+
+
+def test_local_key_files_other_than_versions_are_ignored(tmp_path: Path) -> None:
+    LocalKeyProvider.from_directory(tmp_path)
+    for stray in ("dev-master.1.key", "dev-master.02.key", "dev-master.key.bak", "other.key"):
+        (tmp_path / stray).write_bytes(b"\0" * 32)
+    assert local_key_versions(tmp_path) == [1]

@@ -446,3 +446,60 @@ def test_a_rewrap_process_killed_with_sigkill_loses_nothing_and_finishes_when_ru
             client.__exit__(None, None, None)
             vault.close()
         assert arn_a not in {row[0] for row in db.execute("SELECT kms_key_id FROM records").fetchall()}
+
+
+def test_the_local_development_key_rotates_with_new_local_then_rewrap(
+    make_client: ClientFactory,
+    db: psycopg.Connection[Any],
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    local: dict[str, Any] = {"key_provider": "local", "data_dir": tmp_path}
+    vault, client = make_client(None, **local)
+    actors = seed(client, vault)
+    before = fill(client, actors.onboarding, 6)
+    first = vault.keys.key_id
+    settings = make_settings(database_url, None, **local)
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    monkeypatch.setattr(cli, "_vault_for_cli", lambda: build_vault(settings))
+    runner = CliRunner()
+
+    created = runner.invoke(cli.cli, ["keys", "new-local"])
+
+    assert created.exit_code == 0, created.output
+    assert "created local:2 (local:" in created.stdout
+    assert (tmp_path / "dev-master.2.key").stat().st_mode & 0o777 == 0o600
+    # A restarted vault wraps new records under version 2 and still reads version 1's.
+    vault, client = make_client(None, **local)
+    second = vault.keys.key_id
+    assert second != first and second in created.stdout
+    after = fill(client, actors.onboarding, 3, prefix="N")
+    assert key_of_records(db) == {first: 6, second: 3}
+    assert_readable(client, actors.kyc, {**before, **after})
+
+    moved = runner.invoke(cli.cli, ["keys", "rewrap", "--to", "local:2"])
+
+    assert moved.exit_code == 0, moved.output
+    assert moved.stdout.splitlines()[-1] == f"rewrapped 7 data keys to {second}; 0 left under other keys"
+    assert key_of_records(db) == {second: 9}
+    assert set(key_of_audit_keys(db)) == {second}
+    # Version 1 wraps nothing now: its file can go, and everything still opens.
+    (tmp_path / "dev-master.key").unlink()
+    vault, client = make_client(None, **local)
+    assert vault.keys.key_id == second
+    assert_readable(client, actors.kyc, {**before, **after})
+    refused = runner.invoke(cli.cli, ["keys", "rewrap", "--to", "local:1"])
+    assert refused.exit_code == 2 and "local:N" in refused.output
+
+
+def test_new_local_refuses_when_the_vault_uses_kms(
+    database_url: str, kms_key_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(database_url, kms_key_id)
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+
+    refused = CliRunner().invoke(cli.cli, ["keys", "new-local"])
+
+    assert refused.exit_code == 2
+    assert "local development key only" in refused.output

@@ -7,8 +7,9 @@ Serves until SIGTERM/SIGINT. Ready once `GET /_stats` answers 200.
 - POST / with `X-Amz-Target: TrentService.<Operation>` and a JSON body; answers
   `application/x-amz-json-1.1` with `x-amzn-RequestId`, errors as HTTP 400 `{"__type", "message"}`.
 - Operations: GenerateDataKey, GenerateDataKeyWithoutPlaintext, Encrypt, Decrypt, DescribeKey,
-  CreateGrant, RevokeGrant, RetireGrant, ListGrants, GenerateRandom.
-- One symmetric key, `KEY_ID` / `KEY_ARN` / `alias/bench`. Wrapping is AES-256-GCM under the master key,
+  CreateGrant, RevokeGrant, RetireGrant, ListGrants, GenerateRandom, ReEncrypt.
+- Two symmetric keys: `KEY_ID` / `KEY_ARN` / `alias/bench`, and `alias/bench-2` to rotate to (the
+  rewrap bench). Wrapping is AES-256-GCM under the key's master key,
   96-bit random nonce, associated data = blob header + canonical encryption context, so a blob opened
   under any other context fails with InvalidCiphertextException, as with KMS.
 - SigV4 signatures are not checked (the client still computes them: that cost is what we measure).
@@ -43,16 +44,33 @@ ACCOUNT = "111122223333"
 KEY_ARN = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/{KEY_ID}"
 ALIAS = "alias/bench"
 ALIAS_ARN = f"arn:aws:kms:{REGION}:{ACCOUNT}:{ALIAS}"
-_KEY_NAMES = frozenset({KEY_ID, KEY_ARN, ALIAS, ALIAS_ARN})
+KEY_ID_2 = "66666666-7777-8888-9999-000000000000"
+KEY_ARN_2 = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/{KEY_ID_2}"
+ALIAS_2 = "alias/bench-2"
+
+
+def _names(key_id: str, arn: str, alias: str) -> set[str]:
+    return {key_id, arn, alias, f"arn:aws:kms:{REGION}:{ACCOUNT}:{alias}"}
+
+
+# Every name of a key -> its ARN.
+_KEY_NAMES = {name: KEY_ARN for name in _names(KEY_ID, KEY_ARN, ALIAS)} | {
+    name: KEY_ARN_2 for name in _names(KEY_ID_2, KEY_ARN_2, ALIAS_2)
+}
 
 # Fixed, not random: like a real KMS key it survives a restart, so a harness that restarts the
 # stand-in (e.g. to change --latency-ms) can still open data keys wrapped by an earlier run.
 _MASTER_KEY = hashlib.sha256(b"pii-vault bench KMS stand-in master key, not a secret").digest()
-_AEAD = AESGCM(_MASTER_KEY)
+_AEADS = {
+    KEY_ARN: AESGCM(_MASTER_KEY),
+    KEY_ARN_2: AESGCM(hashlib.sha256(b"pii-vault bench KMS stand-in second key, not a secret").digest()),
+}
 
 # Blob = version byte + 16-byte key id + 12-byte nonce + ciphertext||tag.
 _VERSION = b"\x01"
-_HEADER = _VERSION + uuid.UUID(KEY_ID).bytes
+_HEADERS = {KEY_ARN: _VERSION + uuid.UUID(KEY_ID).bytes, KEY_ARN_2: _VERSION + uuid.UUID(KEY_ID_2).bytes}
+_KEY_OF_HEADER = {header: arn for arn, header in _HEADERS.items()}
+_HEADER_BYTES = 17
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
 _KEY_SPECS = {"AES_256": 32, "AES_128": 16}
@@ -91,23 +109,27 @@ def canonical_context(context: object) -> bytes:
     return bytes(out)
 
 
-def wrap(plaintext: bytes, context: object) -> bytes:
+def wrap(plaintext: bytes, context: object, key_arn: str = KEY_ARN) -> bytes:
+    header = _HEADERS[key_arn]
     nonce = os.urandom(_NONCE_BYTES)
-    return _HEADER + nonce + _AEAD.encrypt(nonce, plaintext, _HEADER + canonical_context(context))
+    return header + nonce + _AEADS[key_arn].encrypt(nonce, plaintext, header + canonical_context(context))
 
 
-def unwrap(blob: bytes, context: object, *, key_pinned: bool) -> bytes:
+def unwrap(blob: bytes, context: object, *, pinned_arn: str | None) -> tuple[bytes, str]:
+    """The plaintext and the ARN of the key that wrapped it."""
     aad = canonical_context(context)
-    if len(blob) < len(_HEADER) + _NONCE_BYTES + _TAG_BYTES or blob[:1] != _VERSION:
+    if len(blob) < _HEADER_BYTES + _NONCE_BYTES + _TAG_BYTES or blob[:1] != _VERSION:
         raise KmsError("InvalidCiphertextException", "The ciphertext is invalid.")
-    if blob[: len(_HEADER)] != _HEADER:
+    header = blob[:_HEADER_BYTES]
+    arn = _KEY_OF_HEADER.get(header)
+    if arn is None or (pinned_arn is not None and arn != pinned_arn):
         # Well-formed, but made under a key this KMS does not hold (or not the one the caller named).
-        if key_pinned:
+        if pinned_arn is not None:
             raise KmsError("IncorrectKeyException", "The key ID in the request does not identify the key.")
         raise KmsError("InvalidCiphertextException", "The ciphertext refers to an unknown key.")
-    nonce = blob[len(_HEADER) : len(_HEADER) + _NONCE_BYTES]
+    nonce = blob[_HEADER_BYTES : _HEADER_BYTES + _NONCE_BYTES]
     try:
-        return _AEAD.decrypt(nonce, blob[len(_HEADER) + _NONCE_BYTES :], _HEADER + aad)
+        return _AEADS[arn].decrypt(nonce, blob[_HEADER_BYTES + _NONCE_BYTES :], header + aad), arn
     except InvalidTag:
         raise KmsError("InvalidCiphertextException", "The ciphertext is invalid.") from None
 
@@ -119,9 +141,10 @@ def resolve_key(key_id: object) -> str:
     """KeyId may be the key id, its ARN, the alias or the alias ARN; returns the key ARN."""
     if not isinstance(key_id, str) or not key_id:
         raise KmsError("ValidationException", "KeyId is required")
-    if key_id not in _KEY_NAMES:
+    arn = _KEY_NAMES.get(key_id)
+    if arn is None:
         raise KmsError("NotFoundException", f"Key '{key_id}' does not exist")
-    return KEY_ARN
+    return arn
 
 
 def blob_param(body: dict[str, Any], name: str) -> bytes:
@@ -163,7 +186,7 @@ def _data_key_length(body: dict[str, Any]) -> int:
 def generate_data_key(body: dict[str, Any]) -> dict[str, Any]:
     arn = resolve_key(body.get("KeyId"))
     data_key = os.urandom(_data_key_length(body))
-    blob = wrap(data_key, body.get("EncryptionContext"))
+    blob = wrap(data_key, body.get("EncryptionContext"), arn)
     return {"CiphertextBlob": b64(blob), "Plaintext": b64(data_key), "KeyId": arn}
 
 
@@ -179,7 +202,7 @@ def encrypt(body: dict[str, Any]) -> dict[str, Any]:
     plaintext = blob_param(body, "Plaintext")
     if len(plaintext) > 4096:
         raise KmsError("ValidationException", "Plaintext must be at most 4096 bytes")
-    blob = wrap(plaintext, body.get("EncryptionContext"))
+    blob = wrap(plaintext, body.get("EncryptionContext"), arn)
     return {"CiphertextBlob": b64(blob), "KeyId": arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
 
 
@@ -187,11 +210,25 @@ def decrypt(body: dict[str, Any]) -> dict[str, Any]:
     check_algorithm(body)
     blob = blob_param(body, "CiphertextBlob")
     # A caller may pin the key; KMS answers IncorrectKeyException if the blob is another key's.
-    key_pinned = "KeyId" in body
-    if key_pinned:
-        resolve_key(body["KeyId"])
-    plaintext = unwrap(blob, body.get("EncryptionContext"), key_pinned=key_pinned)
-    return {"Plaintext": b64(plaintext), "KeyId": KEY_ARN, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
+    pinned = resolve_key(body["KeyId"]) if "KeyId" in body else None
+    plaintext, arn = unwrap(blob, body.get("EncryptionContext"), pinned_arn=pinned)
+    return {"Plaintext": b64(plaintext), "KeyId": arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
+
+
+def reencrypt(body: dict[str, Any]) -> dict[str, Any]:
+    """Opens under the source key and context, seals under the destination's: no plaintext out."""
+    blob = blob_param(body, "CiphertextBlob")
+    pinned = resolve_key(body["SourceKeyId"]) if "SourceKeyId" in body else None
+    destination = resolve_key(body.get("DestinationKeyId"))
+    plaintext, source = unwrap(blob, body.get("SourceEncryptionContext"), pinned_arn=pinned)
+    rewrapped = wrap(plaintext, body.get("DestinationEncryptionContext"), destination)
+    return {
+        "CiphertextBlob": b64(rewrapped),
+        "SourceKeyId": source,
+        "KeyId": destination,
+        "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+        "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+    }
 
 
 def generate_random(body: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +246,7 @@ def describe_key(body: dict[str, Any]) -> dict[str, Any]:
     return {
         "KeyMetadata": {
             "AWSAccountId": ACCOUNT,
-            "KeyId": KEY_ID,
+            "KeyId": arn.rsplit("/", 1)[-1],
             "Arn": arn,
             "CreationDate": _CREATED,
             "Enabled": True,
@@ -286,6 +323,7 @@ OPERATIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "RetireGrant": retire_grant,
     "ListGrants": list_grants,
     "GenerateRandom": generate_random,
+    "ReEncrypt": reencrypt,
 }
 
 

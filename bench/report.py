@@ -23,6 +23,8 @@ class Report:
     esdk: list[dict[str, Any]] = field(default_factory=list)
     leak: dict[str, Any] = field(default_factory=dict)
     scale: dict[str, Any] = field(default_factory=dict)
+    # Bulk operations run once each (rewrap, customer erasure): items/s, KMS calls per item.
+    lifecycle: list[dict[str, Any]] = field(default_factory=list)
     targets: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -151,6 +153,12 @@ def write(report: Report) -> None:
             f"| {e['suite']} | {e['processes']} | {e['concurrency']} | {e['ops_per_s']} | {e['p50_ms']} | "
             f"{e['p99_ms']} | {e.get('cpu_ms_per_op')} | {e.get('kms_calls_per_op')} | {e.get('peak_rss_mb')} |"
         )
+    if report.lifecycle:
+        lines += ["", "## Bulk operations", "", "| operation | records | KMS latency | items/s | KMS calls/item |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for op in report.lifecycle:
+            lines.append(f"| {op['operation']} | {op['records']} | {op['kms_latency_ms']} ms | {op['items_per_s']} | "
+                         f"{op['kms_calls_per_item']} |")  # fmt: skip
     if report.scale:
         lines += ["", "## Detokenize latency against table size (concurrency 8)", "",
                   "| records | p50 ms | p99 ms | req/s |", "|---|---|---|---|"]  # fmt: skip

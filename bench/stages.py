@@ -15,6 +15,8 @@ from harness import (
     BIN,
     DATABASE,
     FLOOR_DATABASE,
+    PIIVAULT,
+    ROOT,
     KmsStandIn,
     Vault,
     add_filler_records,
@@ -24,8 +26,10 @@ from harness import (
     measure,
     started,
     vault,
+    vault_env,
     wrk,
 )
+from kms_standin import ALIAS, ALIAS_2, KEY_ARN, KEY_ARN_2, wrap
 from report import Report
 
 
@@ -92,6 +96,56 @@ def scale_stage(url: str, v: Vault, args: argparse.Namespace, seconds: float) ->
                            api_key=v.api_key, tokens=v.tokens)  # fmt: skip
         out[str(total)] = {"records": total, "p50_ms": measured.p50_ms, "p99_ms": measured.p99_ms,
                            "requests_per_s": measured.requests_per_s}  # fmt: skip
+    return out
+
+
+def add_wrapped_records(url: str, total: int) -> None:
+    """`total` records whose data keys the stand-in's first key wraps under each record's context
+    (made here, not by `total` GenerateDataKey calls), by COPY. The values are random bytes: a
+    rewrap never opens them."""
+    with psycopg.connect(url, autocommit=True) as connection:
+        creator = connection.execute("SELECT id FROM principals LIMIT 1").fetchone()
+        assert creator is not None  # noqa: S101
+        columns = (
+            "token, customer_id, data_type, format_version, ciphertext, wrapped_key, kms_key_id, created_by"
+        )
+        with connection.cursor().copy(f"COPY records ({columns}) FROM STDIN") as copy:
+            for n in range(total):
+                customer = f"rewrap-{n}"
+                context = {"customerID": customer, "dataType": "DriverLicense"}
+                wrapped = wrap(os.urandom(32), context, KEY_ARN)
+                copy.write_row((f"tok_rewrap{n:022d}", customer, "DriverLicense", 1, os.urandom(45), wrapped,
+                                KEY_ARN, creator[0]))  # fmt: skip
+        connection.execute("ANALYZE records")
+
+
+def rewrap_stage(kms: KmsStandIn, latency_ms: int, workers: int, workdir: Path, total: int) -> dict[str, Any]:
+    """`piivault keys rewrap` of `total` records from the stand-in's first key to its second."""
+    url = fresh_database(DATABASE)
+    with vault("vault-kms-rewrap", url, kms, workers, workdir, 0):
+        pass  # migrated, with an admin and the audit key under the first key
+    add_wrapped_records(url, total)
+    env = {
+        **vault_env(url, kms, workdir),
+        "PIIVAULT_KMS_KEY_ID": ALIAS_2,
+        "PIIVAULT_KMS_DECRYPT_KEY_IDS": ALIAS,
+    }
+    kms.reset()
+    args = [str(PIIVAULT), "keys", "rewrap", "--to", ALIAS_2, "--batch", "500"]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT, check=False)
+    calls = kms.stats()["total_calls"]
+    if result.returncode != 0:
+        raise RuntimeError(f"rewrap failed: {result.stdout}\n{result.stderr}")
+    progress = [line for line in result.stdout.splitlines() if line.startswith("rewrap: ")]
+    # The CLI's own rate (from its first batch, without the process's start-up): "...; N/s, eta 0s)".
+    rate = float(progress[-1].rsplit("; ", 1)[1].split("/s")[0])
+    with psycopg.connect(url, autocommit=True) as connection:
+        left = connection.execute(
+            "SELECT count(*) FROM records WHERE kms_key_id <> %s", (KEY_ARN_2,)
+        ).fetchone()
+    out = {"operation": "rewrap", "records": total, "kms_latency_ms": latency_ms, "items_per_s": rate,
+           "kms_calls_per_item": round(calls / (total + 1), 3), "left_unmoved": left[0] if left else None}  # fmt: skip
+    log(f"rewrap: {total} records at {rate:.0f}/s, {out['kms_calls_per_item']} KMS calls each")
     return out
 
 
@@ -205,3 +259,4 @@ def vaults(
                     row = measure("vault-kms", v.process, v.base_url, operation, top, seconds, args.workers,
                                   api_key=v.api_key, tokens=v.tokens, kms=slow_kms, kms_latency_ms=10)  # fmt: skip
                     rows.append(row)
+            report.lifecycle.append(rewrap_stage(slow_kms, 10, args.workers, workdir, args.rewrap_records))

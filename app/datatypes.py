@@ -17,6 +17,7 @@ from datetime import date
 from typing import Any, Literal, get_args
 
 import re2  # google-re2: no type hints of its own
+from re2 import _re2
 
 Normalize = Literal["none", "strip_separators", "lowercase", "digits"]
 Mask = Literal["last4", "ssn", "email", "year", "none"]
@@ -29,6 +30,7 @@ REVEALS: tuple[Reveal, ...] = get_args(Reveal)
 MAX_PATTERN_LENGTH = 1024
 _RE2_MAX_MEM = 8 << 20
 
+_ANCHOR_BOTH = _re2.RE2.Anchor.ANCHOR_BOTH
 _SEPARATORS = frozenset(" -")
 HIDDEN = "****"
 
@@ -41,21 +43,40 @@ def _options() -> Any:
     options = re2.Options()
     options.log_errors = False  # RE2 would print each refused pattern to stderr
     options.max_mem = _RE2_MAX_MEM
+    options.never_capture = True  # a yes or a no is all we ask: no groups to track
     return options
 
 
+class Pattern:
+    """A compiled pattern that answers one question: does it match the whole value?
+
+    It calls the package's RE2 binding (re2._re2) directly: the package's Python `fullmatch`
+    builds a match object and maps byte offsets to characters on every call (about 20 µs on a
+    licence number), where a yes or a no takes about 3 µs. The binding is the package's own
+    interface under its Python layer; pyproject.toml keeps google-re2 below 2 for it."""
+
+    __slots__ = ("_regexp",)
+
+    def __init__(self, pattern: str) -> None:
+        self._regexp = _re2.RE2(pattern.encode("utf-8"), _options())
+        if not self._regexp.ok():
+            reason = bytes(self._regexp.error()).decode("utf-8", "replace")
+            raise PatternError(
+                f"the pattern is not valid for RE2 (no backreferences or lookaround): {reason}"
+            )
+
+    def fullmatch(self, value: str) -> bool:
+        raw = value.encode("utf-8")
+        spans = self._regexp.Match(_ANCHOR_BOTH, raw, 0, len(raw))
+        return bool(spans[0][0] != -1)
+
+
 @functools.lru_cache(maxsize=256)
-def compile_pattern(pattern: str) -> Any:
+def compile_pattern(pattern: str) -> Pattern:
     """The compiled pattern (cached: the data path matches with it on every tokenize)."""
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise PatternError(f"the pattern is longer than {MAX_PATTERN_LENGTH} characters")
-    try:
-        return re2.compile(pattern, _options())
-    except re2.error as err:
-        reason = err.args[0].decode("utf-8", "replace") if err.args and isinstance(err.args[0], bytes) else ""
-        raise PatternError(
-            f"the pattern is not valid for RE2 (no backreferences or lookaround): {reason}"
-        ) from None
+    return Pattern(pattern)
 
 
 # Normalisers: what a fingerprint (lookup by value) is computed over, so that `D1234 56789` and
@@ -138,7 +159,7 @@ class DataTypeSpec:
     def accepts(self, value: str) -> bool:
         """Whether the value is one of this type: its pattern matches all of it (and, for a
         built-in, its check passes). A type without a pattern accepts any value."""
-        if self.pattern is not None and compile_pattern(self.pattern).fullmatch(value) is None:
+        if self.pattern is not None and not compile_pattern(self.pattern).fullmatch(value):
             return False
         check = CHECKS.get(self.name) if self.builtin else None
         return check is None or check(value)

@@ -383,3 +383,23 @@ def test_the_migration_registers_the_types_in_use_and_they_keep_working(
         return spec.accepts("any old value") and not spec.builtin
 
     assert on_own_loop(settings, ask)
+
+
+def test_the_data_path_reads_the_registry_from_its_copy_not_per_request(
+    client: TestClient, vault: Vault, actors: Actors, db: psycopg.Connection[Any]
+) -> None:
+    # Long enough that this test never outlives the copy, however slow the machine.
+    vault.data_types._ttl_s = 3600
+    token = tokenize(client, actors.onboarding, LICENCE)  # reads the registry once
+    db.execute("ALTER TABLE data_types RENAME TO data_types_away")
+    try:
+        for _ in range(5):
+            tokenize(client, actors.onboarding, LICENCE)
+        batch = client.post(
+            "/v1/tokens/batch", json={"items": [LICENCE, LICENCE]}, headers=bearer(actors.onboarding)
+        )
+        assert [r.get("token", "")[:4] for r in batch.json()["results"]] == ["tok_", "tok_"]
+        masked = client.get(f"/v1/tokens/{token}?reveal=masked", headers=bearer(actors.kyc))
+        assert masked.json()["value_masked"] == "****1234"
+    finally:
+        db.execute("ALTER TABLE data_types_away RENAME TO data_types")

@@ -158,6 +158,7 @@ def test_bad_put_bodies_are_refused_naming_the_field(client: TestClient, actors:
     assert_error(put_type(client, actors.admin, "TaxId", colour="red"), 422, "invalid_input")
     assert_error(put_type(client, actors.admin, "9Lives"), 422, "invalid_input")
     assert_error(put_type(client, actors.admin, "A" * 65), 422, "invalid_input")
+    assert_error(put_type(client, actors.admin, "ssn"), 409, "conflict", "name")
     assert client.get("/v1/data-types/TaxId", headers=bearer(actors.admin)).status_code == 404
 
 

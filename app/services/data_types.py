@@ -21,7 +21,15 @@ from app.datatypes import DataTypeSpec, Mask, Normalize, PatternError, compile_p
 from app.db.models import DataType
 from app.db.repositories import DataTypeRepository, load_registry
 from app.db.session import Database, on_commit
-from app.errors import BuiltinDataType, DataTypeInUse, InvalidInput, InvalidValue, NotFound, UnknownDataType
+from app.errors import (
+    BuiltinDataType,
+    Conflict,
+    DataTypeInUse,
+    InvalidInput,
+    InvalidValue,
+    NotFound,
+    UnknownDataType,
+)
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, RequestContext, utcnow
 
@@ -150,6 +158,12 @@ class DataTypeService:
         row = repository.get(name, for_update=True)
         created = row is None
         if row is None:
+            # `ssn` beside `SSN` is a typo waiting to store data under the wrong rules.
+            twin = repository.same_name_but_case(name)
+            if twin is not None:
+                raise Conflict(
+                    f"data type {twin!r} is registered; names may not differ only in case", field="name"
+                )
             row = DataType(
                 name=name, builtin=False, pattern=None, normalize="none", mask="none", lookup=False
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
 from app.datatypes import DataTypeSpec
@@ -26,6 +26,11 @@ class DataTypeRepository:
 
     def list(self) -> Sequence[DataType]:
         return self.session.scalars(select(DataType).order_by(DataType.name)).all()
+
+    def same_name_but_case(self, name: str) -> str | None:
+        """A registered type whose name differs from this one only in case, if any."""
+        query = select(DataType.name).where(func.lower(DataType.name) == name.lower(), DataType.name != name)
+        return self.session.scalar(query.limit(1))
 
     def names_registered(self, names: Sequence[str]) -> set[str]:
         return set(self.session.scalars(select(DataType.name).where(DataType.name.in_(names))).all())

@@ -154,7 +154,8 @@ def grant_active_clause(
 SUBSET = "encryption_context_subset"
 EQUALS = "encryption_context_equals"
 # A grant's reveal: "plain" (the value) or "masked" (only its mask, whatever the caller asks).
-MASKED = "masked"
+# Anything but "plain" counts as masked: fail closed.
+PLAIN = "plain"
 
 
 def constraints_match(grant: GrantTerms, context: Mapping[str, str]) -> bool:
@@ -197,8 +198,8 @@ class GrantSet:
         active = [grant for grant in matching if grant_active(grant, self._now)]
         if active:
             # A plain grant covering the record wins over a masked one: its holder may ask either.
-            chosen = next((grant for grant in active if grant.reveal != MASKED), active[0])
-            return Decision(chosen.id, masked=chosen.reveal == MASKED)
+            chosen = next((grant for grant in active if grant.reveal == PLAIN), active[0])
+            return Decision(chosen.id, masked=chosen.reveal != PLAIN)
         # Deny: say why, for the audit trail only (the caller always sees grant_required).
         if any(g.revoked_at is None and g.retired_at is None for g in matching):
             return Decision(None, "grant_expired")

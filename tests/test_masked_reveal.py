@@ -3,6 +3,8 @@ obtains the plain value, by any endpoint or parameter."""
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import boto3
@@ -10,6 +12,9 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from app.access import SUBSET, Decision, GrantSet
+from app.db.repositories import GrantTerms
+from app.services.context import context_of
 from tests.conftest import Actors, assert_error, bearer, create_grant, create_principal, tokenize
 
 LICENCE_VALUE = "D1234-56789-01234"
@@ -192,3 +197,15 @@ def test_a_masked_grant_is_mirrored_in_kms_as_decrypt(
     assert mirrors[grant["kms_grant_id"]]["Constraints"] == {
         "EncryptionContextSubset": {"dataType": "DriverLicense"}
     }
+
+
+def test_the_decision_prefers_a_plain_grant_and_treats_any_other_reveal_as_masked() -> None:
+    now = datetime.now(UTC)
+    plain = GrantTerms(uuid.uuid4(), SUBSET, {"dataType": "SSN"}, None, None, None, "plain")
+    masked = GrantTerms(uuid.uuid4(), None, None, None, None, None, "masked")
+    odd = GrantTerms(uuid.uuid4(), None, None, None, None, None, "Plain")
+    ssn, licence = context_of("1", "SSN"), context_of("1", "DriverLicense")
+    both = GrantSet([masked, plain], now)
+    assert both.decide(ssn) == Decision(plain.id, masked=False)
+    assert both.decide(licence) == Decision(masked.id, masked=True)
+    assert GrantSet([odd], now).decide(licence) == Decision(odd.id, masked=True)

@@ -24,6 +24,7 @@ from app.api.schemas import (
     TokenOut,
 )
 from app.errors import DependencyUnavailable, InvalidInput, Misconfigured, PayloadTooLarge, VaultError
+from app.metrics import batch_items
 from app.services.tokens import ItemError, Revealed, Tokenized, TokenizeItem
 
 router = APIRouter(
@@ -110,6 +111,7 @@ async def tokenize_batch(
     _check_batch_size(len(body.items), vault.settings.max_batch_items, "items")
     items = [_parse_item(index, raw) for index, raw in enumerate(body.items)]
     results = await call.tokens.tokenize(presented=call.presented, items=items, ctx=call.ctx)
+    batch_items("tokenize", (r.error.code if isinstance(r, ItemError) else "ok" for r in results))
     if (failure := whole_batch_failure(results)) is not None:
         raise failure
     return BatchTokenizeResponse(
@@ -138,6 +140,7 @@ async def detokenize_batch(body: DetokenizeRequest, vault: VaultDep, call: DataC
     which says whether it is retryable. When every item failed at the same dependency, 503 instead."""
     _check_batch_size(len(body.tokens), vault.settings.max_batch_items, "tokens")
     results = await call.tokens.detokenize(presented=call.presented, tokens=body.tokens, ctx=call.ctx)
+    batch_items("detokenize", (r.error.code if isinstance(r, ItemError) else "ok" for r in results))
     if (failure := whole_batch_failure(results)) is not None:
         raise failure
     return DetokenizeResponse(

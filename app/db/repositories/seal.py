@@ -78,3 +78,14 @@ class SealRepository:
             " WHERE id = 1",
             (seq, mac, sealed_below, list(pending_xids)),
         )
+
+    def oldest_unsealed_age_s(self) -> float:
+        """Seconds since the oldest event of a transaction at or past the head's sealed_below, or
+        among its pending_xids, was written; 0 if there is none (index range on written_xid)."""
+        row = self.connection.execute(
+            "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(e.time)), 0)::float8"
+            " FROM audit_chain_head h JOIN audit_events e"
+            " ON e.written_xid >= h.sealed_below OR e.written_xid = ANY(h.pending_xids)"
+            " WHERE h.id = 1"
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else 0.0

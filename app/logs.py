@@ -213,4 +213,6 @@ def configure(log_format: str, *, access_log: bool = False) -> dict[str, Any]:
     config = log_config(log_format if log_format in LOG_FORMATS else "json", access_log=access_log)
     escape_log_records()
     logging.config.dictConfig(config)
+    # Python's warnings go to the same handler (as py.warnings lines), not as bare text on stderr.
+    logging.captureWarnings(True)
     return config

@@ -98,6 +98,11 @@ def sealed(lag_s: float, at: float | None = None) -> None:
     AUDIT_SEAL_LAG.set(max(lag_s, 0.0))
 
 
+def sealed_pass(at: float | None = None) -> None:
+    """A sealer pass completed (the lag not measured this time)."""
+    AUDIT_LAST_SEAL.set(time.time() if at is None else at)
+
+
 def batch_items(operation: str, outcomes: Iterable[str]) -> None:
     counts: dict[str, int] = {}
     for outcome in outcomes:

@@ -80,12 +80,18 @@ class SealRepository:
         )
 
     def oldest_unsealed_age_s(self) -> float:
-        """Seconds since the oldest event of a transaction at or past the head's sealed_below, or
-        among its pending_xids, was written; 0 if there is none (index range on written_xid)."""
+        """Seconds since the first event (in written_xid order, close to time order) of a
+        transaction the head has not passed (at or past sealed_below, or among pending_xids) was
+        written; 0 if there is none. Each side is one probe of the (written_xid, id) index: by
+        time, the planner would walk every sealed event to find none."""
         row = self.connection.execute(
-            "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(e.time)), 0)::float8"
-            " FROM audit_chain_head h JOIN audit_events e"
-            " ON e.written_xid >= h.sealed_below OR e.written_xid = ANY(h.pending_xids)"
-            " WHERE h.id = 1"
+            "WITH head AS (SELECT sealed_below, pending_xids FROM audit_chain_head WHERE id = 1)"
+            " SELECT COALESCE(EXTRACT(EPOCH FROM now() - LEAST("
+            "   (SELECT time FROM audit_events WHERE written_xid >= (SELECT sealed_below FROM head)"
+            "     ORDER BY written_xid, id LIMIT 1),"
+            "   (SELECT time FROM audit_events"
+            "     WHERE written_xid = ANY(CAST((SELECT pending_xids FROM head) AS bigint[]))"
+            "     ORDER BY written_xid, id LIMIT 1)"
+            " )), 0)::float8"
         ).fetchone()
         return float(row[0]) if row and row[0] is not None else 0.0

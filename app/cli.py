@@ -244,7 +244,10 @@ def serve(
     command = os.path.relpath(sys.argv[0]) if sys.argv[0].endswith("piivault") else "piivault"
     banner.append(f"first admin key: {command} admin create NAME   (the key is the last line it prints)")
     for line in banner:
-        log.info(line)
+        if line.startswith("WARNING: "):
+            log.warning(line.removeprefix("WARNING: "))
+        else:
+            log.info(line)
     # uvicorn re-raises SIGTERM once it has shut down; exiting through Python instead lets the
     # embedded PostgreSQL (an atexit handler) stop with the vault.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -137,7 +137,7 @@ def validated_data_key(
         if wrapped is None:
             wrapped = _blob(response, "CiphertextBlob")
     except _Invalid as problem:
-        log.error("kms %s answer refused: %s", operation, problem)
+        repeated_failure(log, logging.ERROR, "kms %s answer refused: %s", operation, str(problem))
         raise KeyServiceInvalidResponse() from None
     return DataKey(plaintext=plaintext, wrapped=wrapped, key_id=key_arn, request_id=_request_id(response))
 
@@ -282,7 +282,10 @@ class KmsKeyProvider:
 
     async def _allowed_arn(self, key_id: str) -> str:
         if key_id not in await self._resolved():
-            log.error(
+            # Once per request with a count: every record of a batch may name the same key.
+            repeated_failure(
+                log,
+                logging.ERROR,
                 "refused to use KMS key %s: not PIIVAULT_KMS_KEY_ID nor in PIIVAULT_KMS_DECRYPT_KEY_IDS",
                 key_id,
             )

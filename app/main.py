@@ -8,24 +8,27 @@ import hashlib
 import logging
 import re
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 
+from app import metrics
 from app.api import audit, data_types, errors, grants, keys, ops, principals, tokens
 from app.api.middleware import VaultMiddleware
 from app.container import Vault, build_vault
 from app.errors import VaultError
+from app.logs import TypeOnlyExceptions, escape_log_records
 from app.services.context import RequestContext
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+METRICS_REFRESH_S = 5.0
 
 DESCRIPTION = """
 Keeps personally identifiable information. Callers send plaintext PII and get back an opaque
@@ -39,14 +42,21 @@ Authenticate with `Authorization: Bearer <api key>`. Errors share one shape:
 
 
 def _every(
-    interval_s: float, task: Callable[[], object], stop: threading.Event, name: str
+    interval_s: float,
+    task: Callable[[], object],
+    stop: threading.Event,
+    name: str,
+    done: Callable[[], object] | None = None,
 ) -> threading.Thread:
-    """Run task every interval until stop; a failure is logged and retried next round."""
+    """Run task every interval until stop, then `done` (its metrics) if it succeeded; a failure is
+    logged and retried next round."""
 
     def loop() -> None:
         while not stop.wait(interval_s):
             try:
                 task()
+                if done is not None:
+                    done()
             except Exception as err:  # must never kill the process
                 log.warning("%s failed: %s", name, type(err).__name__)
 
@@ -55,50 +65,9 @@ def _every(
     return thread
 
 
-class _TypeOnlyExceptions(logging.Filter):
-    """Keeps an exception's type and drops its text and traceback from a log record.
-
-    Starlette re-raises an unexpected exception after the 500 handler has answered, and uvicorn
-    then logs it with its traceback; the text of, say, a database error can quote row data."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
-            record.msg = f"{record.getMessage()} ({type(record.exc_info[1]).__name__})"
-            record.args = None
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-TYPE_ONLY_EXCEPTIONS = _TypeOnlyExceptions()
-
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def escape_controls(text: str) -> str:
-    """Control characters as \\xNN: a value in a log line cannot forge a line or drive a terminal."""
-    return _CONTROL_CHARACTERS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
-
-
-class EscapedLogRecord(logging.LogRecord):
-    """A log record whose rendered message has its control characters escaped, whatever handler
-    or formatter writes it. String arguments are escaped too, for formatters that read them
-    directly (uvicorn's access log builds its request line from them)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if isinstance(self.args, tuple):
-            self.args = tuple(escape_controls(a) if isinstance(a, str) else a for a in self.args)
-
-    def getMessage(self) -> str:
-        return escape_controls(super().getMessage())
-
-
-def escape_log_records() -> None:
-    """Every log record of the process escapes control characters (if no one else installed a
-    record factory; a second call changes nothing)."""
-    if logging.getLogRecordFactory() is logging.LogRecord:
-        logging.setLogRecordFactory(EscapedLogRecord)
+# Records escape control characters and uvicorn's error log keeps exception types only, also when
+# the app runs without `piivault serve`'s logging configuration (tests, another ASGI server).
+TYPE_ONLY_EXCEPTIONS = TypeOnlyExceptions()
 
 
 DOCS_PATH = "/docs"
@@ -140,16 +109,35 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         with contextlib.suppress(VaultError):
             await anyio.to_thread.run_sync(vault.keys.check)
         stop = threading.Event()
-        background = []
+        unwatch = metrics.watch_pools(vault.database.pool_stats)
+        # Sampled gauges (pools) also between scrapes: each worker's value stays current.
+        background = [_every(METRICS_REFRESH_S, metrics.refresh, stop, "metrics-refresh")]
         if settings.grant_sweep_interval_s > 0:
             sweep = partial(vault.grants.sweep, RequestContext(request_id="grant-sweep"))
-            background.append(_every(settings.grant_sweep_interval_s, sweep, stop, "grant-sweep"))
+            grant_swept = partial(metrics.sweeper_ran, "grant")
+            background.append(
+                _every(settings.grant_sweep_interval_s, sweep, stop, "grant-sweep", grant_swept)
+            )
         if settings.audit_seal_interval_s > 0:
-            background.append(_every(settings.audit_seal_interval_s, vault.auditor.seal, stop, "audit-seal"))
+            lag_checked = [0.0]
+
+            def seal_lag() -> None:
+                # The lag is a query: at most once per METRICS_REFRESH_S, not after every pass.
+                now = time.monotonic()
+                if now - lag_checked[0] >= METRICS_REFRESH_S:
+                    lag_checked[0] = now
+                    metrics.sealed(vault.auditor.unsealed_age_s())
+                else:
+                    metrics.sealed_pass()
+
+            background.append(
+                _every(settings.audit_seal_interval_s, vault.auditor.seal, stop, "audit-seal", seal_lag)
+            )
         try:
             yield
         finally:
             stop.set()
+            unwatch()
             for thread in background:
                 thread.join(timeout=5)
             await vault.database.close_data_path()

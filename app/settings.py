@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     # /readyz checks the database and KMS at most this often per process and answers from the last
     # check in between, so probes (or anyone) polling it cannot multiply KMS calls; 0: every time.
     ready_cache_s: float = Field(default=5.0, ge=0, le=300)
+    # Log lines: one JSON object each (for a log pipeline), or readable lines (make run).
+    log_format: Literal["json", "console"] = "json"
     # Denials and failed authentications are POSTed here (JSON) in the background.
     alert_webhook_url: str | None = None
 

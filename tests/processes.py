@@ -7,12 +7,13 @@ grace period, then a bounded wait so that nothing is left behind.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -44,6 +45,8 @@ class ServerProcess:
     popen: subprocess.Popen[bytes]
     stdout_path: Path
     stderr_path: Path
+    # Values the test handled (plaintext, API keys) that must appear in none of its log lines.
+    secrets: set[str] = field(default_factory=set)
 
     @property
     def pid(self) -> int:
@@ -72,11 +75,37 @@ class ServerProcess:
             self.popen.wait(timeout=STOP_GRACE_S)
 
 
+def json_log_lines(process: ServerProcess) -> list[dict[str, object]]:
+    """Every line the process wrote (stdout and stderr), each parsed as one JSON object; fails the
+    test on a line that is not one, or on a line holding any of process.secrets."""
+    parsed: list[dict[str, object]] = []
+    for path in (process.stdout_path, process.stderr_path):
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                pytest.fail(f"{process.name} {path.name}:{number} is not a JSON object: {line[:300]!r}")
+            if not isinstance(record, dict):
+                pytest.fail(f"{process.name} {path.name}:{number} is not a JSON object: {line[:300]!r}")
+            leaked = [secret for secret in process.secrets if secret and secret in line]
+            if leaked:
+                pytest.fail(f"{process.name} {path.name}:{number} holds a secret the test used")
+            parsed.append(record)
+    return parsed
+
+
 @contextmanager
 def running(
-    name: str, args: Sequence[str], *, env: Mapping[str, str], log_dir: Path, cwd: Path | None = None
+    name: str,
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    log_dir: Path,
+    cwd: Path | None = None,
+    json_logs: bool = False,
 ) -> Iterator[ServerProcess]:
-    """Start `args` as a child process and always stop it when the block ends."""
+    """Start `args` as a child process and always stop it when the block ends. json_logs: once
+    stopped, every line it wrote must be a JSON object holding none of its secrets."""
     log_dir.mkdir(parents=True, exist_ok=True)
     stdout_path = log_dir / f"{name}.stdout.log"
     stderr_path = log_dir / f"{name}.stderr.log"
@@ -94,6 +123,8 @@ def running(
         yield process
     finally:
         process.stop()
+        if json_logs:
+            json_log_lines(process)
 
 
 def wait_for_http(

@@ -372,8 +372,21 @@ def test_two_vault_processes_writing_at_once_leave_a_chain_that_verifies(
     }
     ports = [free_port(), free_port()]
     with (
-        running("vault-a", [str(PIIVAULT), "serve", "--port", str(ports[0])], env=env, log_dir=tmp_path) as a,
-        running("vault-b", [str(PIIVAULT), "serve", "--port", str(ports[1])], env=env, log_dir=tmp_path) as b,
+        # json_logs: once stopped, every line each wrote is JSON holding none of their secrets.
+        running(
+            "vault-a",
+            [str(PIIVAULT), "serve", "--port", str(ports[0])],
+            env=env,
+            log_dir=tmp_path,
+            json_logs=True,
+        ) as a,
+        running(
+            "vault-b",
+            [str(PIIVAULT), "serve", "--port", str(ports[1])],
+            env=env,
+            log_dir=tmp_path,
+            json_logs=True,
+        ) as b,
     ):
         wait_for_http(a, f"http://127.0.0.1:{ports[0]}/readyz")
         wait_for_http(b, f"http://127.0.0.1:{ports[1]}/readyz")
@@ -399,6 +412,8 @@ def test_two_vault_processes_writing_at_once_leave_a_chain_that_verifies(
                 },
                 headers=bearer(admin),
             ).raise_for_status()
+        for vault in (a, b):
+            vault.secrets |= {admin, app_key, LICENCE["value"]}
 
         def hammer(n: int) -> int:
             with httpx.Client(base_url=urls[n % 2], timeout=30) as http:

@@ -29,6 +29,9 @@ def fresh_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def invoke(monkeypatch: pytest.MonkeyPatch, args: list[str], **env: str) -> Any:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    # `serve` configures the process's logging (a handler on the root logger) before anything else:
+    # not pytest's, which captures it. tests/test_logs.py tests that configuration.
+    monkeypatch.setattr("app.logs.configure", lambda *_, **__: {})
     result = runner.invoke(cli, args)
     assert "Traceback" not in result.output
     return result
@@ -180,3 +183,58 @@ def test_a_secret_file_that_cannot_be_read_or_doubles_the_variable_is_refused(
     )
     assert both.exit_code == EXIT_CONFIG
     assert "not both" in both.output and database_url not in both.output
+
+
+def test_a_missing_aws_region_is_one_line_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, tmp_path: Any
+) -> None:
+    for variable in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    for command in (["check"], ["serve", "--no-migrate"], ["migrate"]):
+        get_settings.cache_clear()
+        result = invoke(
+            monkeypatch,
+            command,
+            PIIVAULT_DATABASE_URL=database_url,
+            PIIVAULT_KMS_KEY_ID="alias/piivault",
+            PIIVAULT_KMS_MIRROR_GRANTS="false",
+        )
+        assert result.exit_code == EXIT_CONFIG, result.output
+        assert "PIIVAULT_KMS_REGION" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    # The setting itself is enough.
+    get_settings.cache_clear()
+    result = invoke(monkeypatch, ["check"], PIIVAULT_KMS_REGION="us-east-1", PIIVAULT_KMS_KEY_ID="x")
+    assert "PIIVAULT_KMS_REGION" not in result.output
+
+
+def test_a_disabled_decrypt_only_key_is_a_warning_not_a_refusal(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, aws: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    kms = boto3.client("kms")
+    current = kms.create_key(Description="piivault current key")["KeyMetadata"]["KeyId"]
+    retired = kms.create_key(Description="piivault retired key")["KeyMetadata"]["KeyId"]
+    kms.disable_key(KeyId=retired)
+    with caplog.at_level(logging.WARNING, logger="piivault"):
+        result = invoke(
+            monkeypatch,
+            ["check"],
+            PIIVAULT_DATABASE_URL=database_url,
+            PIIVAULT_KMS_KEY_ID=current,
+            PIIVAULT_KMS_DECRYPT_KEY_IDS=retired,
+            PIIVAULT_KMS_MIRROR_GRANTS="false",
+        )
+    assert result.exit_code == 0, result.output
+    warned = [r.getMessage() for r in caplog.records if r.name == "piivault"]
+    assert len(warned) == 1 and retired in warned[0] and "PIIVAULT_KMS_DECRYPT_KEY_IDS" in warned[0]
+    assert "Disabled" in warned[0]
+
+    # Enabled again: no warning.
+    kms.enable_key(KeyId=retired)
+    caplog.clear()
+    get_settings.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="piivault"):
+        again = invoke(monkeypatch, ["check"])
+    assert again.exit_code == 0, again.output
+    assert not [r for r in caplog.records if r.name == "piivault"]

@@ -8,6 +8,7 @@ through the same moto endpoint. The first admin comes from the `piivault admin c
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import psycopg
 import pytest
 
 from tests.conftest import GRANTEE_ARN, bearer
-from tests.processes import free_port, running, wait_for_http
+from tests.processes import ServerProcess, free_port, json_log_lines, running, wait_for_http
 
 if TYPE_CHECKING:
     from mypy_boto3_kms.client import KMSClient
@@ -58,6 +59,7 @@ class Stack:
     base_url: str
     kms: Kms
     admin_key: str
+    vault: ServerProcess
 
 
 def kms_client(endpoint_url: str) -> KMSClient:
@@ -109,8 +111,9 @@ def stack(kms: Kms, database_url: str, db: psycopg.Connection[Any], tmp_path: Pa
     }
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    args = [str(PIIVAULT), "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with running("piivault", args, env=env, log_dir=tmp_path / "logs", cwd=tmp_path) as vault:
+    args = [str(PIIVAULT), "serve", "--host", "127.0.0.1", "--port", str(port), "--access-log"]
+    logs = tmp_path / "logs"
+    with running("piivault", args, env=env, log_dir=logs, cwd=tmp_path, json_logs=True) as vault:
         wait_for_http(vault, f"{base_url}/readyz", timeout_s=30)
         created = subprocess.run(
             [str(PIIVAULT), "admin", "create", "e2e-admin"],
@@ -124,7 +127,8 @@ def stack(kms: Kms, database_url: str, db: psycopg.Connection[Any], tmp_path: Pa
         assert created.returncode == 0, f"admin create failed:\n{created.stderr}\n{created.stdout}"
         admin_key = created.stdout.strip().splitlines()[-1].strip()
         assert admin_key, created.stdout
-        yield Stack(base_url, kms, admin_key)
+        vault.secrets.add(admin_key)
+        yield Stack(base_url, kms, admin_key, vault)
         assert vault.running(), f"the vault died during the test\n{vault.output()}"
 
 
@@ -164,6 +168,8 @@ def test_seed_scenario_with_vault_and_kms_as_separate_processes(
             assert response.headers.get("X-Request-ID")
             keys[name] = response.json()["api_key"]
         onboarding, kyc = bearer(keys["onboarding-app"]), bearer(keys["kyc-app"])
+        # Checked in every line the vault writes, when the stack stops (tests/processes.py).
+        stack.vault.secrets |= {*keys.values(), LICENCE["value"], SSN["value"]}
 
         # Onboarding may Encrypt licences, KYC may Decrypt them; each grant is mirrored in KMS.
         granted: dict[str, dict[str, Any]] = {}
@@ -253,3 +259,13 @@ def test_seed_scenario_with_vault_and_kms_as_separate_processes(
         in_kms = mirrors(kms)
         assert kyc_grant["kms_grant_id"] not in in_kms, in_kms
         assert granted["onboarding-app"]["kms_grant_id"] in in_kms, in_kms
+
+    # Its log so far: JSON lines; access lines name the route (not the token) and the caller.
+    lines = json_log_lines(stack.vault)
+    access = [line for line in lines if line.get("logger") == "piivault.access"]
+    reads = [line for line in access if line.get("route") == "/v1/tokens/{token}"]
+    assert reads and all(line["method"] == "GET" and line.get("request_id") for line in reads)
+    assert {line["status"] for line in reads} == {200, 403}
+    assert all(line.get("principal_id") for line in reads)
+    assert token not in json.dumps(access) and ssn_token not in json.dumps(access)
+    assert any(line.get("logger") == "uvicorn.error" for line in lines)  # uvicorn's own, as JSON

@@ -21,7 +21,7 @@ from sqlalchemy import text
 from app.api.middleware import API_CSP
 from app.container import Vault
 from app.errors import InvalidInput
-from app.main import EscapedLogRecord
+from app.logs import EscapedLogRecord
 from tests.conftest import (
     Actors,
     ClientFactory,

@@ -3,6 +3,7 @@ README's quickstart works against it exactly as written."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -88,3 +89,9 @@ def test_make_run_default_serves_and_the_readme_quickstart_works(
     assert result.stdout.rstrip().endswith("403")
     key_file = tmp_path / "data" / "dev-master.key"
     assert key_file.stat().st_mode & 0o777 == 0o600
+    # Everything the server wrote is JSON lines (the default format), and no value or API key.
+    api_keys = set(re.findall(r"pv_[A-Za-z0-9_.-]{20,}", result.stdout + result.stderr))
+    for line in (tmp_path / "serve.log").read_text().splitlines():
+        assert isinstance(json.loads(line), dict), line
+        assert "D1234-56789-01234" not in line
+        assert not [key for key in api_keys if key in line]

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
 from typing import Any
 
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.logs import ACCESS_LOGGER, begin_request, end_request
 from app.metrics import LATENCY, REQUESTS
+
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -26,6 +31,21 @@ _COMMON_HEADERS: dict[str, str] = {
 # JSON loads nothing and may be framed by nothing. The docs page sets its own policy (app/main.py).
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 SECURITY_HEADERS: dict[str, str] = {**_COMMON_HEADERS, "Content-Security-Policy": API_CSP}
+
+
+def route_template(scope: Scope) -> str:
+    """The template of the route that served the request ("/v1/tokens/{token}"), for metrics and
+    the access log. FastAPI's API routes leave themselves in the scope; plain Starlette routes
+    (/docs, /openapi.json) do not, and are looked up; anything else is "unmatched"."""
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    if template:
+        return str(template)
+    router = getattr(scope.get("app"), "router", None)
+    for candidate in getattr(router, "routes", ()):
+        if isinstance(candidate, BaseRoute) and candidate.matches(scope)[0] is Match.FULL:
+            return str(getattr(candidate, "path", None) or "unmatched")
+    return "unmatched"
 
 
 def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
@@ -52,6 +72,7 @@ class VaultMiddleware:
         offered = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = offered if _SAFE_REQUEST_ID.match(offered) else str(uuid.uuid4())
         scope.setdefault("state", {})["request_id"] = request_id
+        log_scope = begin_request(request_id)
         started = time.perf_counter()
         status = 500
         path, root_path = scope["path"], scope.get("root_path", "")
@@ -84,10 +105,25 @@ class VaultMiddleware:
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            elapsed = time.perf_counter() - started
+            template = route_template(scope)
             REQUESTS.labels(scope["method"], template, str(status)).inc()
-            LATENCY.labels(scope["method"], template).observe(time.perf_counter() - started)
+            LATENCY.labels(scope["method"], template).observe(elapsed)
+            if access_log.isEnabledFor(logging.INFO):
+                # The route's template, never the path: tokens are in paths.
+                access_log.info(
+                    "%s %s %s",
+                    scope["method"],
+                    template,
+                    status,
+                    extra={
+                        "method": scope["method"],
+                        "route": template,
+                        "status": status,
+                        "latency_ms": round(elapsed * 1000, 3),
+                    },
+                )
+            end_request(log_scope)
 
     async def _buffer(self, receive: Receive) -> Receive | None:
         """The whole body as one message, or None if it is larger than the limit."""

@@ -13,6 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from app.api.deps import VaultDep
 from app.container import Vault
 from app.errors import VaultError
+from app.metrics import READY
+from app.metrics import refresh as refresh_sampled_metrics
 
 router = APIRouter(tags=["operations"])
 
@@ -37,6 +39,7 @@ class Readiness:
                     self._failure = None
                 except VaultError as err:
                     self._failure = err.with_traceback(None)
+                READY.set(0 if self._failure else 1)
                 self._checked_at = time.monotonic()
             failure = self._failure
         if failure is not None:
@@ -59,6 +62,7 @@ def readyz(vault: VaultDep, request: Request) -> dict[str, str]:
 
 @router.get("/metrics", name="Metrics", include_in_schema=False)
 def metrics() -> Response:
+    refresh_sampled_metrics()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several workers: sum what each wrote to the shared directory.
         registry = CollectorRegistry()

@@ -25,6 +25,7 @@ from app.api.schemas import (
 )
 from app.datatypes import Reveal
 from app.errors import DependencyUnavailable, InvalidInput, Misconfigured, PayloadTooLarge, VaultError
+from app.metrics import batch_items
 from app.services.tokens import ItemError, Revealed, Tokenized, TokenizeItem
 
 router = APIRouter(
@@ -111,6 +112,7 @@ async def tokenize_batch(
     _check_batch_size(len(body.items), vault.settings.max_batch_items, "items")
     items = [_parse_item(index, raw) for index, raw in enumerate(body.items)]
     results = await call.tokens.tokenize(presented=call.presented, items=items, ctx=call.ctx)
+    batch_items("tokenize", (r.error.code if isinstance(r, ItemError) else "ok" for r in results))
     if (failure := whole_batch_failure(results)) is not None:
         raise failure
     return BatchTokenizeResponse(
@@ -141,6 +143,7 @@ async def detokenize_batch(body: DetokenizeRequest, vault: VaultDep, call: DataC
     results = await call.tokens.detokenize(
         presented=call.presented, tokens=body.tokens, ctx=call.ctx, reveal=body.reveal
     )
+    batch_items("detokenize", (r.error.code if isinstance(r, ItemError) else "ok" for r in results))
     if (failure := whole_batch_failure(results)) is not None:
         raise failure
     return DetokenizeResponse(

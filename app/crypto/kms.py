@@ -15,6 +15,7 @@ import asyncio
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -34,6 +35,8 @@ from app.errors import (
     KeyServiceUnavailable,
     VaultError,
 )
+from app.logs import repeated_failure
+from app.metrics import observe_kms_call
 
 if TYPE_CHECKING:
     from botocore.session import Session
@@ -62,7 +65,7 @@ _default_session: Session | None = None
 _default_session_lock = threading.Lock()
 
 
-def _shared_session() -> Session:
+def shared_session() -> Session:
     """One botocore session for the process, as boto3's default: making one loads the service
     models again (about 0.3 s)."""
     global _default_session
@@ -86,13 +89,19 @@ def _translate(operation: str, err: Exception) -> Exception:
     if isinstance(err, ClientError):
         code = err.response.get("Error", {}).get("Code", "")
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        log.warning("kms %s failed: %s (HTTP %s)", operation, code, status)
+        # Once per request with a count: an outage during a batch fails every item the same way.
+        repeated_failure(log, logging.WARNING, "kms %s failed: %s (HTTP %s)", operation, code, status)
         return _vault_error_for(code, status)
     if isinstance(err, NoCredentialsError):
-        log.error("kms %s failed: no AWS credentials found", operation)
+        repeated_failure(log, logging.ERROR, "kms %s failed: no AWS credentials found", operation)
         return KeyAccessDenied("the vault has no AWS credentials for the key service")
-    log.warning("kms %s failed: %s", operation, type(err).__name__)
+    repeated_failure(log, logging.WARNING, "kms %s failed: %s", operation, type(err).__name__)
     return KeyServiceUnavailable()
+
+
+def _outcome(failure: Exception) -> str:
+    """A failed call's metric label: the vault's error code (a bounded set)."""
+    return failure.code if isinstance(failure, VaultError) else type(failure).__name__
 
 
 class _Invalid(Exception):
@@ -128,7 +137,7 @@ def validated_data_key(
         if wrapped is None:
             wrapped = _blob(response, "CiphertextBlob")
     except _Invalid as problem:
-        log.error("kms %s answer refused: %s", operation, problem)
+        repeated_failure(log, logging.ERROR, "kms %s answer refused: %s", operation, str(problem))
         raise KeyServiceInvalidResponse() from None
     return DataKey(plaintext=plaintext, wrapped=wrapped, key_id=key_arn, request_id=_request_id(response))
 
@@ -169,7 +178,7 @@ class KmsKeyProvider:
             max_pool_connections=max_pool_connections,
         )
         if client is None:
-            session = session or _shared_session()
+            session = session or shared_session()
             verify = resolved_verify(verify, session)
             built: Any = session.create_client(
                 "kms", endpoint_url=endpoint_url, region_name=region, config=config, verify=verify
@@ -201,21 +210,35 @@ class KmsKeyProvider:
         self._transport.close()
 
     def _call(self, operation: str, fn: Callable[[], T]) -> T:
+        started = time.perf_counter()
         try:
-            return fn()
+            result = fn()
         except (ClientError, BotoCoreError) as err:
-            raise _translate(operation, err) from None
+            failure = _translate(operation, err)
+            observe_kms_call(operation, _outcome(failure), time.perf_counter() - started)
+            raise failure from None
+        observe_kms_call(operation, "ok", time.perf_counter() - started)
+        return result
 
     async def _hot_call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
         """A data-key call by the transport, awaited. A caller outside the event loop (the audit
         key's one-time unwrap) goes by the boto3 client in its own thread instead: no lean
         connection is opened on a loop that is about to close."""
+        started = time.perf_counter()
         try:
             if called_outside_loop():
-                return self._boto3.call_blocking(operation, params)
-            return await self._transport.call(operation, params)
+                response = self._boto3.call_blocking(operation, params)
+            else:
+                response = await self._transport.call(operation, params)
         except (ClientError, BotoCoreError) as err:
-            raise _translate(operation, err) from None
+            failure = _translate(operation, err)
+            observe_kms_call(operation, _outcome(failure), time.perf_counter() - started)
+            raise failure from None
+        except VaultError as err:
+            observe_kms_call(operation, err.code, time.perf_counter() - started)
+            raise
+        observe_kms_call(operation, "ok", time.perf_counter() - started)
+        return response
 
     # The allow-list
 
@@ -259,7 +282,10 @@ class KmsKeyProvider:
 
     async def _allowed_arn(self, key_id: str) -> str:
         if key_id not in await self._resolved():
-            log.error(
+            # Once per request with a count: every record of a batch may name the same key.
+            repeated_failure(
+                log,
+                logging.ERROR,
                 "refused to use KMS key %s: not PIIVAULT_KMS_KEY_ID nor in PIIVAULT_KMS_DECRYPT_KEY_IDS",
                 key_id,
             )
@@ -341,6 +367,20 @@ class KmsKeyProvider:
             raise KeyAccessDenied(f"the vault's KMS key is {state}, not Enabled")
         self.resolve()
 
+    def disabled_decrypt_keys(self) -> list[str]:
+        """The older, decrypt-only keys (PIIVAULT_KMS_DECRYPT_KEY_IDS) that KMS says are not
+        Enabled: a warning, not a refusal (retiring a key disables it), but records still under
+        such a key cannot be read until it is enabled again or they are rewrapped."""
+        disabled = []
+        for name in self._decrypt_key_ids:
+            try:
+                state = self._describe(name).get("KeyMetadata", {}).get("KeyState")
+            except VaultError:
+                continue  # resolve() has refused or will refuse it, by name
+            if state != "Enabled":
+                disabled.append(f"{name} ({state})")
+        return disabled
+
     # GrantMirror
     def create_grant(self, *, name: str, operations: list[str], constraints: GrantConstraints) -> str | None:
         if not self._grantee_principal:
@@ -367,12 +407,17 @@ class KmsKeyProvider:
         found on any of them is gone already, the state we want."""
         current = self.key_arn()
         for key_arn in (current, *sorted(self.allowed_arns() - {current})):
+            started = time.perf_counter()
             try:
                 self.client.revoke_grant(KeyId=key_arn, GrantId=kms_grant_id)
+                observe_kms_call("RevokeGrant", "ok", time.perf_counter() - started)
                 return
             except ClientError as err:
                 if err.response.get("Error", {}).get("Code") == "NotFoundException":
+                    observe_kms_call("RevokeGrant", "not_found", time.perf_counter() - started)
                     continue
-                raise _translate("RevokeGrant", err) from None
+                failure = _translate("RevokeGrant", err)
             except BotoCoreError as err:
-                raise _translate("RevokeGrant", err) from None
+                failure = _translate("RevokeGrant", err)
+            observe_kms_call("RevokeGrant", _outcome(failure), time.perf_counter() - started)
+            raise failure from None

@@ -17,6 +17,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import Conflict, DatabaseUnavailable, InvalidInput, VaultError
+from app.logs import repeated_failure
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def database_error(err: Exception) -> VaultError | None:
         return DatabaseUnavailable()
     else:
         return None
-    log.warning("database unavailable: %s", type(cause).__name__)
+    repeated_failure(log, logging.WARNING, "database unavailable: %s", type(cause).__name__)
     return DatabaseUnavailable()
 
 
@@ -124,6 +125,23 @@ class Database:
 
     def __repr__(self) -> str:
         return f"Database({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    def pool_stats(self) -> dict[str, tuple[int, int, int]]:
+        """{pool: (size, in use, waiting)} for the metrics: the ORM pools' capacity and checked-out
+        connections (SQLAlchemy does not count waiters), and the data path's pool with its waiters."""
+        stats: dict[str, tuple[int, int, int]] = {}
+        for name, engine in (("orm", self.engine), ("side", self.side_engine)):
+            pool: Any = engine.pool
+            stats[name] = (pool.size() + max(pool._max_overflow, 0), pool.checkedout(), 0)
+        if self._data_pool is not None:
+            data = self._data_pool.get_stats()
+            opened = data.get("pool_size", 0)
+            stats["data"] = (
+                self._data_pool.max_size,
+                opened - data.get("pool_available", 0),
+                data.get("requests_waiting", 0),
+            )
+        return stats
 
     @contextmanager
     def transaction(self, *, side: bool = False) -> Iterator[Session]:

@@ -19,6 +19,7 @@ from app.db.models import ApiKey, Principal
 from app.db.repositories import ApiKeyRepository, GrantRepository, PrincipalRepository
 from app.db.repositories.data_path import EventRow, KeyCredentials
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
+from app.logs import bind_principal
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, RequestContext, utcnow
 
@@ -108,6 +109,7 @@ class PrincipalService:
             caller = Caller(known.principal_id, known.principal_name, known.role) if known else None
             subject = Subject(target_id=key.key_id if key else None)
             return None, build_event("Authenticate", "denied", ctx, caller, subject, reason)
+        bind_principal(found.principal_id)  # for this request's log lines
         return Caller(found.principal_id, found.principal_name, found.role, key.key_id), None
 
     def create(

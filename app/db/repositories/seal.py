@@ -78,3 +78,20 @@ class SealRepository:
             " WHERE id = 1",
             (seq, mac, sealed_below, list(pending_xids)),
         )
+
+    def oldest_unsealed_age_s(self) -> float:
+        """Seconds since the first event (in written_xid order, close to time order) of a
+        transaction the head has not passed (at or past sealed_below, or among pending_xids) was
+        written; 0 if there is none. Each side is one probe of the (written_xid, id) index: by
+        time, the planner would walk every sealed event to find none."""
+        row = self.connection.execute(
+            "WITH head AS (SELECT sealed_below, pending_xids FROM audit_chain_head WHERE id = 1)"
+            " SELECT COALESCE(EXTRACT(EPOCH FROM now() - LEAST("
+            "   (SELECT time FROM audit_events WHERE written_xid >= (SELECT sealed_below FROM head)"
+            "     ORDER BY written_xid, id LIMIT 1),"
+            "   (SELECT time FROM audit_events"
+            "     WHERE written_xid = ANY(CAST((SELECT pending_xids FROM head) AS bigint[]))"
+            "     ORDER BY written_xid, id LIMIT 1)"
+            " )), 0)::float8"
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else 0.0

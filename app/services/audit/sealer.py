@@ -85,3 +85,9 @@ def seal(database: Database, keyring: AuditKeyring, batch: int = 2000) -> int:
     if sealed:
         log.info(json.dumps({"audit_checkpoint": {"seq": seq, "mac": prev.hex()}}))
     return sealed
+
+
+def unsealed_age_s(database: Database) -> float:
+    """The age of the oldest event written by a transaction the chain head has not passed yet."""
+    with database.raw_transaction() as connection:
+        return SealRepository(connection).oldest_unsealed_age_s()

@@ -114,6 +114,11 @@ class Auditor:
         """Chain committed events not yet sealed (sealer.seal); returns how many were sealed."""
         return sealer.seal(self._database, self._keyring, batch)
 
+    def unsealed_age_s(self) -> float:
+        """Seconds since the oldest committed event the chain does not hold yet was written (0 if
+        none): the sealer's lag, for the metrics."""
+        return sealer.unsealed_age_s(self._database)
+
     def search(self, session: Session, where: AuditFilter, limit: int) -> Sequence[AuditEvent]:
         return AuditRepository(session).search(where, limit)
 

@@ -4,10 +4,13 @@ finishing of the document FastAPI generates (bearer security, shared responses, 
 A route declares its operation id, summary, success example and errors in one call:
 
     @router.post("", status_code=201, name="Tokenize",
-                 **documented("tokenize", "Tokenize one value", errors=AUTHENTICATED + (413,), status=201))
+                 **documented("tokenize", "Tokenize one value", errors=(*AUTHENTICATED, 413), status=201))
 
-Its request and response bodies carry their examples on the pydantic models (`json_schema_extra`),
-or `documented(example=...)` gives the success example. Security is not declared per route: an
+`errors` lists every status the route can answer besides its success (each must be in ERRORS: add
+a status there once, not on a route); `descriptions={409: "..."}` says what one means for this
+route. Request and response bodies carry their examples on the pydantic models
+(`model_config = examples({...})` in schemas.py), or `documented(example=...)` gives the success
+example; `headers=` documents the success response's headers. Security is not declared per route: an
 operation that depends on the caller's API key (get_caller or get_data_call, directly or through
 another dependency) is marked as needing the bearer scheme when the document is built.
 """
@@ -199,13 +202,20 @@ def documented(
     status: int = 200,
     example: Any = None,
     media_type: str = "application/json",
+    headers: Mapping[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for a route decorator: a stable camelCase operation id, a summary, the
-    error responses (statuses from ERRORS) and, if given, the success response's example."""
+    error responses (statuses from ERRORS) and, if given, the success response's example and
+    headers (OpenAPI header objects by name, e.g. Idempotent-Replayed)."""
     responses = error_responses(errors, descriptions)
+    success: dict[str, Any] = {}
     if example is not None:
         schema = {} if media_type == "application/json" else {"schema": {"type": "string"}}
-        responses[status] = {"content": {media_type: {"example": example, **schema}}}
+        success["content"] = {media_type: {"example": example, **schema}}
+    if headers:
+        success["headers"] = dict(headers)
+    if success:
+        responses[status] = success
     return {"operation_id": operation_id, "summary": summary, "responses": responses}
 
 

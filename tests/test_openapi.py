@@ -12,6 +12,7 @@ create, revoke or disable cannot disturb the other tests; bounded and derandomiz
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections import defaultdict
 from collections.abc import Iterator
@@ -20,7 +21,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import jsonschema
 import pytest
+import referencing
+import referencing.jsonschema
 import schemathesis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -425,3 +429,37 @@ def test_documented_gives_a_new_route_its_id_errors_and_headers() -> None:
     assert responses[200] == {"headers": {"Idempotent-Replayed": replayed}}
     with pytest.raises(KeyError):
         documented("x", "y", errors=(418,))  # a status the table does not describe
+
+
+def test_every_example_is_valid_against_its_schema(target: Target) -> None:
+    """An example a client generator or a reader copies is one the server would accept or send
+    (FastAPI's generator drops nulls, which broke examples with a required null field)."""
+    document = target.client.get("/openapi.json").json()
+    resource = referencing.Resource.from_contents(
+        {"components": document["components"]}, default_specification=referencing.jsonschema.DRAFT202012
+    )
+    registry: referencing.Registry[Any] = referencing.Registry().with_resource("urn:document", resource)
+
+    def validate(schema: dict[str, Any], example: Any, where: str) -> list[str]:
+        # A schema's $refs point into the document: resolve them there.
+        ref = json.loads(json.dumps(schema).replace('"#/components/', '"urn:document#/components/'))
+        validator = jsonschema.Draft202012Validator(ref, registry=registry)
+        return [f"{where}: {error.message}" for error in validator.iter_errors(example)]
+
+    invalid: list[str] = []
+    checked = 0
+    for name, schema in document["components"]["schemas"].items():
+        for example in schema.get("examples", []):
+            invalid += validate({"$ref": f"#/components/schemas/{name}"}, example, name)
+            checked += 1
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status, response in _responses(document, operation).items():
+                media = response.get("content", {}).get("application/json", {})
+                values = [e["value"] for e in media.get("examples", {}).values()]
+                values += [media["example"]] if "example" in media else []
+                for value in values:
+                    invalid += validate(media["schema"], value, f"{method} {path} {status}")
+                    checked += 1
+    assert checked > 30
+    assert not invalid, invalid

@@ -26,7 +26,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
-from app.api import deps
+from app.api import deps, schemas
 from app.api.schemas import ErrorResponse
 
 SECURITY_SCHEME = "bearerAuth"
@@ -289,7 +289,19 @@ def build_document(app: FastAPI) -> dict[str, Any]:
             for response in operation.get("responses", {}).values():
                 response.setdefault("headers", {})["X-Request-ID"] = _X_REQUEST_ID
     _share_error_responses(document)
+    _restore_example_nulls(document)
     return document
+
+
+def _restore_example_nulls(document: dict[str, Any]) -> None:
+    """FastAPI drops every null from the document it generates (exclude_none), examples' nulls
+    too, which leaves an example without a required field (`"next_cursor": null`): each model's
+    examples are put back as the model gives them."""
+    for name, schema in document.get("components", {}).get("schemas", {}).items():
+        model = getattr(schemas, name, None)
+        extra = getattr(model, "model_config", {}).get("json_schema_extra")
+        if isinstance(extra, dict) and "examples" in schema:
+            schema["examples"] = extra["examples"]
 
 
 def install(app: FastAPI) -> None:

@@ -12,14 +12,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
+from starlette.staticfiles import StaticFiles
 
 from app import metrics
-from app.api import audit, data_types, errors, grants, keys, ops, principals, tokens
+from app.api import audit, data_types, errors, grants, keys, openapi, ops, principals, tokens
 from app.api.middleware import VaultMiddleware
 from app.container import Vault, build_vault
 from app.errors import VaultError
@@ -36,8 +38,12 @@ token; the value is envelope-encrypted under a KMS data key bound to
 `{"customerID", "dataType"}`. Only callers holding a matching grant can turn a token back into
 plaintext, and every allow and deny is audited.
 
-Authenticate with `Authorization: Bearer <api key>`. Errors share one shape:
-`{"error": {"code", "message", "field"?, "request_id"}}`; a 503 carries `Retry-After`.
+Authenticate with `Authorization: Bearer <api key>` (the Authorize button). Every error has one
+shape, `{"error": {"code", "message", "request_id", "field"?, "problems"?}}`: branch on `code`.
+A 503 whose cause is temporary (a dependency down for now) carries `Retry-After`: send the same
+request again after it. A 503 without `Retry-After` means a dependency refuses the vault itself
+(`key_access_denied`, `key_not_allowed`, `key_service_invalid_response`): an operator must act,
+and retrying will not help. Every response carries `X-Request-ID`.
 """
 
 
@@ -71,21 +77,26 @@ TYPE_ONLY_EXCEPTIONS = TypeOnlyExceptions()
 
 
 DOCS_PATH = "/docs"
+OPENAPI_PATH = "/openapi.json"
+# Swagger UI's files, vendored from the swagger-ui-dist npm package with its licence, and served
+# by the vault itself: /docs works on a network that cannot reach a CDN, and loads nothing else.
+DOCS_ASSETS_PATH = "/docs/assets"
+DOCS_ASSETS_DIR = Path(__file__).parent / "static" / "swagger-ui"
 _INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
 
 
 def docs_csp(page: bytes) -> str:
-    """The docs page's policy: the Swagger UI assets FastAPI's page loads from its CDN, its one
-    inline script by hash, inline styles (Swagger UI sets some), and fetches to this origin only."""
+    """The docs page's policy: Swagger UI's own files from this origin, its one inline script by
+    hash, inline styles (Swagger UI sets some), and fetches to this origin only."""
     hashes = "".join(
         f" 'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
         for script in _INLINE_SCRIPT.findall(page)
     )
     return (
         "default-src 'none'; "
-        f"script-src https://cdn.jsdelivr.net{hashes}; "
-        "style-src https://cdn.jsdelivr.net 'unsafe-inline'; "
-        "img-src 'self' data: https://fastapi.tiangolo.com; "
+        f"script-src 'self'{hashes}; "
+        "style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; "
         "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
     )
 
@@ -158,17 +169,29 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         # (workers from blob:, web fonts, inline styles) for a second copy of the same document.
         docs_url=None,
         redoc_url=None,
+        openapi_url=OPENAPI_PATH if settings.serves_docs else None,
     )
+    openapi.install(app)
     app.state.vault = vault
     app.state.readiness = ops.Readiness(settings.ready_cache_s)
 
     async def docs(request: Request) -> HTMLResponse:
         root_path = request.scope.get("root_path", "").rstrip("/")
-        page = get_swagger_ui_html(openapi_url=f"{root_path}/openapi.json", title="pii-vault - Swagger UI")
+        assets = f"{root_path}{DOCS_ASSETS_PATH}"
+        page = get_swagger_ui_html(
+            openapi_url=f"{root_path}{OPENAPI_PATH}",
+            title="pii-vault - Swagger UI",
+            swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets}/swagger-ui.css",
+            swagger_favicon_url=f"{assets}/favicon-32x32.png",
+            # No badge fetched from Swagger's online validator.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
         page.headers["Content-Security-Policy"] = docs_csp(bytes(page.body))
         return page
 
-    app.add_route(DOCS_PATH, docs, include_in_schema=False)
+    if settings.serves_docs:
+        app.add_route(DOCS_PATH, docs, include_in_schema=False)
     app.add_middleware(
         VaultMiddleware, max_body_bytes=settings.max_body_bytes, own_csp_paths=frozenset({DOCS_PATH})
     )
@@ -185,4 +208,6 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         ops.router,
     ):
         app.include_router(router)
+    if settings.serves_docs:  # last: a mount is matched by prefix, before the routes after it
+        app.mount(DOCS_ASSETS_PATH, StaticFiles(directory=DOCS_ASSETS_DIR), name="docs-assets")
     return app

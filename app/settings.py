@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
     # Denials and failed authentications are POSTed here (JSON) in the background.
     alert_webhook_url: str | None = None
+    # /docs and /openapi.json: unset, on in development and off in production (the document maps
+    # every endpoint and error for whoever can reach the port); true or false decides either way.
+    docs_enabled: bool | None = None
 
     @field_validator("kms_decrypt_key_ids", mode="before")
     @classmethod
@@ -90,6 +93,12 @@ class Settings(BaseSettings):
         if self.key_provider is not None:
             return self.key_provider
         return "kms" if self.kms_key_id else "local"
+
+    @property
+    def serves_docs(self) -> bool:
+        if self.docs_enabled is not None:
+            return self.docs_enabled
+        return self.environment == "development"
 
     @property
     def uses_embedded_database(self) -> bool:

@@ -9,12 +9,12 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 
 from app.api.deps import AuditorDep, KnownQueryOnly, SessionDep, VaultDep
+from app.api.openapi import AUTHENTICATED, documented
 from app.api.schemas import (
     MAX_BIGINT,
     AuditEventOut,
     AuditEventPage,
     AuditVerifyOut,
-    ErrorResponse,
     Text,
     UtcDatetime,
 )
@@ -22,11 +22,7 @@ from app.db.models import AuditEvent
 from app.db.repositories import AuditFilter
 from app.errors import InvalidInput
 
-router = APIRouter(
-    prefix="/v1/audit",
-    tags=["audit"],
-    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
-)
+router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
 
 def event_out(event: AuditEvent) -> AuditEventOut:
@@ -35,7 +31,11 @@ def event_out(event: AuditEvent) -> AuditEventOut:
     return AuditEventOut(id=event.event_id, **fields)
 
 
-@router.get("/events", name="ListAuditEvents")
+@router.get(
+    "/events",
+    name="ListAuditEvents",
+    **documented("listAuditEvents", "Search the audit trail", errors=AUTHENTICATED),
+)
 def list_events(
     vault: VaultDep,
     session: SessionDep,
@@ -78,7 +78,11 @@ def list_events(
     return AuditEventPage(events=[event_out(e) for e in page], next_cursor=next_cursor)
 
 
-@router.get("/verify", name="VerifyAuditTrail")
+@router.get(
+    "/verify",
+    name="VerifyAuditTrail",
+    **documented("verifyAuditTrail", "Verify the audit chain", errors=AUTHENTICATED),
+)
 def verify(
     vault: VaultDep,
     auditor: AuditorDep,

@@ -9,19 +9,16 @@ from fastapi import APIRouter, Query, status
 
 from app.access import EQUALS, SUBSET
 from app.api.deps import AdminDep, CallerDep, ContextDep, KnownQueryOnly, SessionDep, VaultDep
+from app.api.openapi import AUTHENTICATED, documented
 from app.api.paging import CursorParam, Limit, decode_cursor, split_page
-from app.api.schemas import ErrorResponse, GrantCreate, GrantList, GrantOut, Text
+from app.api.schemas import GrantCreate, GrantList, GrantOut, Text
 from app.db.models import Grant
 from app.services.context import utcnow
 from app.services.grants import GrantRequest
 
 CURSOR_KIND = "g"
 
-router = APIRouter(
-    prefix="/v1/grants",
-    tags=["grants"],
-    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
-)
+router = APIRouter(prefix="/v1/grants", tags=["grants"])
 
 
 def grant_out(grant: Grant) -> GrantOut:
@@ -48,7 +45,12 @@ def grant_out(grant: Grant) -> GrantOut:
     "",
     status_code=status.HTTP_201_CREATED,
     name="CreateGrant",
-    responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    **documented(
+        "createGrant",
+        "Grant a service principal Encrypt and/or Decrypt",
+        errors=(*AUTHENTICATED, 413),
+        status=201,
+    ),
 )
 def create_grant(
     body: GrantCreate, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
@@ -78,7 +80,7 @@ def create_grant(
     return grant_out(grant)
 
 
-@router.get("", name="ListGrants", responses={422: {"model": ErrorResponse}})
+@router.get("", name="ListGrants", **documented("listGrants", "List grants", errors=AUTHENTICATED))
 def list_grants(
     vault: VaultDep,
     session: SessionDep,
@@ -96,12 +98,18 @@ def list_grants(
     return GrantList(grants=[grant_out(g) for g in page], next_cursor=next_cursor)
 
 
-@router.get("/{grant_id}", name="GetGrant", responses={404: {"model": ErrorResponse}})
+@router.get(
+    "/{grant_id}", name="GetGrant", **documented("getGrant", "Get a grant", errors=(*AUTHENTICATED, 404))
+)
 def get_grant(grant_id: uuid.UUID, vault: VaultDep, session: SessionDep, admin: AdminDep) -> GrantOut:
     return grant_out(vault.grants.get(session, grant_id))
 
 
-@router.delete("/{grant_id}", name="RevokeGrant", responses={404: {"model": ErrorResponse}})
+@router.delete(
+    "/{grant_id}",
+    name="RevokeGrant",
+    **documented("revokeGrant", "Revoke a grant", errors=(*AUTHENTICATED, 404, 409)),
+)
 def revoke_grant(
     grant_id: uuid.UUID, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
 ) -> GrantOut:
@@ -109,7 +117,11 @@ def revoke_grant(
     return grant_out(vault.grants.revoke(session, admin, grant_id, ctx))
 
 
-@router.post("/{grant_id}/retire", name="RetireGrant", responses={404: {"model": ErrorResponse}})
+@router.post(
+    "/{grant_id}/retire",
+    name="RetireGrant",
+    **documented("retireGrant", "Give up a grant one holds", errors=(*AUTHENTICATED, 404, 409)),
+)
 def retire_grant(
     grant_id: uuid.UUID, vault: VaultDep, session: SessionDep, caller: CallerDep, ctx: ContextDep
 ) -> GrantOut:

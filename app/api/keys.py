@@ -7,16 +7,13 @@ import dataclasses
 from fastapi import APIRouter
 
 from app.api.deps import AuditorDep, SessionDep, VaultDep
-from app.api.schemas import ErrorResponse, KeyList, KeyUsageOut
+from app.api.openapi import AUTHENTICATED, documented
+from app.api.schemas import KeyList, KeyUsageOut
 
-router = APIRouter(
-    prefix="/v1/keys",
-    tags=["keys"],
-    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
-)
+router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
 
-@router.get("", name="ListKeys")
+@router.get("", name="ListKeys", **documented("listKeys", "Records per master key", errors=AUTHENTICATED))
 def list_keys(vault: VaultDep, session: SessionDep, auditor: AuditorDep) -> KeyList:
     """Records (and the vault's audit keys) per master key, with the allow-list's keys that wrap
     nothing. A key may leave PIIVAULT_KMS_DECRYPT_KEY_IDS once it wraps nothing: after

@@ -11,6 +11,8 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from app.api.deps import VaultDep
+from app.api.openapi import documented
+from app.api.schemas import HealthOut, ReadinessOut
 from app.container import Vault
 from app.errors import VaultError
 from app.metrics import READY
@@ -46,22 +48,45 @@ class Readiness:
             raise copy.copy(failure)  # a copy each time: its traceback is this request's own
 
 
-@router.get("/healthz", name="Health")
-def healthz() -> dict[str, str]:
+@router.get("/healthz", name="Health", **documented("getHealth", "Liveness"))
+def healthz() -> HealthOut:
     """The process is up."""
-    return {"status": "ok"}
+    return HealthOut(status="ok")
 
 
-@router.get("/readyz", name="Ready", responses={503: {"description": "a dependency is down"}})
-def readyz(vault: VaultDep, request: Request) -> dict[str, str]:
+@router.get(
+    "/readyz",
+    name="Ready",
+    **documented(
+        "getReadiness",
+        "Readiness",
+        errors=(503,),
+        descriptions={
+            503: "The database or the key service does not answer (with Retry-After), or the key "
+            "service refuses the vault (without: an operator must act)."
+        },
+    ),
+)
+def readyz(vault: VaultDep, request: Request) -> ReadinessOut:
     """The database and the key service answer (checked at most every PIIVAULT_READY_CACHE_S)."""
     readiness: Readiness = request.app.state.readiness
     readiness.check(vault)
-    return {"status": "ready", "database": "ok", "key_service": "ok"}
+    return ReadinessOut(status="ready", database="ok", key_service="ok")
 
 
-@router.get("/metrics", name="Metrics", include_in_schema=False)
+@router.get(
+    "/metrics",
+    name="Metrics",
+    response_class=Response,
+    **documented(
+        "getMetrics",
+        "Prometheus metrics",
+        example="# TYPE piivault_requests_total counter\n",
+        media_type=CONTENT_TYPE_LATEST.split(";")[0],
+    ),
+)
 def metrics() -> Response:
+    """Request counts and latencies, and the vault's own counters, in Prometheus text format."""
     refresh_sampled_metrics()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several workers: sum what each wrote to the shared directory.

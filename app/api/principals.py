@@ -9,11 +9,11 @@ from typing import Annotated
 from fastapi import APIRouter, Path, status
 
 from app.api.deps import AdminDep, CallerDep, ContextDep, KnownQueryOnly, SessionDep, VaultDep
+from app.api.openapi import AUTHENTICATED, documented
 from app.api.paging import CursorParam, Limit, decode_cursor, split_page
 from app.api.schemas import (
     ApiKeyCreated,
     ApiKeyOut,
-    ErrorResponse,
     PrincipalCreate,
     PrincipalCreated,
     PrincipalList,
@@ -24,11 +24,7 @@ from app.db.models import ApiKey, Principal
 
 CURSOR_KIND = "p"
 
-router = APIRouter(
-    prefix="/v1/principals",
-    tags=["principals"],
-    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
-)
+router = APIRouter(prefix="/v1/principals", tags=["principals"])
 
 
 def principal_out(principal: Principal, keys: Sequence[ApiKey] = ()) -> PrincipalOut:
@@ -46,7 +42,13 @@ def principal_out(principal: Principal, keys: Sequence[ApiKey] = ()) -> Principa
     "",
     status_code=status.HTTP_201_CREATED,
     name="CreatePrincipal",
-    responses={409: {"model": ErrorResponse, "description": "the name is taken"}},
+    **documented(
+        "createPrincipal",
+        "Register a caller and get its first API key",
+        errors=(*AUTHENTICATED, 409, 413),
+        descriptions={409: "A principal with this name exists."},
+        status=201,
+    ),
 )
 def create_principal(
     body: PrincipalCreate, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
@@ -58,7 +60,9 @@ def create_principal(
     return PrincipalCreated(**out.model_dump(), key_id=issued.key_id, api_key=issued.secret_key)
 
 
-@router.get("", name="ListPrincipals", responses={422: {"model": ErrorResponse}})
+@router.get(
+    "", name="ListPrincipals", **documented("listPrincipals", "List principals", errors=AUTHENTICATED)
+)
 def list_principals(
     vault: VaultDep,
     session: SessionDep,
@@ -74,7 +78,11 @@ def list_principals(
     return PrincipalList(principals=[principal_out(p) for p in page], next_cursor=next_cursor)
 
 
-@router.get("/{principal_id}", name="GetPrincipal", responses={404: {"model": ErrorResponse}})
+@router.get(
+    "/{principal_id}",
+    name="GetPrincipal",
+    **documented("getPrincipal", "Get a principal and its keys", errors=(*AUTHENTICATED, 404)),
+)
 def get_principal(
     principal_id: uuid.UUID, vault: VaultDep, session: SessionDep, admin: AdminDep
 ) -> PrincipalOut:
@@ -86,7 +94,7 @@ def get_principal(
     "/{principal_id}/keys",
     status_code=status.HTTP_201_CREATED,
     name="CreateApiKey",
-    responses={404: {"model": ErrorResponse}},
+    **documented("createApiKey", "Issue another API key", errors=(*AUTHENTICATED, 404, 409), status=201),
 )
 def create_key(
     principal_id: uuid.UUID, vault: VaultDep, session: SessionDep, caller: CallerDep, ctx: ContextDep
@@ -99,7 +107,9 @@ def create_key(
 
 
 @router.delete(
-    "/{principal_id}/keys/{key_id}", name="RevokeApiKey", responses={404: {"model": ErrorResponse}}
+    "/{principal_id}/keys/{key_id}",
+    name="RevokeApiKey",
+    **documented("revokeApiKey", "Revoke an API key", errors=(*AUTHENTICATED, 404)),
 )
 def revoke_key(
     principal_id: uuid.UUID,
@@ -114,7 +124,11 @@ def revoke_key(
     return ApiKeyOut(key_id=key.id, created_at=key.created_at, revoked_at=key.revoked_at)
 
 
-@router.delete("/{principal_id}", name="DisablePrincipal", responses={404: {"model": ErrorResponse}})
+@router.delete(
+    "/{principal_id}",
+    name="DisablePrincipal",
+    **documented("disablePrincipal", "Disable a principal and all its keys", errors=(*AUTHENTICATED, 404)),
+)
 def disable_principal(
     principal_id: uuid.UUID, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
 ) -> PrincipalOut:

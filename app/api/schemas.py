@@ -78,14 +78,39 @@ class Strict(BaseModel):
 # Errors
 
 
-class ErrorBody(BaseModel):
-    code: str = Field(examples=["grant_required"])
+def examples(*values: dict[str, Any]) -> ConfigDict:
+    """A model's examples, shown in the OpenAPI document for its request or response body."""
+    return ConfigDict(json_schema_extra={"examples": list(values)})
+
+
+# Fictitious values the examples share.
+_TOK = "tok_3q2-7wEvmn8CRTfF1ZrPuS9QoHgH4kDy"
+_PRINCIPAL_ID = "6f1c2b4e-2f5a-4c1e-9a57-0e8f3d1b2c4a"
+_GRANT_ID = "0b9e4d2a-7c3f-4e8b-a1d6-5f2c9e8b7a34"
+_KEY_ID = "k_7Qm2xR9vLp4T"
+_API_KEY = "pv_k_7Qm2xR9vLp4T.Zx8cVb6nM4qW2eR0tY7uI5oP3aS1dF9g"
+_TIME = "2026-01-15T09:30:00Z"
+
+
+class Problem(BaseModel):
+    field: str = Field(description="Where: `items[0].value`, `customer_id`, a header's or parameter's name.")
     message: str
-    request_id: str | None = None
-    field: str | None = None
+    type: str = Field(description="Pydantic's error type, e.g. string_pattern_mismatch.")
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(examples=["grant_required"], description="Stable and machine-readable; branch on this.")
+    message: str = Field(description="For people; never quotes a submitted value.")
+    request_id: str = Field(description="The response's X-Request-ID, also in the audit trail.")
+    field: str | None = Field(default=None, description="The request field at fault, if one is.")
+    problems: list[Problem] | None = Field(
+        default=None, description="422 from schema validation only: every bad field."
+    )
 
 
 class ErrorResponse(BaseModel):
+    """Every error the vault answers has this shape, whatever its status."""
+
     error: ErrorBody
 
 
@@ -96,11 +121,26 @@ class PrincipalCreate(Strict):
     name: PrincipalName
     role: Role = Field(examples=["service"])
 
+    model_config = ConfigDict(extra="forbid", **examples({"name": "kyc-app", "role": "service"}))
+
+
+_KEY_OUT = {"key_id": _KEY_ID, "created_at": _TIME, "revoked_at": None}
+_PRINCIPAL_OUT = {
+    "id": _PRINCIPAL_ID,
+    "name": "kyc-app",
+    "role": "service",
+    "created_at": _TIME,
+    "disabled_at": None,
+    "keys": [_KEY_OUT],
+}
+
 
 class ApiKeyOut(BaseModel):
     key_id: str
     created_at: datetime
     revoked_at: datetime | None = None
+
+    model_config = examples(_KEY_OUT)
 
 
 class PrincipalOut(BaseModel):
@@ -111,20 +151,28 @@ class PrincipalOut(BaseModel):
     disabled_at: datetime | None = None
     keys: list[ApiKeyOut] = []
 
+    model_config = examples(_PRINCIPAL_OUT)
+
 
 class PrincipalCreated(PrincipalOut):
     key_id: str
     api_key: str = Field(repr=False, description="Shown this once; store it in your secret manager.")
+
+    model_config = examples({**_PRINCIPAL_OUT, "key_id": _KEY_ID, "api_key": _API_KEY})
 
 
 class ApiKeyCreated(BaseModel):
     key_id: str
     api_key: str = Field(repr=False, description="Shown this once; store it in your secret manager.")
 
+    model_config = examples({"key_id": _KEY_ID, "api_key": _API_KEY})
+
 
 class PrincipalList(BaseModel):
     principals: list[PrincipalOut] = Field(description="Oldest first.")
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+    model_config = examples({"principals": [_PRINCIPAL_OUT], "next_cursor": None})
 
 
 # Grants
@@ -178,7 +226,24 @@ class GrantCreate(Strict):
     )
 
 
+_GRANT_OUT = {
+    "id": _GRANT_ID,
+    "name": "kyc reads licences",
+    "grantee": _PRINCIPAL_ID,
+    "operations": ["Decrypt"],
+    "constraints": {"encryption_context_subset": {"dataType": "DriverLicense"}},
+    "expires_at": "2027-01-01T00:00:00Z",
+    "created_at": _TIME,
+    "revoked_at": None,
+    "retired_at": None,
+    "active": True,
+    "kms_grant_id": None,
+}
+
+
 class GrantOut(BaseModel):
+    model_config = examples(_GRANT_OUT)
+
     id: uuid.UUID
     name: str | None
     grantee: uuid.UUID
@@ -197,6 +262,8 @@ class GrantList(BaseModel):
     grants: list[GrantOut] = Field(description="Oldest first.")
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
+    model_config = examples({"grants": [_GRANT_OUT], "next_cursor": None})
+
 
 # Tokens
 
@@ -211,12 +278,33 @@ class TokenizeRequest(Strict):
         examples=["D1234-56789-01234"],
     )
 
+    model_config = ConfigDict(
+        extra="forbid",
+        **examples({"customer_id": "12345", "data_type": "DriverLicense", "value": "D1234-56789-01234"}),
+    )
+
+
+_TOKEN_OUT = {"token": _TOK, "customer_id": "12345", "data_type": "DriverLicense", "created_at": _TIME}
+_REVEALED = {
+    "token": _TOK,
+    "customer_id": "12345",
+    "data_type": "DriverLicense",
+    "value": "D1234-56789-01234",
+}
+_ITEM_ERROR = {
+    "code": "grant_required",
+    "message": "no active grant allows this operation on this record",
+    "retryable": False,
+}
+
 
 class TokenOut(BaseModel):
-    token: str = Field(examples=["tok_3q2-7wEvmn8CRTfF1ZrPuS9QoHgH4kDy"])
+    token: str = Field(examples=[_TOK])
     customer_id: str
     data_type: str
     created_at: datetime
+
+    model_config = examples(_TOKEN_OUT)
 
 
 class ItemErrorBody(BaseModel):
@@ -234,21 +322,50 @@ class ItemErrorBody(BaseModel):
 class BatchTokenizeRequest(Strict):
     items: list[dict[str, Any]] = Field(
         min_length=1,
-        description="Each item as for POST /v1/tokens; a bad item fails alone.",
+        description="Each item as for POST /v1/tokens (TokenizeRequest); a bad item fails alone.",
         examples=[[{"customer_id": "12345", "data_type": "SSN", "value": "078-05-1120"}]],
     )
 
+    model_config = ConfigDict(
+        extra="forbid",
+        **examples(
+            {
+                "items": [
+                    {"customer_id": "12345", "data_type": "DriverLicense", "value": "D1234-56789-01234"},
+                    {"customer_id": "12345", "data_type": "SSN", "value": "078-05-1120"},
+                ]
+            }
+        ),
+    )
 
-class BatchTokenizeItemResult(BaseModel):
-    token: str | None = None
-    customer_id: str | None = None
-    data_type: str | None = None
-    created_at: datetime | None = None
-    error: ItemErrorBody | None = None
+
+class BatchTokenized(BaseModel):
+    """An item that was stored: its token."""
+
+    model_config = ConfigDict(extra="forbid", **examples(_TOKEN_OUT))
+
+    token: str
+    customer_id: str
+    data_type: str
+    created_at: datetime
+
+
+class BatchTokenizeFailed(BaseModel):
+    """An item that was not stored, and why."""
+
+    model_config = ConfigDict(extra="forbid", **examples({"error": _ITEM_ERROR}))
+
+    error: ItemErrorBody
+
+
+# One result per item, in request order: a token, or the item's own error.
+BatchTokenizeItemResult = BatchTokenized | BatchTokenizeFailed
 
 
 class BatchTokenizeResponse(BaseModel):
     results: list[BatchTokenizeItemResult]
+
+    model_config = examples({"results": [_TOKEN_OUT, {"error": _ITEM_ERROR}]})
 
 
 class RevealedOut(BaseModel):
@@ -260,27 +377,61 @@ class RevealedOut(BaseModel):
         default=None, repr=False, description="Only the value's mask (a masked reveal), instead of value."
     )
 
+    model_config = examples(_REVEALED)
+
 
 class DetokenizeRequest(Strict):
-    tokens: list[StrictStr] = Field(min_length=1, examples=[["tok_3q2-7wEvmn8CRTfF1ZrPuS9QoHgH4kDy"]])
+    tokens: list[StrictStr] = Field(min_length=1, examples=[[_TOK]])
     reveal: Reveal = Field(
         default="plain",
         description="`masked`: each result carries value_masked instead of value. A caller whose "
         "grant is masked gets value_masked whatever it asks.",
     )
 
+    model_config = ConfigDict(extra="forbid", **examples({"tokens": [_TOK, "tok_" + "A" * 32]}))
 
-class DetokenizeItemResult(BaseModel):
+
+class BatchRevealed(BaseModel):
+    """A token whose value the caller may read: the value."""
+
+    model_config = ConfigDict(extra="forbid", **examples(_REVEALED))
+
     token: str
-    customer_id: str | None = None
-    data_type: str | None = None
-    value: str | None = Field(default=None, repr=False)
-    value_masked: str | None = Field(default=None, repr=False)
-    error: ItemErrorBody | None = None
+    customer_id: str
+    data_type: str
+    value: str | None = Field(default=None, repr=False, description="The value (a plain reveal).")
+    value_masked: str | None = Field(
+        default=None, repr=False, description="Only the value's mask (a masked reveal), instead of value."
+    )
+
+
+class BatchDetokenizeFailed(BaseModel):
+    """A token whose value was not revealed, and why (not_found, grant_required, ...)."""
+
+    model_config = ConfigDict(extra="forbid", **examples({"token": _TOK, "error": _ITEM_ERROR}))
+
+    token: str
+    error: ItemErrorBody
+
+
+# One result per token, in request order: the value, or the token's own error.
+DetokenizeItemResult = BatchRevealed | BatchDetokenizeFailed
 
 
 class DetokenizeResponse(BaseModel):
     results: list[DetokenizeItemResult]
+
+    model_config = examples(
+        {
+            "results": [
+                _REVEALED,
+                {
+                    "token": "tok_" + "A" * 32,
+                    "error": {"code": "not_found", "message": "no record for this token", "retryable": False},
+                },
+            ]
+        }
+    )
 
 
 # Data types and limits
@@ -348,11 +499,36 @@ class AuditEventOut(BaseModel):
     kms_request_id: str | None
 
 
+_EVENT = {
+    "id": "9a3e1f5c-2b7d-4c8e-8f1a-6d5b4c3a2e10",
+    "chain_seq": 42,
+    "time": _TIME,
+    "request_id": "3f0c7c1e-6b1e-4c55-9d4e-1f6f2b0f7a11",
+    "principal_id": _PRINCIPAL_ID,
+    "principal_name": "kyc-app",
+    "api_key_id": _KEY_ID,
+    "action": "Detokenize",
+    "outcome": "allowed",
+    "reason": None,
+    "token": _TOK,
+    "customer_id": "12345",
+    "data_type": "DriverLicense",
+    "grant_id": _GRANT_ID,
+    "target_id": None,
+    "access_reason": "KYC check for application 881",
+    "source_ip": "10.0.4.17",
+    "user_agent": "kyc-app/2.3",
+    "kms_request_id": None,
+}
+
+
 class AuditEventPage(BaseModel):
     events: list[AuditEventOut]
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next (older) page; null at the end."
     )
+
+    model_config = examples({"events": [_EVENT], "next_cursor": "41"})
 
 
 class AuditVerifyOut(BaseModel):
@@ -361,6 +537,16 @@ class AuditVerifyOut(BaseModel):
     head_seq: int
     head_mac: str | None = None
     first_bad_event: dict[str, Any] | None = None
+
+    model_config = examples(
+        {
+            "ok": True,
+            "events_checked": 42,
+            "head_seq": 42,
+            "head_mac": "5d41402abc4b2a76b9719d911017c592ae1b7c9e3f1d2c4b6a8e0f1a2b3c4d5e",
+            "first_bad_event": None,
+        }
+    )
 
 
 class KeyUsageOut(BaseModel):
@@ -376,3 +562,31 @@ class KeyUsageOut(BaseModel):
 
 class KeyList(BaseModel):
     keys: list[KeyUsageOut]
+
+    model_config = examples(
+        {
+            "keys": [
+                {
+                    "key_id": "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+                    "records": 1204,
+                    "audit_keys": 1,
+                    "current": True,
+                    "decrypt_allowed": True,
+                }
+            ]
+        }
+    )
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+    model_config = examples({"status": "ok"})
+
+
+class ReadinessOut(BaseModel):
+    status: Literal["ready"]
+    database: Literal["ok"]
+    key_service: Literal["ok"]
+
+    model_config = examples({"status": "ready", "database": "ok", "key_service": "ok"})

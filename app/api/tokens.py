@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
 from pydantic import ValidationError
 
 from app.api.deps import DataCallDep, VaultDep
 from app.api.errors import error_body, validation_problem
+from app.api.openapi import AUTHENTICATED, documented
 from app.api.schemas import (
-    BatchTokenizeItemResult,
+    BatchDetokenizeFailed,
+    BatchRevealed,
+    BatchTokenized,
+    BatchTokenizeFailed,
     BatchTokenizeRequest,
     BatchTokenizeResponse,
-    DetokenizeItemResult,
     DetokenizeRequest,
     DetokenizeResponse,
-    ErrorResponse,
     ItemErrorBody,
     RevealedOut,
     TokenizeRequest,
@@ -28,15 +30,7 @@ from app.errors import DependencyUnavailable, InvalidInput, Misconfigured, Paylo
 from app.metrics import batch_items
 from app.services.tokens import ItemError, Revealed, Tokenized, TokenizeItem
 
-router = APIRouter(
-    prefix="/v1/tokens",
-    tags=["tokens"],
-    responses={
-        401: {"model": ErrorResponse},
-        403: {"model": ErrorResponse, "description": "no active grant covers this record"},
-        503: {"model": ErrorResponse, "description": "a dependency is down; see Retry-After"},
-    },
-)
+router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
 
 
 def _check_batch_size(count: int, limit: int, field: str) -> None:
@@ -57,12 +51,13 @@ def _item_error(err: VaultError) -> ItemErrorBody:
     return ItemErrorBody.model_validate({**error_body(err), "retryable": err.retryable})
 
 
-# A batch's own 503 (see whole_batch_failure).
-_BATCH_503: dict[str, Any] = {
-    "model": ErrorResponse,
-    "description": "every item failed at the same dependency, so nothing was stored: "
+# A batch's own 503 (see whole_batch_failure); its caller's key is checked per item, so an
+# unknown key is a 401 but a missing grant is each item's grant_required.
+_BATCH_ERRORS = (*AUTHENTICATED, 413)
+_BATCH_503 = {
+    503: "When every item failed at the same dependency, nothing was stored or revealed: "
     "with Retry-After when it is down for now (send the batch again later), "
-    "without when it refuses the vault (an operator must act)",
+    "without when it refuses the vault (an operator must act)."
 }
 
 
@@ -83,7 +78,7 @@ def whole_batch_failure(results: Sequence[Tokenized | Revealed | ItemError]) -> 
     "",
     status_code=status.HTTP_201_CREATED,
     name="Tokenize",
-    responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    **documented("tokenize", "Tokenize one value", errors=(*AUTHENTICATED, 413), status=201),
 )
 async def tokenize(body: TokenizeRequest, call: DataCallDep) -> TokenOut:
     """Store a value and get its token. Needs an active Encrypt grant matching
@@ -102,7 +97,7 @@ async def tokenize(body: TokenizeRequest, call: DataCallDep) -> TokenOut:
     "/batch",
     name="TokenizeBatch",
     response_model_exclude_none=True,
-    responses={413: {"model": ErrorResponse}, 503: _BATCH_503},
+    **documented("tokenizeBatch", "Tokenize many values", errors=_BATCH_ERRORS, descriptions=_BATCH_503),
 )
 async def tokenize_batch(
     body: BatchTokenizeRequest, vault: VaultDep, call: DataCallDep
@@ -117,9 +112,9 @@ async def tokenize_batch(
         raise failure
     return BatchTokenizeResponse(
         results=[
-            BatchTokenizeItemResult(error=_item_error(r.error))
+            BatchTokenizeFailed(error=_item_error(r.error))
             if isinstance(r, ItemError)
-            else BatchTokenizeItemResult(
+            else BatchTokenized(
                 token=r.token,
                 customer_id=r.customer_id,
                 data_type=r.data_type,
@@ -134,7 +129,9 @@ async def tokenize_batch(
     "/detokenize",
     name="DetokenizeBatch",
     response_model_exclude_none=True,
-    responses={413: {"model": ErrorResponse}, 503: _BATCH_503},
+    **documented(
+        "detokenizeBatch", "Reveal many tokens", errors=(*_BATCH_ERRORS, 400), descriptions=_BATCH_503
+    ),
 )
 async def detokenize_batch(body: DetokenizeRequest, vault: VaultDep, call: DataCallDep) -> DetokenizeResponse:
     """Reveal many tokens; each result is the value or its own error (not_found, grant_required…),
@@ -148,9 +145,9 @@ async def detokenize_batch(body: DetokenizeRequest, vault: VaultDep, call: DataC
         raise failure
     return DetokenizeResponse(
         results=[
-            DetokenizeItemResult(token=r.token or "", error=_item_error(r.error))
+            BatchDetokenizeFailed(token=r.token or "", error=_item_error(r.error))
             if isinstance(r, ItemError)
-            else DetokenizeItemResult(
+            else BatchRevealed(
                 token=r.token,
                 customer_id=r.customer_id,
                 data_type=r.data_type,
@@ -166,7 +163,7 @@ async def detokenize_batch(body: DetokenizeRequest, vault: VaultDep, call: DataC
     "/{token}",
     name="Detokenize",
     response_model_exclude_none=True,
-    responses={404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}},
+    **documented("detokenize", "Reveal one token's value", errors=(*AUTHENTICATED, 400, 404, 422, 500)),
 )
 async def detokenize(
     token: Annotated[str, Path(max_length=128, examples=["tok_3q2-7wEvmn8CRTfF1ZrPuS9QoHgH4kDy"])],

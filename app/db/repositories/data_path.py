@@ -3,19 +3,22 @@
 Every method takes a connection from the data path's pool for its one statement (or one
 pipeline) and gives it back: no connection is held while the key service is asked for a data
 key, so a slow key service cannot drain the pool. The connections are in autocommit, so each
-write, one statement, commits or fails whole; Database.data_connection maps database errors to
-the vault's own.
+write, one statement, commits or fails whole; the one exception is a detokenize's release (a
+re-read of its grants, then its events), one explicit transaction. Database.data_connection maps
+database errors to the vault's own.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from operator import attrgetter
 from typing import Any
 
+import psycopg
 from psycopg.rows import namedtuple_row
 
 from app.db.session import Database
@@ -143,6 +146,14 @@ SELECT k.secret_hash, k.revoked_at AS key_revoked_at, p.id AS principal_id, p.na
  WHERE k.id = %(key_id)s
  ORDER BY g.created_at, g.id
 """  # noqa: S608 (column names are constants, values parameters)
+# The re-check before a release: the grants a detokenize rests on, as they stand now, each held
+# FOR SHARE until the release commits. A revoke or retire (which takes the row FOR UPDATE) that
+# committed first is seen here; one that comes later waits until the values are on record as
+# released, so no value is ever released after the revoke that should have stopped it.
+_GRANTS_NOW = """
+SELECT id, constraint_kind, constraint_context, expires_at, revoked_at, retired_at
+  FROM grants WHERE id = ANY(%(ids)s::uuid[]) ORDER BY id FOR SHARE
+"""
 _RECORDS = f"SELECT {', '.join(RECORD_COLUMNS)} FROM records WHERE token = ANY(%(tokens)s::varchar[])"  # noqa: S608
 
 
@@ -173,6 +184,21 @@ class Access:
     credentials: KeyCredentials | None
     grants: list[GrantTerms]
     records: dict[str, RecordRow]
+
+
+class Release:
+    """A release in progress: the grants it rests on as they stand now (held until it commits),
+    and the one transaction its audit events are written in."""
+
+    def __init__(self, connection: psycopg.AsyncConnection[Any], grants: list[GrantTerms]) -> None:
+        self._connection = connection
+        self.grants = grants
+
+    async def add_events(self, events: Sequence[EventRow]) -> None:
+        if len(events) == 1:
+            await self._connection.execute(_INSERT_ONE_EVENT, _event_values(events[0]))
+        elif events:
+            await self._connection.execute(_INSERT_EVENTS, _columns(events, EVENT_COLUMNS, "e_"))
 
 
 class DataPathRepository:
@@ -224,6 +250,32 @@ class DataPathRepository:
             if row.grant_id is not None
         ]
         return Access(credentials, grants, records)
+
+    @asynccontextmanager
+    async def release(self, grant_ids: Sequence[uuid.UUID]) -> AsyncIterator[Release]:
+        """One transaction for a detokenize's release: the grants it rests on are read (and held
+        FOR SHARE) first, the events written in the block commit with it when the block ends.
+        Pipelined: BEGIN and the read are one round trip, the events and COMMIT another."""
+        async with (
+            self._database.data_connection() as connection,
+            connection.pipeline(),
+            connection.transaction(),
+        ):
+            cursor = connection.cursor(binary=True, row_factory=namedtuple_row)
+            await cursor.execute(_GRANTS_NOW, {"ids": list(grant_ids)})
+            rows: list[Any] = await cursor.fetchall()
+            grants = [
+                GrantTerms(
+                    id=row.id,
+                    constraint_kind=row.constraint_kind,
+                    constraint_context=row.constraint_context,
+                    expires_at=row.expires_at,
+                    revoked_at=row.revoked_at,
+                    retired_at=row.retired_at,
+                )
+                for row in rows
+            ]
+            yield Release(connection, grants)
 
     async def add_events(self, events: Sequence[EventRow]) -> None:
         if not events:

@@ -9,6 +9,7 @@ loop, and the revoke is served meanwhile. The re-check itself is the same on eit
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -24,8 +25,10 @@ from fastapi.testclient import TestClient
 
 from app.container import Vault
 from app.crypto.kms import KmsKeyProvider
+from app.db.repositories import DataPathRepository
+from app.db.session import Database
 from app.settings import Settings
-from tests.conftest import Actors, assert_error, bearer, create_grant, make_settings, tokenize
+from tests.conftest import Actors, LoopThread, assert_error, bearer, create_grant, make_settings, tokenize
 
 LICENCE = {"customer_id": "12345", "data_type": "DriverLicense", "value": "D1234-56789-01234"}
 BATCH = 12
@@ -238,3 +241,52 @@ def test_a_revoke_in_flight_leaves_values_another_active_grant_covers(
     assert response.status_code == 200, response.text
     assert {r["token"]: r["value"] for r in response.json()["results"]} == made
     assert {(o, str(g)) for o, _, _, g in detokenize_events(db)} == {("allowed", second["id"])}
+
+
+def backend_waiting_on_an_advisory_lock(db: psycopg.Connection[Any]) -> bool:
+    row = db.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+    ).fetchone()
+    return row is not None and row[0] > 0
+
+
+def test_a_revoke_waits_for_a_release_that_has_already_re_checked_its_grant(
+    client: TestClient,
+    actors: Actors,
+    db: psycopg.Connection[Any],
+    database_url: str,
+    loop_thread: LoopThread,
+) -> None:
+    """The other order: a release has re-checked the grant (active) and not yet committed when
+    the revoke comes. The revoke waits for it, so the release still comes before the revoke."""
+    grant_id = decrypt_grant_of(db, actors.kyc_id)
+    database = Database(database_url)
+    releases = DataPathRepository(database)
+    rechecked, finish = threading.Event(), threading.Event()
+
+    async def release() -> list[datetime | None]:
+        async with releases.release([grant_id]) as held:
+            rechecked.set()
+            while not finish.is_set():
+                await asyncio.sleep(0.01)
+            return [grant.revoked_at for grant in held.grants]
+
+    try:
+        releasing = asyncio.run_coroutine_threadsafe(release(), loop_thread.loop)
+        assert rechecked.wait(10)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            revoking = pool.submit(client.delete, f"/v1/grants/{grant_id}", headers=bearer(actors.admin))
+            deadline = time.monotonic() + 10
+            while not backend_waiting_on_an_advisory_lock(db) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert backend_waiting_on_an_advisory_lock(db), "the revoke did not wait for the release"
+            assert not revoking.done()
+            finish.set()
+            assert releasing.result(timeout=10) == [None]  # it saw the grant active
+            assert revoking.result(timeout=10).status_code == 200
+    finally:
+        finish.set()
+        loop_thread.run(database.close_data_path())
+        database.engine.dispose()
+        database.side_engine.dispose()

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import namedtuple_row
 
+from app.db.repositories.grants import GRANT_LOCK_NAMESPACE
 from app.db.session import Database
 
 
@@ -146,13 +147,18 @@ SELECT k.secret_hash, k.revoked_at AS key_revoked_at, p.id AS principal_id, p.na
  WHERE k.id = %(key_id)s
  ORDER BY g.created_at, g.id
 """  # noqa: S608 (column names are constants, values parameters)
-# The re-check before a release: the grants a detokenize rests on, as they stand now, each held
-# FOR SHARE until the release commits. A revoke or retire (which takes the row FOR UPDATE) that
-# committed first is seen here; one that comes later waits until the values are on record as
-# released, so no value is ever released after the revoke that should have stopped it.
+# The re-check before a release: the grants a detokenize rests on, held in shared advisory locks
+# until the release commits (see GRANT_LOCK_NAMESPACE: a revoke or retire holds the grant's
+# exclusively), then read as they stand, in a statement (and snapshot) of its own taken once the
+# locks are held. A revoke that committed first is seen; one that comes later waits until the
+# values are on record as released.
+_HOLD_GRANTS = """
+SELECT pg_advisory_xact_lock_shared(%(namespace)s, hashtext(id::text))
+  FROM (SELECT DISTINCT unnest(%(ids)s::uuid[]) AS id ORDER BY 1) AS held
+"""
 _GRANTS_NOW = """
 SELECT id, constraint_kind, constraint_context, expires_at, revoked_at, retired_at
-  FROM grants WHERE id = ANY(%(ids)s::uuid[]) ORDER BY id FOR SHARE
+  FROM grants WHERE id = ANY(%(ids)s::uuid[])
 """
 _RECORDS = f"SELECT {', '.join(RECORD_COLUMNS)} FROM records WHERE token = ANY(%(tokens)s::varchar[])"  # noqa: S608
 
@@ -253,16 +259,19 @@ class DataPathRepository:
 
     @asynccontextmanager
     async def release(self, grant_ids: Sequence[uuid.UUID]) -> AsyncIterator[Release]:
-        """One transaction for a detokenize's release: the grants it rests on are read (and held
-        FOR SHARE) first, the events written in the block commit with it when the block ends.
-        Pipelined: BEGIN and the read are one round trip, the events and COMMIT another."""
+        """One transaction for a detokenize's release: the grants it rests on are held (shared)
+        and read first, the events written in the block commit with it when the block ends.
+        Pipelined: BEGIN, the locks and the read are one round trip, the events and COMMIT
+        another."""
         async with (
             self._database.data_connection() as connection,
             connection.pipeline(),
             connection.transaction(),
         ):
+            ids = list(grant_ids)
+            await connection.execute(_HOLD_GRANTS, {"namespace": GRANT_LOCK_NAMESPACE, "ids": ids})
             cursor = connection.cursor(binary=True, row_factory=namedtuple_row)
-            await cursor.execute(_GRANTS_NOW, {"ids": list(grant_ids)})
+            await cursor.execute(_GRANTS_NOW, {"ids": ids})
             rows: list[Any] = await cursor.fetchall()
             grants = [
                 GrantTerms(

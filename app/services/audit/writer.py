@@ -99,8 +99,8 @@ class Auditor:
         build: Callable[[Sequence[GrantTerms]], Sequence[EventRow]],
     ) -> None:
         """A detokenize's write, after its key-service calls and before any value leaves: the
-        grants in `grant_ids` are read again as they stand now (one query, held until the
-        commit), `build` makes the events of that re-check (allowed, or denied for a grant
+        grants in `grant_ids` are held until the commit and read again as they stand now (one
+        round trip), `build` makes the events of that re-check (allowed, or denied for a grant
         revoked, retired or expired meanwhile), and they commit in that same transaction."""
         if not self._keyring.loaded:
             await anyio.to_thread.run_sync(self._keyring.current)

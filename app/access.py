@@ -193,6 +193,12 @@ class GrantSet:
     def any_active(self) -> bool:
         return any(grant_active(grant, self._now) for grant in self._grants)
 
+    @property
+    def active_ids(self) -> list[uuid.UUID]:
+        """The grants an allowed decision may rest on: those active when the set was read (a
+        revoked, retired or expired grant never becomes active again)."""
+        return [grant.id for grant in self._grants if grant_active(grant, self._now)]
+
     def decide(self, context: Mapping[str, str]) -> Decision:
         matching = [grant for grant in self._grants if constraints_match(grant, context)]
         active = [grant for grant in matching if grant_active(grant, self._now)]
@@ -203,8 +209,10 @@ class GrantSet:
         # Deny: say why, for the audit trail only (the caller always sees grant_required).
         if any(g.revoked_at is None and g.retired_at is None for g in matching):
             return Decision(None, "grant_expired")
-        if matching:
+        if any(g.revoked_at is not None for g in matching):
             return Decision(None, "grant_revoked")
+        if matching:
+            return Decision(None, "grant_retired")
         if self.any_active:
             return Decision(None, "context_mismatch")
         return Decision(None, "no_grant")

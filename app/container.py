@@ -57,6 +57,7 @@ def build_key_provider(settings: Settings) -> tuple[KeyProvider, GrantMirror]:
         connect_timeout_s=settings.kms_connect_timeout_s,
         read_timeout_s=settings.kms_read_timeout_s,
         max_attempts=settings.kms_max_attempts,
+        call_deadline_s=settings.kms_call_deadline_s,
         grantee_principal=settings.kms_grantee_principal,
         verify=settings.kms_ca_bundle,
         transport=settings.kms_transport,

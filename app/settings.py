@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     kms_connect_timeout_s: float = Field(default=2.0, gt=0, le=30)
     kms_read_timeout_s: float = Field(default=5.0, gt=0, le=60)
     kms_max_attempts: int = Field(default=3, ge=1, le=10)
+    # The most one KMS operation may take, retries included, whatever the server does: socket
+    # timeouts bound each wait for bytes, and a server dripping bytes would never trip them.
+    kms_call_deadline_s: float = Field(default=6.0, gt=0, le=120)
     kms_mirror_grants: bool = True
     # How GenerateDataKey/Decrypt reach KMS: the lean path (signed and sent on the event loop) or
     # boto3's own client in a thread. The lean path falls back to boto3 when it cannot serve.
@@ -136,6 +139,12 @@ class Settings(BaseSettings):
             )
         if self.kms_decrypt_key_ids and self.effective_key_provider != "kms":
             problems.append("PIIVAULT_KMS_DECRYPT_KEY_IDS needs the kms key provider (PIIVAULT_KMS_KEY_ID)")
+        if self.kms_call_deadline_s < self.kms_read_timeout_s:
+            problems.append(
+                f"PIIVAULT_KMS_CALL_DEADLINE_S ({self.kms_call_deadline_s:g}) must be at least "
+                f"PIIVAULT_KMS_READ_TIMEOUT_S ({self.kms_read_timeout_s:g}): a call would be cut "
+                "off before one read could time out"
+            )
         if self.kms_ca_bundle and not Path(self.kms_ca_bundle).exists():
             problems.append(f"PIIVAULT_KMS_CA_BUNDLE names no file or directory: {self.kms_ca_bundle}")
         if self.alert_webhook_url and not self.alert_webhook_url.startswith(("https://", "http://")):

@@ -7,6 +7,11 @@ boto3 client directly. Every answer is checked in one place
 KeyServiceUnavailable (transient: retry later), KeyAccessDenied / KeyNotAllowed /
 KeyServiceInvalidResponse (permanent: an operator must act), IntegrityFailure (the wrapped key
 does not open under this context).
+
+Every KMS operation, on either transport, has an overall deadline (PIIVAULT_KMS_CALL_DEADLINE_S),
+retries included: socket timeouts bound each wait for bytes, not a call, and a server dripping
+bytes (or `100 Continue` lines) would otherwise hold it for as long as it likes. A call past its
+deadline is KeyServiceUnavailable (retry later).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import botocore.session
@@ -157,6 +165,7 @@ class KmsKeyProvider:
         connect_timeout_s: float = 2.0,
         read_timeout_s: float = 5.0,
         max_attempts: int = 3,
+        call_deadline_s: float = 6.0,
         grantee_principal: str | None = None,
         max_pool_connections: int = 64,
         verify: bool | str | None = None,
@@ -168,6 +177,11 @@ class KmsKeyProvider:
         or False; None: botocore's default). An injected `client` should come with the `session`
         that made it and the `verify` it was given, or the lean path cannot serve it."""
         self._key_id = key_id
+        self._call_deadline_s = call_deadline_s
+        # Blocking calls (DescribeKey, grants, the audit key's unwrap) run here so that their
+        # caller can stop waiting at the deadline; a call held by its server keeps its thread
+        # until the socket gives up, and the few threads bound how many can pile up.
+        self._blocking = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kms-call")
         self._decrypt_key_ids = tuple(dict.fromkeys(k for k in decrypt_key_ids if k != key_id))
         self._grantee_principal = grantee_principal
         # "standard" retries back off on throttling and transient errors, within max_attempts.
@@ -205,18 +219,39 @@ class KmsKeyProvider:
     def transport(self) -> KmsTransport:
         return self._transport
 
+    @property
+    def call_deadline_s(self) -> float:
+        return self._call_deadline_s
+
     def close(self) -> None:
         """Close the transport's pooled connections (the boto3 client keeps its own)."""
         self._transport.close()
+        self._blocking.shutdown(wait=False, cancel_futures=True)
+
+    def _past_deadline(self, operation: str) -> KeyServiceUnavailable:
+        log.warning("kms %s failed: no answer within its %ss deadline", operation, self._call_deadline_s)
+        return KeyServiceUnavailable("the key service did not answer in time; retry later")
+
+    def _bounded(self, operation: str, fn: Callable[[], T]) -> T:
+        """A blocking call, waited for until the deadline and no longer."""
+        future = self._blocking.submit(fn)
+        try:
+            return future.result(timeout=self._call_deadline_s)
+        except FutureTimeout:
+            future.cancel()  # not started yet (every thread held): it never will be
+            raise self._past_deadline(operation) from None
 
     def _call(self, operation: str, fn: Callable[[], T]) -> T:
         started = time.perf_counter()
         try:
-            result = fn()
+            result = self._bounded(operation, fn)
         except (ClientError, BotoCoreError) as err:
             failure = _translate(operation, err)
             observe_kms_call(operation, _outcome(failure), time.perf_counter() - started)
             raise failure from None
+        except VaultError as err:  # past its deadline
+            observe_kms_call(operation, err.code, time.perf_counter() - started)
+            raise
         observe_kms_call(operation, "ok", time.perf_counter() - started)
         return result
 
@@ -227,9 +262,16 @@ class KmsKeyProvider:
         started = time.perf_counter()
         try:
             if called_outside_loop():
-                response = self._boto3.call_blocking(operation, params)
+                response = self._bounded(operation, lambda: self._boto3.call_blocking(operation, params))
             else:
-                response = await self._transport.call(operation, params)
+                deadline = asyncio.timeout(self._call_deadline_s)
+                try:
+                    async with deadline:
+                        response = await self._transport.call(operation, params)
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise
+                    raise self._past_deadline(operation) from None
         except (ClientError, BotoCoreError) as err:
             failure = _translate(operation, err)
             observe_kms_call(operation, _outcome(failure), time.perf_counter() - started)
@@ -409,7 +451,9 @@ class KmsKeyProvider:
         for key_arn in (current, *sorted(self.allowed_arns() - {current})):
             started = time.perf_counter()
             try:
-                self.client.revoke_grant(KeyId=key_arn, GrantId=kms_grant_id)
+                self._bounded(
+                    "RevokeGrant", partial(self.client.revoke_grant, KeyId=key_arn, GrantId=kms_grant_id)
+                )
                 observe_kms_call("RevokeGrant", "ok", time.perf_counter() - started)
                 return
             except ClientError as err:

@@ -2,7 +2,9 @@
 
 Each record gets its own data key from the key provider under exactly
 {"customerID", "dataType"}; the value is sealed with AES-256-GCM bound to the token, customer and
-data type. Access is decided by GrantSet.decide, once per record; every decision is audited.
+data type. Access is decided by GrantSet.decide, once per record; every decision is audited. A
+detokenize decides twice: before its key-service calls, and again on the grants as they stand
+just before any value leaves (one query, in the transaction of its audit events).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from app.access import Decision, GrantSet
 from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
 from app.crypto.keys import KeyProvider
 from app.datatypes import Reveal, mask
-from app.db.repositories.data_path import DataPathRepository, EventRow, RecordRow
+from app.db.repositories.data_path import DataPathRepository, EventRow, GrantTerms, RecordRow
 from app.db.session import Database
 from app.errors import (
     AccessReasonRequired,
@@ -317,50 +319,62 @@ class TokenService:
             return plaintext.decode("utf-8"), data_key.request_id
 
         opened = await self._map(decrypt, allowed)
-        wants_mask = reveal == "masked" or any(decision.masked for _, _, decision in allowed)
-        registry = await self._types.registry() if wants_mask else {}
-        events: list[EventRow] = []
         failures: list[EventRow] = []
+        opened_ok: list[tuple[int, RecordRow, str, str | None]] = []
         for (index, record, decision), outcome in zip(allowed, opened, strict=True):
-            subject = Subject(
-                token=record.token,
-                customer_id=record.customer_id,
-                data_type=record.data_type,
-                grant_id=decision.grant_id,
-            )
             if isinstance(outcome, VaultError):
+                subject = Subject(
+                    token=record.token,
+                    customer_id=record.customer_id,
+                    data_type=record.data_type,
+                    grant_id=decision.grant_id,
+                )
                 failures.append(build_event("Detokenize", "error", ctx, caller, subject, outcome.code))
                 results[index] = ItemError(outcome, record.token)
                 continue
             value, kms_request_id = outcome
-            masked = reveal == "masked" or decision.masked
-            events.append(
-                build_event(
-                    "Detokenize",
-                    "allowed",
-                    ctx,
-                    caller,
-                    Subject(
-                        token=record.token,
-                        customer_id=record.customer_id,
-                        data_type=record.data_type,
-                        grant_id=decision.grant_id,
-                        kms_request_id=kms_request_id,
-                    ),
-                    # Which form left: "masked" here; an allowed Detokenize without it revealed the value.
-                    REVEALED_MASKED if masked else None,
-                )
-            )
-            if masked:
-                # A type unknown to the registry (none should be) is masked wholly.
-                spec = registry.get(record.data_type)
-                hidden = mask(spec.mask if spec else "none", value)
-                results[index] = Revealed(record.token, record.customer_id, record.data_type, None, hidden)
-            else:
-                results[index] = Revealed(record.token, record.customer_id, record.data_type, value)
+            opened_ok.append((index, record, value, kms_request_id))
         await self._auditor.record_denials(failures)
-        # The value leaves only once its allowed event has committed.
-        await self._auditor.record_with_records((), events)
+        # In process (see DataTypeService): the masks, for a grant that turns out masked below.
+        registry = await self._types.registry() if opened_ok else {}
+
+        def release(current: Sequence[GrantTerms]) -> list[EventRow]:
+            # The re-check: the KMS calls took time, and a grant revoked, retired or expired
+            # meanwhile releases nothing. Refused like any refusal (grant_required); the audit
+            # event says why.
+            now = GrantSet(current, utcnow())
+            events: list[EventRow] = []
+            for index, record, value, kms_request_id in opened_ok:
+                decision = now.decide(context_of(record.customer_id, record.data_type))
+                subject = Subject(
+                    token=record.token,
+                    customer_id=record.customer_id,
+                    data_type=record.data_type,
+                    grant_id=decision.grant_id,
+                    kms_request_id=kms_request_id,
+                )
+                if not decision.allowed:
+                    reason = decision.deny_reason
+                    events.append(build_event("Detokenize", "denied", ctx, caller, subject, reason))
+                    results[index] = ItemError(Denied(reason), record.token)
+                    continue
+                masked = reveal == "masked" or decision.masked
+                # Which form left: "masked" here; an allowed Detokenize without it revealed the value.
+                reason = REVEALED_MASKED if masked else None
+                events.append(build_event("Detokenize", "allowed", ctx, caller, subject, reason))
+                if masked:
+                    # A type unknown to the registry (none should be) is masked wholly.
+                    spec = registry.get(record.data_type)
+                    hidden = mask(spec.mask if spec else "none", value)
+                    results[index] = Revealed(record.token, record.customer_id, record.data_type, None, hidden)
+                else:
+                    results[index] = Revealed(record.token, record.customer_id, record.data_type, value)
+            return events
+
+        if opened_ok:
+            # The value leaves only once its allowed event has committed, in the transaction that
+            # re-read the grants it rests on: one query per request, whatever the batch's size.
+            await self._auditor.record_release(grants.active_ids, release)
         return [result for result in results if result is not None]
 
     async def detokenize_one(

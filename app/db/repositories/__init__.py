@@ -1,6 +1,7 @@
 """All SQL lives here, one repository per aggregate. Repositories never commit: the ORM ones
 work in the caller's session (Database.transaction commits it); the data path's run one statement
-per pooled autocommit connection, each committing on its own; the sealer's run in the
+per pooled autocommit connection, each committing on its own (a detokenize's release, a re-read
+of its grants and its events, is one transaction of its own); the sealer's run in the
 transaction Database.raw_transaction holds."""
 
 from app.db.repositories.audit import AuditFilter, AuditRepository

@@ -3,21 +3,25 @@
 Every method takes a connection from the data path's pool for its one statement (or one
 pipeline) and gives it back: no connection is held while the key service is asked for a data
 key, so a slow key service cannot drain the pool. The connections are in autocommit, so each
-write, one statement, commits or fails whole; Database.data_connection maps database errors to
-the vault's own.
+write, one statement, commits or fails whole; the one exception is a detokenize's release (a
+re-read of its grants, then its events), one explicit transaction. Database.data_connection maps
+database errors to the vault's own.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from operator import attrgetter
 from typing import Any
 
+import psycopg
 from psycopg.rows import namedtuple_row
 
+from app.db.repositories.grants import GRANT_LOCK_NAMESPACE
 from app.db.session import Database
 
 
@@ -144,6 +148,19 @@ SELECT k.secret_hash, k.revoked_at AS key_revoked_at, p.id AS principal_id, p.na
  WHERE k.id = %(key_id)s
  ORDER BY g.created_at, g.id
 """  # noqa: S608 (column names are constants, values parameters)
+# The re-check before a release: the grants a detokenize rests on, held in shared advisory locks
+# until the release commits (see GRANT_LOCK_NAMESPACE: a revoke or retire holds the grant's
+# exclusively), then read as they stand, in a statement (and snapshot) of its own taken once the
+# locks are held. A revoke that committed first is seen; one that comes later waits until the
+# values are on record as released.
+_HOLD_GRANTS = """
+SELECT pg_advisory_xact_lock_shared(%(namespace)s, hashtext(id::text))
+  FROM (SELECT DISTINCT unnest(%(ids)s::uuid[]) AS id ORDER BY 1) AS held
+"""
+_GRANTS_NOW = """
+SELECT id, constraint_kind, constraint_context, expires_at, revoked_at, retired_at, reveal
+  FROM grants WHERE id = ANY(%(ids)s::uuid[])
+"""
 _RECORDS = f"SELECT {', '.join(RECORD_COLUMNS)} FROM records WHERE token = ANY(%(tokens)s::varchar[])"  # noqa: S608
 
 
@@ -174,6 +191,21 @@ class Access:
     credentials: KeyCredentials | None
     grants: list[GrantTerms]
     records: dict[str, RecordRow]
+
+
+class Release:
+    """A release in progress: the grants it rests on as they stand now (held until it commits),
+    and the one transaction its audit events are written in."""
+
+    def __init__(self, connection: psycopg.AsyncConnection[Any], grants: list[GrantTerms]) -> None:
+        self._connection = connection
+        self.grants = grants
+
+    async def add_events(self, events: Sequence[EventRow]) -> None:
+        if len(events) == 1:
+            await self._connection.execute(_INSERT_ONE_EVENT, _event_values(events[0]))
+        elif events:
+            await self._connection.execute(_INSERT_EVENTS, _columns(events, EVENT_COLUMNS, "e_"))
 
 
 class DataPathRepository:
@@ -226,6 +258,36 @@ class DataPathRepository:
             if row.grant_id is not None
         ]
         return Access(credentials, grants, records)
+
+    @asynccontextmanager
+    async def release(self, grant_ids: Sequence[uuid.UUID]) -> AsyncIterator[Release]:
+        """One transaction for a detokenize's release: the grants it rests on are held (shared)
+        and read first, the events written in the block commit with it when the block ends.
+        Pipelined: BEGIN, the locks and the read are one round trip, the events and COMMIT
+        another."""
+        async with (
+            self._database.data_connection() as connection,
+            connection.pipeline(),
+            connection.transaction(),
+        ):
+            ids = list(grant_ids)
+            await connection.execute(_HOLD_GRANTS, {"namespace": GRANT_LOCK_NAMESPACE, "ids": ids})
+            cursor = connection.cursor(binary=True, row_factory=namedtuple_row)
+            await cursor.execute(_GRANTS_NOW, {"ids": ids})
+            rows: list[Any] = await cursor.fetchall()
+            grants = [
+                GrantTerms(
+                    id=row.id,
+                    constraint_kind=row.constraint_kind,
+                    constraint_context=row.constraint_context,
+                    expires_at=row.expires_at,
+                    revoked_at=row.revoked_at,
+                    retired_at=row.retired_at,
+                    reveal=row.reveal,
+                )
+                for row in rows
+            ]
+            yield Release(connection, grants)
 
     async def add_events(self, events: Sequence[EventRow]) -> None:
         if not events:

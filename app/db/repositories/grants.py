@@ -6,10 +6,20 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select, text, tuple_
 from sqlalchemy.orm import Session
 
 from app.db.models import Grant
+
+# Revocation against work in flight: a detokenize's release holds each grant it rests on in a
+# shared transaction-level advisory lock (data_path.py), a revoke or retire holds the grant's
+# exclusively. So a revoke waits for the releases that already re-checked the grant, and the
+# releases that come later wait for the revoke and see it. Advisory, not row, locks: they write
+# nothing to the grant's row, and a waiting revoke is queued ahead of later releases rather than
+# starved by a stream of overlapping ones. The key: this namespace and hashtext of the grant's id
+# (a collision only makes an unrelated revoke and release wait for each other).
+GRANT_LOCK_NAMESPACE = 0x67726E74
+_LOCK_GRANT = text("SELECT pg_advisory_xact_lock(:namespace, hashtext(CAST(:grant_id AS text)))")
 
 
 class GrantRepository:
@@ -22,6 +32,10 @@ class GrantRepository:
         return grant
 
     def get(self, grant_id: uuid.UUID, *, for_update: bool = False) -> Grant | None:
+        """The grant; `for_update`: to change it (revoke, retire), locked until the transaction
+        ends, and releases in flight that rest on it waited for (GRANT_LOCK_NAMESPACE)."""
+        if for_update:
+            self.session.execute(_LOCK_GRANT, {"namespace": GRANT_LOCK_NAMESPACE, "grant_id": str(grant_id)})
         return self.session.get(Grant, grant_id, with_for_update=for_update)
 
     def list(

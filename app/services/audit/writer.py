@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 
 import anyio.to_thread
@@ -12,7 +13,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from app.db.models import AuditEvent
-from app.db.repositories import AuditFilter, AuditRepository, DataPathRepository, EventRow, RecordRow
+from app.db.repositories import (
+    AuditFilter,
+    AuditRepository,
+    DataPathRepository,
+    EventRow,
+    GrantTerms,
+    RecordRow,
+)
 from app.db.session import Database
 from app.errors import AuditUnavailable, DatabaseUnavailable
 from app.metrics import AUDIT_EVENTS
@@ -84,6 +92,31 @@ class Auditor:
             log.error("audit write failed: %s", err.sqlstate or type(err).__name__)
             raise AuditUnavailable() from None
         self._counted(events)
+
+    async def record_release(
+        self,
+        grant_ids: Sequence[uuid.UUID],
+        build: Callable[[Sequence[GrantTerms]], Sequence[EventRow]],
+    ) -> None:
+        """A detokenize's write, after its key-service calls and before any value leaves: the
+        grants in `grant_ids` are held until the commit and read again as they stand now (one
+        round trip), `build` makes the events of that re-check (allowed, or denied for a grant
+        revoked, retired or expired meanwhile), and they commit in that same transaction."""
+        if not self._keyring.loaded:
+            await anyio.to_thread.run_sync(self._keyring.current)
+        events: Sequence[EventRow] = ()
+        try:
+            async with self._data_path.release(grant_ids) as release:
+                events = build(release.grants)
+                self._stamp(events)
+                await release.add_events(events)
+        except psycopg.OperationalError:
+            raise  # the database is down: mapped as such by the Database
+        except psycopg.Error as err:
+            log.error("audit write failed: %s", err.sqlstate or type(err).__name__)
+            raise AuditUnavailable() from None
+        self._counted(events)
+        self._alerter.denied(events)
 
     async def record_denials(self, events: Sequence[EventRow]) -> None:
         """The data path's refusals: written at once in a statement of their own (autocommit),

@@ -84,7 +84,9 @@ def target(database_url: str, aws_session: None) -> Iterator[Target]:
                 service = create_principal(client, admin, "kyc-app")
                 grant = create_grant(client, admin, grantee="kyc-app", operations=["Encrypt", "Decrypt"])
                 token = tokenize(
-                    client, service["api_key"], {"customer_id": "1", "data_type": "SSN", "value": "x"}
+                    client,
+                    service["api_key"],
+                    {"customer_id": "1", "data_type": "SSN", "value": "078-05-1120"},
                 )
                 keys = {"admin": admin, "service": service["api_key"]}
                 path_values = {
@@ -161,12 +163,21 @@ def test_a_real_session_conforms_to_the_document(target: Target) -> None:
     service, admin = target.keys["service"], target.keys["admin"]
     token = target.path_values["token"]
     calls: list[tuple[str, str, str, dict[str, Any]]] = [
-        (service, "POST", "/v1/tokens", {"body": {"customer_id": "2", "data_type": "SSN", "value": "v"}}),
+        (
+            service,
+            "POST",
+            "/v1/tokens",
+            {"body": {"customer_id": "2", "data_type": "SSN", "value": "078-05-1120"}},
+        ),
         (
             service,
             "POST",
             "/v1/tokens/batch",
-            {"body": {"items": [{"customer_id": "2", "data_type": "SSN", "value": "v"}, {"value": 1}]}},
+            {
+                "body": {
+                    "items": [{"customer_id": "2", "data_type": "SSN", "value": "078-05-1120"}, {"value": 1}]
+                }
+            },
         ),
         (service, "POST", "/v1/tokens/detokenize", {"body": {"tokens": [token, "tok_" + "A" * 32]}}),
         (service, "GET", "/v1/tokens/{token}", {"path_parameters": {"token": token}}),

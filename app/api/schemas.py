@@ -238,6 +238,7 @@ _GRANT_OUT = {
     "retired_at": None,
     "active": True,
     "kms_grant_id": None,
+    "reveal": "plain",
 }
 
 
@@ -452,8 +453,28 @@ class DataTypePut(Strict):
     lookup: bool = False
     max_retention_days: int | None = Field(default=None, ge=1, le=365_000)
 
+    model_config = ConfigDict(
+        extra="forbid",
+        **examples({"pattern": "[A-Z]{2}[0-9]{6}", "normalize": "none", "mask": "last4", "lookup": True}),
+    )
+
+
+_DATA_TYPE = {
+    "name": "DriverLicense",
+    "builtin": True,
+    "pattern": "[A-Za-z0-9](?:[A-Za-z0-9 -]{0,30}[A-Za-z0-9])?",
+    "normalize": "strip_separators",
+    "mask": "last4",
+    "lookup": True,
+    "max_retention_days": None,
+    "created_at": "2026-12-01T09:30:00Z",
+    "updated_at": "2026-12-01T09:30:00Z",
+}
+
 
 class DataTypeOut(BaseModel):
+    model_config = examples(_DATA_TYPE)
+
     name: str
     builtin: bool
     pattern: str | None
@@ -466,10 +487,14 @@ class DataTypeOut(BaseModel):
 
 
 class DataTypeList(BaseModel):
+    model_config = examples({"data_types": [_DATA_TYPE]})
+
     data_types: list[DataTypeOut]
 
 
 class LimitsOut(BaseModel):
+    model_config = examples({"max_batch_items": 1000, "max_value_bytes": 4096})
+
     max_batch_items: int = Field(description="The most items (or tokens) one batch request may hold.")
     max_value_bytes: int = Field(description="The largest value, in UTF-8 bytes.")
 

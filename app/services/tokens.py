@@ -360,13 +360,15 @@ class TokenService:
                     continue
                 masked = reveal == "masked" or decision.masked
                 # Which form left: "masked" here; an allowed Detokenize without it revealed the value.
-                reason = REVEALED_MASKED if masked else None
-                events.append(build_event("Detokenize", "allowed", ctx, caller, subject, reason))
+                form = REVEALED_MASKED if masked else None
+                events.append(build_event("Detokenize", "allowed", ctx, caller, subject, form))
                 if masked:
                     # A type unknown to the registry (none should be) is masked wholly.
                     spec = registry.get(record.data_type)
                     hidden = mask(spec.mask if spec else "none", value)
-                    results[index] = Revealed(record.token, record.customer_id, record.data_type, None, hidden)
+                    results[index] = Revealed(
+                        record.token, record.customer_id, record.data_type, None, hidden
+                    )
                 else:
                     results[index] = Revealed(record.token, record.customer_id, record.data_type, value)
             return events

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
 from app.crypto.keys import GrantMirror, KeyProvider, NoGrantMirror
 from app.crypto.kms import KmsKeyProvider
 from app.crypto.local import LocalKeyProvider
 from app.db.session import Database
 from app.services.alerts import Alerter, Webhook
+from app.services.approvals import ApprovalQueue, ApprovalService
 from app.services.audit import AuditKeyring, Auditor
+from app.services.context import RequestContext
 from app.services.grants import GrantService
 from app.services.keys import KeyRotation, allow_list_of
 from app.services.principals import PrincipalService
@@ -30,6 +33,12 @@ class Vault:
     grants: GrantService
     tokens: TokenService
     rotation: KeyRotation
+    approvals: ApprovalService
+
+    def sweep(self, ctx: RequestContext) -> None:
+        """The periodic sweep: grant expiries and mirrors, then lapsed four-eyes requests."""
+        self.grants.sweep(ctx)
+        self.approvals.sweep(ctx)
 
     def close(self) -> None:
         self.auditor.close()
@@ -80,8 +89,12 @@ def build_vault(
         mirror = mirror or default_mirror
     webhook = Webhook(settings.alert_webhook_url) if settings.alert_webhook_url else None
     auditor = Auditor(database, AuditKeyring(database, keys), Alerter(webhook))
-    principals = PrincipalService(auditor)
-    grants = GrantService(database, auditor, principals, mirror or NoGrantMirror())
+    queue = ApprovalQueue(
+        auditor, enabled=settings.dual_control_on, ttl=timedelta(seconds=settings.approval_ttl_s)
+    )
+    principals = PrincipalService(auditor, queue)
+    grants = GrantService(database, auditor, principals, mirror or NoGrantMirror(), queue)
+    approvals = ApprovalService(database, auditor, queue, principals, grants)
     tokens = TokenService(
         keys=keys,
         database=database,
@@ -91,4 +104,4 @@ def build_vault(
         require_access_reason=settings.require_access_reason,
     )
     rotation = KeyRotation(database, auditor, keys, allow_list_of(keys))
-    return Vault(settings, database, keys, auditor, principals, grants, tokens, rotation)
+    return Vault(settings, database, keys, auditor, principals, grants, tokens, rotation, approvals)

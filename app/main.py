@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 
-from app.api import audit, errors, grants, keys, ops, principals, tokens
+from app.api import approvals, audit, errors, grants, keys, ops, principals, tokens
 from app.api.middleware import VaultMiddleware
 from app.container import Vault, build_vault
 from app.errors import VaultError
@@ -142,7 +142,7 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         stop = threading.Event()
         background = []
         if settings.grant_sweep_interval_s > 0:
-            sweep = partial(vault.grants.sweep, RequestContext(request_id="grant-sweep"))
+            sweep = partial(vault.sweep, RequestContext(request_id="grant-sweep"))
             background.append(_every(settings.grant_sweep_interval_s, sweep, stop, "grant-sweep"))
         if settings.audit_seal_interval_s > 0:
             background.append(_every(settings.audit_seal_interval_s, vault.auditor.seal, stop, "audit-seal"))
@@ -186,6 +186,7 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
     )
     errors.install(app)
     # The data path first: routes are matched in order, and it carries nearly all the traffic.
-    for router in (tokens.router, principals.router, grants.router, audit.router, keys.router, ops.router):
+    routers = (tokens.router, principals.router, grants.router, approvals.router, audit.router, keys.router)
+    for router in (*routers, ops.router):
         app.include_router(router)
     return app

@@ -17,3 +17,6 @@ DENIALS = Counter(
 AUDIT_EVENTS = Counter("piivault_audit_events_total", "Audit events committed", ["action", "outcome"])
 ALERTS_DROPPED = Counter("piivault_alert_webhook_dropped_total", "Alerts the webhook could not take")
 ALERTS_FAILED = Counter("piivault_alert_webhook_failed_total", "Alerts not delivered after every retry")
+ALARMS = Counter(
+    "piivault_alarms_total", "Allowed actions that raise an alarm (a break-glass admin)", ["kind", "action"]
+)

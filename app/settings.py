@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     # /readyz checks the database and KMS at most this often per process and answers from the last
     # check in between, so probes (or anyone) polling it cannot multiply KMS calls; 0: every time.
     ready_cache_s: float = Field(default=5.0, ge=0, le=300)
+    # Dual control (four eyes): data grants, new admins, disabling an admin and revoking another
+    # admin's key wait for a second admin. Unset: on in production, off in development (so that
+    # one person can try the vault); refused off in production.
+    dual_control: bool | None = None
+    # How long a four-eyes request waits for its second admin before it expires (72 h).
+    approval_ttl_s: float = Field(default=72 * 3600, gt=0, le=90 * 24 * 3600)
     # Denials and failed authentications are POSTed here (JSON) in the background.
     alert_webhook_url: str | None = None
 
@@ -88,6 +94,10 @@ class Settings(BaseSettings):
         if self.key_provider is not None:
             return self.key_provider
         return "kms" if self.kms_key_id else "local"
+
+    @property
+    def dual_control_on(self) -> bool:
+        return self.dual_control if self.dual_control is not None else self.environment == "production"
 
     @property
     def uses_embedded_database(self) -> bool:
@@ -152,6 +162,10 @@ class Settings(BaseSettings):
                 )
             if self.uses_embedded_database:
                 problems.append("the embedded database is refused in production: set PIIVAULT_DATABASE_URL")
+            if self.dual_control is False:
+                problems.append(
+                    "PIIVAULT_DUAL_CONTROL=false is refused in production: one admin could read PII alone"
+                )
         if problems:
             raise UnsafeSettings("refusing to start: " + "; ".join(problems))
         return self

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, Path, Response, status
 
+from app.api.approvals import approval_out
 from app.api.deps import AdminDep, CallerDep, ContextDep, KnownQueryOnly, SessionDep, VaultDep
 from app.api.paging import CursorParam, Limit, decode_cursor, split_page
 from app.api.schemas import (
     ApiKeyCreated,
     ApiKeyOut,
+    ApprovalOut,
     ErrorResponse,
     PrincipalCreate,
     PrincipalCreated,
@@ -20,7 +22,7 @@ from app.api.schemas import (
     PrincipalOut,
     Text,
 )
-from app.db.models import ApiKey, Principal
+from app.db.models import ApiKey, Approval, Principal
 
 CURSOR_KIND = "p"
 
@@ -38,21 +40,44 @@ def principal_out(principal: Principal, keys: Sequence[ApiKey] = ()) -> Principa
         role=principal.role,
         created_at=principal.created_at,
         disabled_at=principal.disabled_at,
-        keys=[ApiKeyOut(key_id=k.id, created_at=k.created_at, revoked_at=k.revoked_at) for k in keys],
+        keys=[key_out(k) for k in keys],
     )
+
+
+def key_out(key: ApiKey) -> ApiKeyOut:
+    return ApiKeyOut(
+        key_id=key.id, created_at=key.created_at, revoked_at=key.revoked_at, issued_by=key.issued_by
+    )
+
+
+# Under dual control an admin's change to another admin waits for a second admin: 202 with the
+# request (GET /v1/approvals), instead of the change.
+_WAITS: dict[int | str, dict[str, Any]] = {
+    202: {"model": ApprovalOut, "description": "waiting for a second admin (dual control)"}
+}
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     name="CreatePrincipal",
-    responses={409: {"model": ErrorResponse, "description": "the name is taken"}},
+    responses={409: {"model": ErrorResponse, "description": "the name is taken"}, **_WAITS},
 )
 def create_principal(
-    body: PrincipalCreate, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
-) -> PrincipalCreated:
-    """Register a caller. Its API key is in this response only; it is stored hashed."""
-    principal, issued = vault.principals.create(session, admin, body.name, body.role, ctx)
+    body: PrincipalCreate,
+    vault: VaultDep,
+    session: SessionDep,
+    admin: AdminDep,
+    ctx: ContextDep,
+    response: Response,
+) -> PrincipalCreated | ApprovalOut:
+    """Register a caller. Its API key is in this response only; it is stored hashed. Under dual
+    control an admin is not created here: 202 with the request a second admin must approve."""
+    created = vault.principals.create(session, admin, body.name, body.role, ctx)
+    if isinstance(created, Approval):
+        response.status_code = status.HTTP_202_ACCEPTED
+        return approval_out(created)
+    principal, issued = created
     keys = vault.principals.keys_of(session, principal.id)
     out = principal_out(principal, keys)
     return PrincipalCreated(**out.model_dump(), key_id=issued.key_id, api_key=issued.secret_key)
@@ -74,6 +99,14 @@ def list_principals(
     return PrincipalList(principals=[principal_out(p) for p in page], next_cursor=next_cursor)
 
 
+@router.get("/me", name="GetOwnPrincipal")
+def get_own_principal(vault: VaultDep, session: SessionDep, caller: CallerDep) -> PrincipalOut:
+    """The caller itself, with its keys (who issued each): what a service needs to take over its
+    own keys (mint one with POST /v1/principals/{id}/keys, revoke the one it was given)."""
+    principal = vault.principals.get(session, caller.id)
+    return principal_out(principal, vault.principals.keys_of(session, principal.id))
+
+
 @router.get("/{principal_id}", name="GetPrincipal", responses={404: {"model": ErrorResponse}})
 def get_principal(
     principal_id: uuid.UUID, vault: VaultDep, session: SessionDep, admin: AdminDep
@@ -92,14 +125,16 @@ def create_key(
     principal_id: uuid.UUID, vault: VaultDep, session: SessionDep, caller: CallerDep, ctx: ContextDep
 ) -> ApiKeyCreated:
     """Issue another key (rotation): both work until the old one is deleted. A principal rotates
-    its own keys; an admin may issue keys only to principals that hold no grants and are not
-    admins (separation of duties)."""
+    its own keys; an admin may issue keys only to principals that hold no active or pending grant
+    and are not admins (403 grantee_holds_grants; separation of duties)."""
     issued = vault.principals.add_key(session, caller, principal_id, ctx)
     return ApiKeyCreated(key_id=issued.key_id, api_key=issued.secret_key)
 
 
 @router.delete(
-    "/{principal_id}/keys/{key_id}", name="RevokeApiKey", responses={404: {"model": ErrorResponse}}
+    "/{principal_id}/keys/{key_id}",
+    name="RevokeApiKey",
+    responses={404: {"model": ErrorResponse}, **_WAITS},
 )
 def revoke_key(
     principal_id: uuid.UUID,
@@ -108,16 +143,32 @@ def revoke_key(
     session: SessionDep,
     caller: CallerDep,
     ctx: ContextDep,
-) -> ApiKeyOut:
-    """Revoke a key (an admin, or the principal itself): it stops working at once."""
-    key = vault.principals.revoke_key(session, caller, principal_id, key_id, ctx)
-    return ApiKeyOut(key_id=key.id, created_at=key.created_at, revoked_at=key.revoked_at)
+    response: Response,
+) -> ApiKeyOut | ApprovalOut:
+    """Revoke a key (an admin, or the principal itself): it stops working at once. Under dual
+    control another admin's key waits for a second admin (202 with the request)."""
+    revoked = vault.principals.revoke_key(session, caller, principal_id, key_id, ctx)
+    if isinstance(revoked, Approval):
+        response.status_code = status.HTTP_202_ACCEPTED
+        return approval_out(revoked)
+    return key_out(revoked)
 
 
-@router.delete("/{principal_id}", name="DisablePrincipal", responses={404: {"model": ErrorResponse}})
+@router.delete(
+    "/{principal_id}", name="DisablePrincipal", responses={404: {"model": ErrorResponse}, **_WAITS}
+)
 def disable_principal(
-    principal_id: uuid.UUID, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
-) -> PrincipalOut:
-    """Disable a principal: every key of it stops working at once."""
-    principal = vault.principals.disable(session, admin, principal_id, ctx)
-    return principal_out(principal, vault.principals.keys_of(session, principal.id))
+    principal_id: uuid.UUID,
+    vault: VaultDep,
+    session: SessionDep,
+    admin: AdminDep,
+    ctx: ContextDep,
+    response: Response,
+) -> PrincipalOut | ApprovalOut:
+    """Disable a principal: every key of it stops working at once. Under dual control an admin
+    waits for a second admin (202 with the request)."""
+    disabled = vault.principals.disable(session, admin, principal_id, ctx)
+    if isinstance(disabled, Approval):
+        response.status_code = status.HTTP_202_ACCEPTED
+        return approval_out(disabled)
+    return principal_out(disabled, vault.principals.keys_of(session, disabled.id))

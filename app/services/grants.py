@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app.access import (
     EQUALS,
     SUBSET,
+    grant_needs_approval,
     may_receive_grant,
     may_retire_grant,
 )
@@ -21,6 +22,7 @@ from app.db.models import Grant
 from app.db.repositories import GrantRepository
 from app.db.session import Database, on_rollback
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, Misconfigured, NotFound
+from app.services.approvals import ApprovalQueue
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, Operation, RequestContext, utcnow
 from app.services.principals import PrincipalService
@@ -45,13 +47,18 @@ class GrantService:
         auditor: Auditor,
         principals: PrincipalService,
         mirror: GrantMirror,
+        queue: ApprovalQueue,
     ) -> None:
         self._database = database
         self._auditor = auditor
         self._principals = principals
         self._mirror = mirror
+        self._queue = queue
 
     def create(self, session: Session, actor: Caller, request: GrantRequest, ctx: RequestContext) -> Grant:
+        """Make a grant. Under dual control one that reads, finds or erases data is created
+        pending: it matches nothing, and has no KMS mirror, until a second admin approves it
+        (ApprovalService)."""
         grantee = self._principals.resolve(session, request.grantee)
         if grantee.disabled_at is not None:
             raise InvalidInput("the grantee is disabled", field="grantee")
@@ -69,19 +76,25 @@ class GrantService:
                 constraint_context=request.constraint_context,
                 expires_at=request.expires_at,
                 created_by=actor.id,
+                awaiting_approval=grant_needs_approval(request.operations, self._queue.enabled),
             )
         )
-        constraints = GrantConstraints(
-            subset=request.constraint_context if request.constraint_kind == SUBSET else None,
-            equals=request.constraint_context if request.constraint_kind == EQUALS else None,
-        )
-        # A failed mirror fails the request; a mirror made before a failed commit is revoked.
-        kms_grant_id = self._mirror.create_grant(
-            name=f"piivault-{grant.id}", operations=grant.operations, constraints=constraints
-        )
-        if kms_grant_id is not None:
-            grant.kms_grant_id = kms_grant_id
-            on_rollback(session, lambda: self._mirror.revoke_grant(kms_grant_id))
+        if grant.awaiting_approval:
+            details = {
+                "grantee": str(grantee.id),
+                "grantee_name": grantee.name,
+                "operations": grant.operations,
+                "constraints": {request.constraint_kind: request.constraint_context}
+                if request.constraint_kind
+                else None,
+                "expires_at": request.expires_at.isoformat() if request.expires_at else None,
+                "name": request.name,
+            }
+            approval = self._queue.open(session, actor, "grant", str(grant.id), details, ctx)
+            grant.approval_id = approval.id
+            grant.approval = approval
+        else:
+            self._mirror_now(session, grant)
         self._auditor.record(
             session,
             [
@@ -95,6 +108,42 @@ class GrantService:
             ],
         )
         return grant
+
+    def activate(self, session: Session, approver: Caller, grant: Grant, ctx: RequestContext) -> None:
+        """A pending grant approved by a second admin (ApprovalService checked who may): it is
+        mirrored now, and matches from the commit on."""
+        if not grant.awaiting_approval or grant.revoked_at is not None or grant.retired_at is not None:
+            raise Conflict("the grant is not waiting for approval", field="id")
+        now = utcnow()
+        if grant.expires_at is not None and grant.expires_at <= now:
+            raise Conflict("the grant expired before it was approved", field="id")
+        grantee = self._principals.get(session, grant.grantee_id)
+        if grantee.disabled_at is not None:
+            raise Conflict("the grantee is disabled", field="id")
+        self._mirror_now(session, grant)
+        grant.awaiting_approval = False
+        grant.approved_by = approver.id
+        grant.approved_at = now
+
+    def _mirror_now(self, session: Session, grant: Grant) -> None:
+        constraints = GrantConstraints(
+            subset=grant.constraint_context if grant.constraint_kind == SUBSET else None,
+            equals=grant.constraint_context if grant.constraint_kind == EQUALS else None,
+        )
+        # A failed mirror fails the request; a mirror made before a failed commit is revoked.
+        kms_grant_id = self._mirror.create_grant(
+            name=f"piivault-{grant.id}", operations=grant.operations, constraints=constraints
+        )
+        if kms_grant_id is not None:
+            grant.kms_grant_id = kms_grant_id
+            on_rollback(session, lambda: self._mirror.revoke_grant(kms_grant_id))
+
+    def _withdraw_request(self, actor: Caller, grant: Grant, now: datetime) -> None:
+        """A pending grant revoked or retired: its request is closed as withdrawn."""
+        if grant.approval is not None and grant.approval.status_at(now) == "pending":
+            grant.approval.status = "withdrawn"
+            grant.approval.decided_by = actor.id
+            grant.approval.decided_at = now
 
     def get(self, session: Session, grant_id: uuid.UUID) -> Grant:
         grant = GrantRepository(session).get(grant_id)
@@ -123,6 +172,7 @@ class GrantService:
         if grant.revoked_at is not None or grant.retired_at is not None:
             raise Conflict("the grant is already revoked or retired", field="id")
         grant.revoked_at = utcnow()
+        self._withdraw_request(actor, grant, grant.revoked_at)
         self._revoke_mirror(grant)
         self._auditor.record(
             session, [build_event("RevokeGrant", "allowed", ctx, actor, Subject(grant_id=grant.id))]
@@ -141,6 +191,7 @@ class GrantService:
         if grant.revoked_at is not None or grant.retired_at is not None:
             raise Conflict("the grant is already revoked or retired", field="id")
         grant.retired_at = utcnow()
+        self._withdraw_request(caller, grant, grant.retired_at)
         self._revoke_mirror(grant)
         self._auditor.record(
             session, [build_event("RetireGrant", "allowed", ctx, caller, Subject(grant_id=grant.id))]

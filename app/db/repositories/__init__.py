@@ -3,6 +3,7 @@ work in the caller's session (Database.transaction commits it); the data path's 
 per pooled autocommit connection, each committing on its own; the sealer's run in the
 transaction Database.raw_transaction holds."""
 
+from app.db.repositories.approvals import ApprovalRepository
 from app.db.repositories.audit import AuditFilter, AuditRepository
 from app.db.repositories.data_path import (
     DataPathRepository,
@@ -18,6 +19,7 @@ from app.db.repositories.seal import SealRepository
 
 __all__ = [
     "ApiKeyRepository",
+    "ApprovalRepository",
     "AuditFilter",
     "AuditRepository",
     "DataPathRepository",

@@ -92,7 +92,7 @@ def build_vault(
     queue = ApprovalQueue(
         auditor, enabled=settings.dual_control_on, ttl=timedelta(seconds=settings.approval_ttl_s)
     )
-    principals = PrincipalService(auditor, queue)
+    principals = PrincipalService(database, auditor, queue)
     grants = GrantService(database, auditor, principals, mirror or NoGrantMirror(), queue)
     approvals = ApprovalService(database, auditor, queue, principals, grants)
     tokens = TokenService(

@@ -27,6 +27,7 @@ from app.access import (
 from app.db.models import ApiKey, Approval, Principal
 from app.db.repositories import ApiKeyRepository, GrantRepository, PrincipalRepository
 from app.db.repositories.data_path import EventRow, KeyCredentials
+from app.db.session import Database
 from app.errors import Conflict, Forbidden, GranteeHoldsGrants, InvalidInput, NotFound, Unauthenticated
 from app.services.approvals import ApprovalQueue
 from app.services.audit import Auditor, Subject, build_event
@@ -82,7 +83,8 @@ def _new_key(principal_id: uuid.UUID, issued_by: uuid.UUID) -> tuple[ApiKey, Iss
 
 
 class PrincipalService:
-    def __init__(self, auditor: Auditor, queue: ApprovalQueue) -> None:
+    def __init__(self, database: Database, auditor: Auditor, queue: ApprovalQueue) -> None:
+        self._database = database
         self._auditor = auditor
         self._queue = queue
 
@@ -140,8 +142,7 @@ class PrincipalService:
     ) -> tuple[Principal, IssuedKey] | Approval:
         """Create a principal with its first key, shown to `actor`. An admin made by an admin
         waits for a second admin under dual control (an Approval is returned instead). No actor:
-        the CLI's bootstrap and break-glass path, which stands outside dual control, so it is
-        audited and raises an alert."""
+        made outside the API, by someone with database credentials (see create_break_glass_admin)."""
         if actor is not None and admin_creation_needs_approval(role, self._queue.enabled):
             if PrincipalRepository(session).name_taken(name):
                 raise Conflict(f"a principal named {name!r} already exists", field="name")
@@ -164,10 +165,16 @@ class PrincipalService:
             build_event("CreateApiKey", "allowed", ctx, actor, Subject(target_id=row.id)),
         ]
         self._auditor.record(session, events)
-        # An admin made outside the API (the CLI, with database credentials) bypasses dual
-        # control: bootstrap or break-glass, which someone must look at.
-        if actor is None and role in ADMINS:
-            self._auditor.alert("break_glass", events[:1])
+        return principal, issued
+
+    def create_break_glass_admin(self, name: str, ctx: RequestContext) -> tuple[Principal, IssuedKey]:
+        """`piivault admin create`: an admin made with database credentials, outside dual control
+        (bootstrap or break-glass). Audited in its own transaction, then an alert: someone must
+        look at it."""
+        with self._database.transaction() as session:
+            principal, issued = self.create_approved(session, None, name, Role.ADMIN, ctx)
+        alarm = build_event("CreatePrincipal", "allowed", ctx, None, Subject(target_id=str(principal.id)))
+        self._auditor.alert("break_glass", [alarm])
         return principal, issued
 
     def get(self, session: Session, principal_id: uuid.UUID) -> Principal:

@@ -153,11 +153,26 @@ class PrincipalService:
         self, session: Session, actor: Caller | None, name: str, role: str, ctx: RequestContext
     ) -> tuple[Principal, IssuedKey]:
         """Create now: for create() and for the approval of a create_admin request."""
+        principal, issued, _ = self._create_now(session, actor, name, role, ctx)
+        return principal, issued
+
+    def create_break_glass_admin(self, name: str, ctx: RequestContext) -> tuple[Principal, IssuedKey]:
+        """`piivault admin create`: an admin made with database credentials, outside dual control
+        (bootstrap or break-glass). Audited in its own transaction, then an alert naming the
+        audit event: someone must look at it."""
+        with self._database.transaction() as session:
+            principal, issued, events = self._create_now(session, None, name, Role.ADMIN, ctx)
+        self._auditor.alert("break_glass", events[:1])
+        return principal, issued
+
+    def _create_now(
+        self, session: Session, actor: Caller | None, name: str, role: str, ctx: RequestContext
+    ) -> tuple[Principal, IssuedKey, list[EventRow]]:
         principals = PrincipalRepository(session)
         if principals.name_taken(name):
             raise Conflict(f"a principal named {name!r} already exists", field="name")
         principal = principals.add(Principal(id=uuid.uuid4(), name=name, role=role))
-        # The CLI's admin is shown its own key: it issued it to itself.
+        # No actor (the CLI): the admin is shown its own key, so it issued it to itself.
         row, issued = _new_key(principal.id, actor.id if actor is not None else principal.id)
         ApiKeyRepository(session).add(row)
         events = [
@@ -165,17 +180,7 @@ class PrincipalService:
             build_event("CreateApiKey", "allowed", ctx, actor, Subject(target_id=row.id)),
         ]
         self._auditor.record(session, events)
-        return principal, issued
-
-    def create_break_glass_admin(self, name: str, ctx: RequestContext) -> tuple[Principal, IssuedKey]:
-        """`piivault admin create`: an admin made with database credentials, outside dual control
-        (bootstrap or break-glass). Audited in its own transaction, then an alert: someone must
-        look at it."""
-        with self._database.transaction() as session:
-            principal, issued = self.create_approved(session, None, name, Role.ADMIN, ctx)
-        alarm = build_event("CreatePrincipal", "allowed", ctx, None, Subject(target_id=str(principal.id)))
-        self._auditor.alert("break_glass", [alarm])
-        return principal, issued
+        return principal, issued, events
 
     def get(self, session: Session, principal_id: uuid.UUID) -> Principal:
         principal = PrincipalRepository(session).get(principal_id)

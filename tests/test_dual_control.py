@@ -444,3 +444,24 @@ def test_no_approval_for_a_service_whose_key_the_approver_issued_or_whose_key_ha
     take_over_own_key(client, by_bob, own)
     assert client.post(f"/v1/grants/{grant['id']}/approve", headers=bearer(bob)).json()["status"] == "active"
     assert denied_reasons(db, "ApproveRequest") == ["key_issuer_conflict", "key_issuer_conflict"]
+
+
+def test_approving_and_revoking_one_grant_at_once_never_deadlocks_or_leaves_it_active(
+    make_client: ClientFactory, kms_key_id: str
+) -> None:
+    """The grant's row is locked before its request's on both paths."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    vault, client = four_eyes(make_client, kms_key_id)
+    alice, bob = create_admin(vault, "alice"), create_admin(vault, "bob")
+    service = create_principal(client, alice, "kyc-app")
+    take_over_own_key(client, service, service["api_key"])
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for _ in range(5):
+            grant = request_grant(client, alice, "kyc-app")
+            approving = pool.submit(client.post, f"/v1/grants/{grant['id']}/approve", headers=bearer(bob))
+            revoking = pool.submit(client.delete, f"/v1/grants/{grant['id']}", headers=bearer(alice))
+            assert approving.result().status_code in (200, 409), approving.result().text
+            assert revoking.result().status_code == 200, revoking.result().text
+            final = client.get(f"/v1/grants/{grant['id']}", headers=bearer(bob)).json()
+            assert final["status"] == "revoked" and final["active"] is False

@@ -146,8 +146,10 @@ class ApprovalService:
         (second_admin_required) and while a party holds a key the other admin issued
         (key_issuer_conflict); 409 not_pending once decided or expired."""
         self._principals.require_role(approver, ADMINS, APPROVE, ctx)  # may_decide_approvals
-        approval = self._pending(session, approver, approval_id, APPROVE, ctx)
+        approval = self.get(session, approval_id)
+        # The grant's row is locked before the request's (ApprovalRepository.lock).
         grant = self._grant_of(session, approval) if approval.kind == "grant" else None
+        self._still_pending(session, approver, approval, APPROVE, ctx)
         keys = ApiKeyRepository(session)
         issuers = KeyIssuers(
             requester=keys.valid_key_issuers(approval.requested_by),
@@ -184,7 +186,8 @@ class ApprovalService:
     ) -> Approval:
         """Any admin may reject a pending request, its requester too (withdrawing it)."""
         self._principals.require_role(actor, ADMINS, REJECT, ctx)
-        approval = self._pending(session, actor, approval_id, REJECT, ctx)
+        approval = self.get(session, approval_id)
+        self._still_pending(session, actor, approval, REJECT, ctx)
         self._decide(session, actor, approval, "rejected", REJECT, ctx)
         return approval
 
@@ -230,16 +233,14 @@ class ApprovalService:
             raise NotFound("the request's grant no longer exists", field="id")
         return grant
 
-    def _pending(
-        self, session: Session, actor: Caller, approval_id: uuid.UUID, action: str, ctx: RequestContext
-    ) -> Approval:
-        approval = ApprovalRepository(session).get(approval_id, for_update=True)
-        if approval is None:
-            raise NotFound("no approval request with this id", field="id")
+    def _still_pending(
+        self, session: Session, actor: Caller, approval: Approval, action: str, ctx: RequestContext
+    ) -> None:
+        """Lock the request; 409 not_pending (and a denied event) once it is decided or lapsed."""
+        ApprovalRepository(session).lock(approval)
         if approval.status_at(utcnow()) != "pending":
             self._refuse(actor, approval, action, "not_pending", ctx)
             raise NotPending(f"the request is {approval.status_at(utcnow())}, no longer pending")
-        return approval
 
     def _refuse(
         self, actor: Caller, approval: Approval, action: str, reason: str, ctx: RequestContext

@@ -19,7 +19,7 @@ from app.access import (
 )
 from app.crypto.keys import GrantConstraints, GrantMirror
 from app.db.models import Grant
-from app.db.repositories import GrantRepository
+from app.db.repositories import ApprovalRepository, GrantRepository
 from app.db.session import Database, on_rollback
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, Misconfigured, NotFound
 from app.services.approvals import ApprovalQueue
@@ -138,9 +138,13 @@ class GrantService:
             grant.kms_grant_id = kms_grant_id
             on_rollback(session, lambda: self._mirror.revoke_grant(kms_grant_id))
 
-    def _withdraw_request(self, actor: Caller, grant: Grant, now: datetime) -> None:
-        """A pending grant revoked or retired: its request is closed as withdrawn."""
-        if grant.approval is not None and grant.approval.status_at(now) == "pending":
+    def _withdraw_request(self, session: Session, actor: Caller, grant: Grant, now: datetime) -> None:
+        """A pending grant revoked or retired: its request is closed as withdrawn. (The grant's
+        row is locked already: the request's comes second, as in an approval.)"""
+        if grant.approval is None:
+            return
+        ApprovalRepository(session).lock(grant.approval)
+        if grant.approval.status_at(now) == "pending":
             grant.approval.status = "withdrawn"
             grant.approval.decided_by = actor.id
             grant.approval.decided_at = now
@@ -172,7 +176,7 @@ class GrantService:
         if grant.revoked_at is not None or grant.retired_at is not None:
             raise Conflict("the grant is already revoked or retired", field="id")
         grant.revoked_at = utcnow()
-        self._withdraw_request(actor, grant, grant.revoked_at)
+        self._withdraw_request(session, actor, grant, grant.revoked_at)
         self._revoke_mirror(grant)
         self._auditor.record(
             session, [build_event("RevokeGrant", "allowed", ctx, actor, Subject(grant_id=grant.id))]
@@ -191,7 +195,7 @@ class GrantService:
         if grant.revoked_at is not None or grant.retired_at is not None:
             raise Conflict("the grant is already revoked or retired", field="id")
         grant.retired_at = utcnow()
-        self._withdraw_request(caller, grant, grant.retired_at)
+        self._withdraw_request(session, caller, grant, grant.retired_at)
         self._revoke_mirror(grant)
         self._auditor.record(
             session, [build_event("RetireGrant", "allowed", ctx, caller, Subject(grant_id=grant.id))]

@@ -34,7 +34,15 @@ class ApprovalRepository:
         return approval
 
     def get(self, approval_id: uuid.UUID, *, for_update: bool = False) -> Approval | None:
-        return self.session.get(Approval, approval_id, with_for_update=for_update)
+        return self.session.get(
+            Approval, approval_id, with_for_update=for_update, populate_existing=for_update
+        )
+
+    def lock(self, approval: Approval) -> Approval:
+        """Lock the request's row and reload it. Lock order, everywhere: a grant's row before its
+        request's, so that an approval and a revoke of the same grant cannot deadlock."""
+        self.session.refresh(approval, with_for_update=True)
+        return approval
 
     def list(
         self,

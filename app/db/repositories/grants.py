@@ -22,7 +22,8 @@ class GrantRepository:
         return grant
 
     def get(self, grant_id: uuid.UUID, *, for_update: bool = False) -> Grant | None:
-        return self.session.get(Grant, grant_id, with_for_update=for_update)
+        # A locked read reloads a row the session holds already: the lock is for its latest state.
+        return self.session.get(Grant, grant_id, with_for_update=for_update, populate_existing=for_update)
 
     def list(
         self,

@@ -6,11 +6,11 @@ Data access (tokenize, detokenize) is decided by grants, not roles: GrantSet bel
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 from sqlalchemy import ColumnElement, SQLColumnExpression, and_, or_
 
@@ -49,6 +49,11 @@ def may_manage_grants(role: str) -> bool:
     return role in ADMINS
 
 
+def may_decide_approvals(role: str) -> bool:
+    """List, approve and reject four-eyes requests (who may approve which: approval_refusal)."""
+    return role in ADMINS
+
+
 def may_read_audit(role: str) -> bool:
     """Search the audit trail and verify its chain."""
     return role in AUDIT_READERS
@@ -65,7 +70,7 @@ def key_issue_refusal(actor: Party, target: Party, target_holds_grants: bool) ->
     """Why `actor` may not issue a new API key to `target` (the audit reason), or None if it may.
 
     A principal rotates its own keys. An admin may issue keys to others only if they are not admins
-    and hold no active grant: holding another's key, it could act as that principal."""
+    and hold no active or pending grant: holding another's key, it could act as that principal."""
     if actor.id == target.id:
         return None
     if actor.role not in ADMINS:
@@ -96,8 +101,89 @@ def may_retire_grant(actor: Party, grantee_id: uuid.UUID) -> bool:
     return actor.id == grantee_id
 
 
-# "Active grant", once in Python and once in SQL: neither revoked nor retired, and not expired at
-# `now` (a grant expiring exactly at `now` is expired). tests/test_access_rules.py checks they agree.
+# Dual control (four eyes): what waits for a second admin, and who may approve it.
+
+# A grant of any of these reads, finds or destroys data, so it waits for a second admin. (Lookup
+# and Erase are named ahead of their operations: a grant holding one will need approval too.)
+APPROVAL_REQUIRED_OPERATIONS: frozenset[str] = frozenset({"Decrypt", "Lookup", "Erase"})
+
+ApprovalKind = Literal["grant", "create_admin", "disable_admin", "revoke_admin_key"]
+APPROVAL_KINDS: tuple[ApprovalKind, ...] = get_args(ApprovalKind)
+# withdrawn: a pending grant revoked before anyone decided on it.
+ApprovalState = Literal["pending", "approved", "rejected", "expired", "withdrawn"]
+APPROVAL_STATES: tuple[ApprovalState, ...] = get_args(ApprovalState)
+GrantStatus = Literal["pending", "active", "rejected", "revoked", "retired", "expired"]
+GRANT_STATUSES: tuple[GrantStatus, ...] = get_args(GrantStatus)
+
+ApprovalRefusal = Literal["second_admin_required", "key_issuer_conflict"]
+
+
+def grant_needs_approval(operations: Iterable[str], dual_control: bool) -> bool:
+    return dual_control and not APPROVAL_REQUIRED_OPERATIONS.isdisjoint(operations)
+
+
+def admin_creation_needs_approval(role: str, dual_control: bool) -> bool:
+    return dual_control and role in ADMINS
+
+
+def disabling_needs_approval(target_role: str, dual_control: bool) -> bool:
+    return dual_control and target_role in ADMINS
+
+
+def key_revocation_needs_approval(actor: Party, owner: Party, dual_control: bool) -> bool:
+    """Revoking another admin's key waits; one's own key, or a service's, is revoked at once."""
+    return dual_control and owner.role in ADMINS and actor.id != owner.id
+
+
+@dataclass(frozen=True, slots=True)
+class KeyIssuers:
+    """Who issued the valid (unrevoked) keys of the parties to an approval. None: not recorded
+    (a key older than the record), which counts as anyone, so as a conflict."""
+
+    requester: Collection[uuid.UUID | None]
+    approver: Collection[uuid.UUID | None]
+    # The grantee's keys, for a grant; empty for the other kinds.
+    grantee: Collection[uuid.UUID | None] = ()
+
+
+def approval_refusal(
+    approver_id: uuid.UUID, requester_id: uuid.UUID, issuers: KeyIssuers
+) -> ApprovalRefusal | None:
+    """Why `approver_id` may not approve a request of `requester_id` (the error code), or None.
+
+    Two distinct admins, and neither can act as another party through a key it was shown: the
+    grantee holds no valid key the requester or the approver issued, and neither admin holds a
+    valid key the other issued (an admin made through the API holds one until it rotates its own).
+    A key issued by its holder itself is fine; an unknown issuer is not."""
+    if approver_id == requester_id:
+        return "second_admin_required"
+    pair = {approver_id, requester_id}
+    grantee_conflict = any(issuer is None or issuer in pair for issuer in issuers.grantee)
+    approver_conflict = any(issuer is None or issuer == requester_id for issuer in issuers.approver)
+    requester_conflict = any(issuer is None or issuer == approver_id for issuer in issuers.requester)
+    if grantee_conflict or approver_conflict or requester_conflict:
+        return "key_issuer_conflict"
+    return None
+
+
+class ApprovalRow(Protocol):
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def expires_at(self) -> datetime: ...
+
+
+def approval_status(approval: ApprovalRow, now: datetime) -> ApprovalState:
+    """A pending request past its deadline is expired at once, whether or not the sweep has run."""
+    if approval.status == "pending" and approval.expires_at <= now:
+        return "expired"
+    return approval.status  # type: ignore[return-value]  # checked by the table's constraint
+
+
+# "Active grant", once in Python and once in SQL: approved if it needed approval, neither revoked
+# nor retired, and not expired at `now` (a grant expiring exactly at `now` is expired).
+# tests/test_access_rules.py checks they agree.
 
 
 class GrantState(Protocol):
@@ -109,6 +195,9 @@ class GrantState(Protocol):
 
     @property
     def retired_at(self) -> datetime | None: ...
+
+    @property
+    def awaiting_approval(self) -> bool: ...
 
 
 class GrantTerms(GrantState, Protocol):
@@ -129,7 +218,8 @@ class GrantTerms(GrantState, Protocol):
 
 def grant_active(grant: GrantState, now: datetime) -> bool:
     return (
-        grant.revoked_at is None
+        not grant.awaiting_approval
+        and grant.revoked_at is None
         and grant.retired_at is None
         and (grant.expires_at is None or grant.expires_at > now)
     )
@@ -140,13 +230,34 @@ def grant_active_clause(
     revoked_at: SQLColumnExpression[datetime | None],
     retired_at: SQLColumnExpression[datetime | None],
     now: datetime,
+    *,
+    awaiting_approval: SQLColumnExpression[bool],
 ) -> ColumnElement[bool]:
-    # Never unknown (a NULL expires_at makes the OR true), so its NOT is exactly the inactive grants.
+    # Never unknown (a NULL expires_at makes the OR true; awaiting_approval is NOT NULL), so its
+    # NOT is exactly the inactive grants.
     return and_(
+        awaiting_approval.is_(False),
         revoked_at.is_(None),
         retired_at.is_(None),
         or_(expires_at.is_(None), expires_at > now),
     )
+
+
+def grant_status(grant: GrantState, approval: ApprovalState | None, now: datetime) -> GrantStatus:
+    """What a grant response says: `approval` is the status of its four-eyes request, if any."""
+    if grant.revoked_at is not None:
+        return "revoked"
+    if grant.retired_at is not None:
+        return "retired"
+    if grant.awaiting_approval:
+        if approval == "rejected":
+            return "rejected"
+        if approval in ("expired", "withdrawn") or (grant.expires_at is not None and grant.expires_at <= now):
+            return "expired"
+        return "pending"
+    if grant.expires_at is not None and grant.expires_at <= now:
+        return "expired"
+    return "active"
 
 
 # Data access: a caller's grants for one operation, decided per record context.
@@ -207,6 +318,8 @@ class GrantSet:
             chosen = next((grant for grant in active if grant.reveal == PLAIN), active[0])
             return Decision(chosen.id, masked=chosen.reveal != PLAIN)
         # Deny: say why, for the audit trail only (the caller always sees grant_required).
+        if any(g.awaiting_approval and g.revoked_at is None and g.retired_at is None for g in matching):
+            return Decision(None, "grant_pending")
         if any(g.revoked_at is None and g.retired_at is None for g in matching):
             return Decision(None, "grant_expired")
         if any(g.revoked_at is not None for g in matching):

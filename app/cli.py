@@ -267,10 +267,11 @@ def serve(
 
 @admin_cli.command("create")
 def admin_create(name: Annotated[str, typer.Argument(help="The admin's unique name.")]) -> None:
-    """Create an admin and print its API key (shown once) as the last line."""
+    """Create an admin and print its API key (shown once) as the last line. For bootstrap and
+    break-glass: it needs database credentials, stands outside dual control, is audited and
+    raises an alert."""
     from sqlalchemy.exc import ProgrammingError
 
-    from app.access import Role
     from app.api.schemas import PRINCIPAL_NAME_PATTERN
     from app.container import build_vault
     from app.errors import VaultError
@@ -284,8 +285,8 @@ def admin_create(name: Annotated[str, typer.Argument(help="The admin's unique na
     vault = build_vault(settings, url=url)
     ctx = RequestContext(request_id="cli", user_agent="piivault-cli")
     try:
-        with vault.database.transaction() as session:
-            principal, issued = vault.principals.create(session, None, name, Role.ADMIN, ctx)
+        # Outside dual control (database credentials): audited, and it raises a break_glass alert.
+        principal, issued = vault.principals.create_break_glass_admin(name, ctx)
     except VaultError as err:
         typer.echo(f"piivault: {err.message}", err=True)
         raise typer.Exit(1) from None

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
 from app.crypto.keys import GrantMirror, KeyProvider, NoGrantMirror
 from app.crypto.kms import KmsKeyProvider
 from app.crypto.local import LocalKeyProvider
 from app.db.session import Database
 from app.services.alerts import Alerter, Webhook
+from app.services.approvals import ApprovalQueue, ApprovalService
 from app.services.audit import AuditKeyring, Auditor
+from app.services.context import RequestContext
 from app.services.data_types import DataTypeService
 from app.services.grants import GrantService
 from app.services.keys import KeyRotation, allow_list_of
@@ -32,6 +35,12 @@ class Vault:
     tokens: TokenService
     rotation: KeyRotation
     data_types: DataTypeService
+    approvals: ApprovalService
+
+    def sweep(self, ctx: RequestContext) -> None:
+        """The periodic sweep: grant expiries and mirrors, then lapsed four-eyes requests."""
+        self.grants.sweep(ctx)
+        self.approvals.sweep(ctx)
 
     def close(self) -> None:
         self.auditor.close()
@@ -83,9 +92,13 @@ def build_vault(
         mirror = mirror or default_mirror
     webhook = Webhook(settings.alert_webhook_url) if settings.alert_webhook_url else None
     auditor = Auditor(database, AuditKeyring(database, keys), Alerter(webhook))
-    principals = PrincipalService(auditor)
+    queue = ApprovalQueue(
+        auditor, enabled=settings.dual_control_on, ttl=timedelta(seconds=settings.approval_ttl_s)
+    )
+    principals = PrincipalService(database, auditor, queue)
     data_types = DataTypeService(database, auditor)
-    grants = GrantService(database, auditor, principals, mirror or NoGrantMirror(), data_types)
+    grants = GrantService(database, auditor, principals, mirror or NoGrantMirror(), queue, data_types)
+    approvals = ApprovalService(database, auditor, queue, principals, grants)
     tokens = TokenService(
         keys=keys,
         database=database,
@@ -96,4 +109,6 @@ def build_vault(
         require_access_reason=settings.require_access_reason,
     )
     rotation = KeyRotation(database, auditor, keys, allow_list_of(keys))
-    return Vault(settings, database, keys, auditor, principals, grants, tokens, rotation, data_types)
+    return Vault(
+        settings, database, keys, auditor, principals, grants, tokens, rotation, data_types, approvals
+    )

@@ -68,6 +68,34 @@ class Denied(Forbidden):
         self.reason = reason
 
 
+class SecondAdminRequired(Forbidden):
+    """Dual control: the approver of a four-eyes request is the admin who made it."""
+
+    code = "second_admin_required"
+    default_message = "a second admin, not the one who made the request, must approve it"
+
+
+class KeyIssuerConflict(Forbidden):
+    """Dual control: a party to the request holds a valid API key the other admin issued (or one
+    whose issuer is unknown), so one person could act as two."""
+
+    code = "key_issuer_conflict"
+    default_message = (
+        "a party to this request holds a valid API key issued by the requester or the approver: "
+        "it must mint its own key and revoke that one first"
+    )
+
+
+class GranteeHoldsGrants(Forbidden):
+    """An admin may not mint a key for a principal holding an active or pending grant."""
+
+    code = "grantee_holds_grants"
+    default_message = (
+        "this principal holds an active or pending grant: only it can mint its own keys "
+        "(POST /v1/principals/{id}/keys with its own key)"
+    )
+
+
 class AccessReasonRequired(VaultError):
     code = "access_reason_required"
     default_message = "this vault requires an X-Access-Reason header on detokenize"
@@ -93,6 +121,13 @@ class DataTypeInUse(Conflict):
 class BuiltinDataType(Conflict):
     code = "builtin_data_type"
     default_message = "a built-in data type can change only in max_retention_days"
+
+
+class NotPending(Conflict):
+    """A four-eyes request already approved, rejected, expired or withdrawn."""
+
+    code = "not_pending"
+    default_message = "the request is no longer pending"
 
 
 class DependencyUnavailable(VaultError):

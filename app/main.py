@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
 from app import metrics
-from app.api import audit, data_types, errors, grants, keys, openapi, ops, principals, tokens
+from app.api import approvals, audit, data_types, errors, grants, keys, openapi, ops, principals, tokens
 from app.api.middleware import VaultMiddleware
 from app.container import Vault, build_vault
 from app.errors import VaultError
@@ -124,7 +124,8 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         # Sampled gauges (pools) also between scrapes: each worker's value stays current.
         background = [_every(METRICS_REFRESH_S, metrics.refresh, stop, "metrics-refresh")]
         if settings.grant_sweep_interval_s > 0:
-            sweep = partial(vault.grants.sweep, RequestContext(request_id="grant-sweep"))
+            # Grant expiries and mirrors, then lapsed four-eyes requests.
+            sweep = partial(vault.sweep, RequestContext(request_id="grant-sweep"))
             grant_swept = partial(metrics.sweeper_ran, "grant")
             background.append(
                 _every(settings.grant_sweep_interval_s, sweep, stop, "grant-sweep", grant_swept)
@@ -201,6 +202,7 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         tokens.router,
         principals.router,
         grants.router,
+        approvals.router,
         data_types.router,
         data_types.limits_router,
         audit.router,

@@ -136,3 +136,8 @@ def refresh() -> None:
             DB_POOL_SIZE.labels(pool).set(size)
             DB_POOL_IN_USE.labels(pool).set(in_use)
             DB_POOL_WAITING.labels(pool).set(waiting)
+
+
+ALARMS = Counter(
+    "piivault_alarms_total", "Allowed actions that raise an alarm (a break-glass admin)", ["kind", "action"]
+)

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     ready_cache_s: float = Field(default=5.0, ge=0, le=300)
     # Log lines: one JSON object each (for a log pipeline), or readable lines (make run).
     log_format: Literal["json", "console"] = "json"
+    # Dual control (four eyes): data grants, new admins, disabling an admin and revoking another
+    # admin's key wait for a second admin. Unset: on in production, off in development (so that
+    # one person can try the vault). Turned off in production, start-up says so loudly.
+    dual_control: bool | None = None
+    # How long a four-eyes request waits for its second admin before it expires (72 h).
+    approval_ttl_s: float = Field(default=72 * 3600, gt=0, le=90 * 24 * 3600)
     # Denials and failed authentications are POSTed here (JSON) in the background.
     alert_webhook_url: str | None = None
     # /docs and /openapi.json: unset, on in development and off in production (the document maps
@@ -102,6 +108,10 @@ class Settings(BaseSettings):
         if self.docs_enabled is not None:
             return self.docs_enabled
         return self.environment == "development"
+
+    @property
+    def dual_control_on(self) -> bool:
+        return self.dual_control if self.dual_control is not None else self.environment == "production"
 
     @property
     def uses_embedded_database(self) -> bool:
@@ -172,6 +182,7 @@ class Settings(BaseSettings):
                 )
             if self.uses_embedded_database:
                 problems.append("the embedded database is refused in production: set PIIVAULT_DATABASE_URL")
+
         if problems:
             raise UnsafeSettings("refusing to start: " + "; ".join(problems))
         return self
@@ -194,6 +205,8 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     settings = Settings()
+    if settings.environment == "production" and not settings.dual_control_on:
+        log.warning("PIIVAULT_DUAL_CONTROL is off in production: one admin alone can grant itself PII access")
     unknown = unknown_variables(os.environ)
     if unknown:
         message = "unknown settings: " + ", ".join(unknown)

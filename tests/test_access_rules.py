@@ -22,6 +22,7 @@ from app.access import (
     Role,
     grant_active,
     key_issue_refusal,
+    may_decide_approvals,
     may_disable,
     may_issue_key,
     may_manage_grants,
@@ -31,7 +32,7 @@ from app.access import (
     may_retire_grant,
     may_revoke_key,
 )
-from app.api import audit, grants, keys, principals, tokens
+from app.api import approvals, audit, grants, keys, principals, tokens
 from app.db.models import Grant
 from app.db.repositories import GrantRepository, GrantTerms
 from app.db.session import normalise_url
@@ -49,6 +50,7 @@ Relation = Literal[
     "active grant",
     "expired grant",
     "revoked grant",
+    "pending grant",
     "no grant",
 ]
 
@@ -88,6 +90,8 @@ EVERY_ROLE = tuple(Role)
 TABLE: list[Case] = [
     # POST /v1/principals, GET /v1/principals(/{id}): admin
     *gate(("CreatePrincipal", "ListPrincipals", "GetPrincipal"), ADMIN_ONLY),
+    # GET /v1/principals/me: anyone, about itself
+    *[Case("GetOwnPrincipal", role, "self", None, "allowed") for role in EVERY_ROLE],
     # POST /v1/principals/{id}/keys: the principal itself; an admin only for principals that hold
     # no grants and are not admins
     *[Case("CreateApiKey", role, "self", None, "allowed") for role in EVERY_ROLE],
@@ -112,6 +116,11 @@ TABLE: list[Case] = [
     Case("DisablePrincipal", SERVICE, "self", None, "denied"),
     # POST, GET, DELETE /v1/grants: admin
     *gate(("CreateGrant", "ListGrants", "GetGrant", "RevokeGrant"), ADMIN_ONLY),
+    # The four-eyes queue: admin (which admin may approve what: tests/test_dual_control.py)
+    *gate(
+        ("ListApprovals", "GetApproval", "ApproveRequest", "RejectRequest", "ApproveGrant", "RejectGrant"),
+        ADMIN_ONLY,
+    ),
     # Grants go only to service principals (whoever the admin is).
     Case("ReceiveGrant", ADMIN, "other", SERVICE, "allowed"),
     Case("ReceiveGrant", ADMIN, "other", ADMIN, "denied"),
@@ -127,7 +136,7 @@ TABLE: list[Case] = [
     *[
         Case(action, SERVICE, relation, None, "allowed" if relation == "active grant" else "denied")
         for action in ("Tokenize", "TokenizeBatch", "Detokenize", "DetokenizeBatch")
-        for relation in ("active grant", "expired grant", "revoked grant", "no grant")
+        for relation in ("active grant", "expired grant", "revoked grant", "pending grant", "no grant")
     ],
     *[
         Case(action, role, "no grant", None, "denied")
@@ -147,6 +156,7 @@ def grant_terms(relation: Relation) -> list[GrantTerms]:
         "active grant": [GrantTerms(uuid.uuid4(), None, None, None, None, None)],
         "expired grant": [GrantTerms(uuid.uuid4(), None, None, dead, None, None)],
         "revoked grant": [GrantTerms(uuid.uuid4(), None, None, None, dead, None)],
+        "pending grant": [GrantTerms(uuid.uuid4(), None, None, None, None, None, awaiting_approval=True)],
         "no grant": [],
     }
     return grant_of[relation]
@@ -161,6 +171,17 @@ def outcome(case: Case) -> str:
     match case.action:
         case "CreatePrincipal" | "ListPrincipals" | "GetPrincipal":
             verdict = may_manage_principals(actor.role)
+        case "GetOwnPrincipal":
+            verdict = case.relation == "self"
+        case (
+            "ListApprovals"
+            | "GetApproval"
+            | "ApproveRequest"
+            | "RejectRequest"
+            | "ApproveGrant"
+            | "RejectGrant"
+        ):
+            verdict = may_decide_approvals(actor.role)
         case "CreateApiKey":
             reason = key_issue_refusal(actor, target, holds_grants)
             assert may_issue_key(actor, target, holds_grants) is (reason is None)
@@ -193,7 +214,14 @@ def test_who_may_do_what(case: Case) -> None:
 def test_the_table_covers_every_authenticated_route() -> None:
     names = {
         route.name
-        for router in (principals.router, grants.router, audit.router, keys.router, tokens.router)
+        for router in (
+            principals.router,
+            grants.router,
+            approvals.router,
+            audit.router,
+            keys.router,
+            tokens.router,
+        )
         for route in router.routes
         if hasattr(route, "name")
     }

@@ -99,6 +99,8 @@ def stack(kms: Kms, database_url: str, db: psycopg.Connection[Any], tmp_path: Pa
     first admin's key from `piivault admin create`."""
     env = base_env() | {
         "PIIVAULT_ENVIRONMENT": "production",
+        # One admin runs the seed scenario here; tests/test_dual_control.py covers four eyes.
+        "PIIVAULT_DUAL_CONTROL": "false",
         "PIIVAULT_DATABASE_URL": database_url,
         "PIIVAULT_KMS_KEY_ID": KEY_ALIAS,
         "PIIVAULT_KMS_ENDPOINT_URL": kms.endpoint_url,

@@ -28,18 +28,24 @@ def free_port() -> int:
         return port
 
 
-def quickstart_script() -> str:
+def readme_script(name: str = "quickstart") -> str:
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- quickstart:begin -->\s*```sh\n(.*?)```\s*<!-- quickstart:end -->", readme, re.S)
-    assert block, "README.md has no quickstart block"
+    block = re.search(rf"<!-- {name}:begin -->\s*```sh\n(.*?)```\s*<!-- {name}:end -->", readme, re.S)
+    assert block, f"README.md has no {name} block"
     return block.group(1)
 
 
+def quickstart_script() -> str:
+    return readme_script("quickstart")
+
+
 @pytest.fixture
-def embedded_vault(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+def embedded_vault(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """The vault as `make run` starts it; an indirect parameter adds settings to its environment."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PIIVAULT_", "AWS_"))}
     env.update({"PIIVAULT_ENVIRONMENT": "development", "PIIVAULT_DATA_DIR": str(tmp_path / "data")})
+    env.update(getattr(request, "param", {}))
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
         [str(PIIVAULT), "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log
@@ -95,3 +101,23 @@ def test_make_run_default_serves_and_the_readme_quickstart_works(
         assert isinstance(json.loads(line), dict), line
         assert "D1234-56789-01234" not in line
         assert not [key for key in api_keys if key in line]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the flow uses curl")
+@pytest.mark.parametrize("embedded_vault", [{"PIIVAULT_DUAL_CONTROL": "true"}], indirect=True)
+def test_the_readme_four_eyes_flow_works_under_dual_control(
+    embedded_vault: tuple[str, dict[str, str]],
+) -> None:
+    base, env = embedded_vault
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", readme_script("four-eyes")],
+        cwd=ROOT,
+        env={**env, "VAULT": base, "PATH": f"{PIIVAULT.parent}:{env.get('PATH', '')}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Alice approving her own request: 403" in result.stdout
+    assert '"status":"active"' in result.stdout and '"approved_by":' in result.stdout
+    assert result.stdout.rstrip().endswith('"value":"D1234-56789-01234"}')

@@ -22,6 +22,7 @@ router = APIRouter(prefix="/v1/grants", tags=["grants"])
 
 
 def grant_out(grant: Grant) -> GrantOut:
+    now = utcnow()
     constraints = (
         {grant.constraint_kind: dict(grant.constraint_context or {})} if grant.constraint_kind else None
     )
@@ -35,7 +36,11 @@ def grant_out(grant: Grant) -> GrantOut:
         created_at=grant.created_at,
         revoked_at=grant.revoked_at,
         retired_at=grant.retired_at,
-        active=grant.active_at(utcnow()),
+        active=grant.active_at(now),
+        status=grant.status_at(now),
+        approval_id=grant.approval_id,
+        approved_by=grant.approved_by,
+        approved_at=grant.approved_at,
         kms_grant_id=grant.kms_grant_id,
         reveal=grant.reveal,
     )
@@ -56,7 +61,9 @@ def create_grant(
     body: GrantCreate, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
 ) -> GrantOut:
     """Allow a service principal to Encrypt (tokenize) and/or Decrypt (detokenize) records whose
-    encryption context matches the constraints. Mirrored as a KMS grant when mirroring is on."""
+    encryption context matches the constraints. Mirrored as a KMS grant when mirroring is on.
+    Under dual control a Decrypt grant is created `pending`: it matches nothing (and has no KMS
+    mirror) until a second admin approves it (POST /v1/grants/{id}/approve)."""
     kind: str | None = None
     context: dict[str, str] | None = None
     if body.constraints is not None:
@@ -127,3 +134,45 @@ def retire_grant(
 ) -> GrantOut:
     """The grantee gives up its own grant."""
     return grant_out(vault.grants.retire(session, caller, grant_id, ctx))
+
+
+@router.post(
+    "/{grant_id}/approve",
+    name="ApproveGrant",
+    **documented(
+        "approveGrant",
+        "Approve a pending grant (a second admin)",
+        errors=(*AUTHENTICATED, 404, 409),
+        descriptions={409: "The grant's request is no longer pending (not_pending)."},
+    ),
+)
+def approve_grant(
+    grant_id: uuid.UUID, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
+) -> GrantOut:
+    """A second admin approves a pending grant: it is mirrored and active from now on. 403
+    second_admin_required for its requester, key_issuer_conflict while the grantee holds a key
+    the requester or the approver issued; 409 not_pending once decided or expired."""
+    grant = vault.approvals.approve_grant(session, admin, grant_id, ctx)
+    session.flush()
+    session.refresh(grant)
+    return grant_out(grant)
+
+
+@router.post(
+    "/{grant_id}/reject",
+    name="RejectGrant",
+    **documented(
+        "rejectGrant",
+        "Reject a pending grant",
+        errors=(*AUTHENTICATED, 404, 409),
+        descriptions={409: "The grant's request is no longer pending (not_pending)."},
+    ),
+)
+def reject_grant(
+    grant_id: uuid.UUID, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
+) -> GrantOut:
+    """Reject a pending grant (any admin, its requester too): it never becomes active."""
+    grant = vault.approvals.reject_grant(session, admin, grant_id, ctx)
+    session.flush()
+    session.refresh(grant)
+    return grant_out(grant)

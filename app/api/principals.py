@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, Path, Response, status
 
+from app.api.approvals import approval_out
 from app.api.deps import AdminDep, CallerDep, ContextDep, KnownQueryOnly, SessionDep, VaultDep
 from app.api.openapi import AUTHENTICATED, documented
 from app.api.paging import CursorParam, Limit, decode_cursor, split_page
 from app.api.schemas import (
     ApiKeyCreated,
     ApiKeyOut,
+    ApprovalOut,
     PrincipalCreate,
     PrincipalCreated,
     PrincipalList,
     PrincipalOut,
     Text,
 )
-from app.db.models import ApiKey, Principal
+from app.db.models import ApiKey, Approval, Principal
 
 CURSOR_KIND = "p"
 
@@ -34,27 +36,56 @@ def principal_out(principal: Principal, keys: Sequence[ApiKey] = ()) -> Principa
         role=principal.role,
         created_at=principal.created_at,
         disabled_at=principal.disabled_at,
-        keys=[ApiKeyOut(key_id=k.id, created_at=k.created_at, revoked_at=k.revoked_at) for k in keys],
+        keys=[key_out(k) for k in keys],
     )
+
+
+def key_out(key: ApiKey) -> ApiKeyOut:
+    return ApiKeyOut(
+        key_id=key.id, created_at=key.created_at, revoked_at=key.revoked_at, issued_by=key.issued_by
+    )
+
+
+# Under dual control an admin's change to another admin waits for a second admin: 202 with the
+# request (GET /v1/approvals), instead of the change.
+def waits(route: dict[str, Any]) -> dict[str, Any]:
+    """A route whose change may wait for a second admin (dual control): 202 with the request."""
+    route["responses"][202] = {
+        "model": ApprovalOut,
+        "description": "waiting for a second admin (dual control)",
+    }
+    return route
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     name="CreatePrincipal",
-    **documented(
-        "createPrincipal",
-        "Register a caller and get its first API key",
-        errors=(*AUTHENTICATED, 409, 413),
-        descriptions={409: "A principal with this name exists."},
-        status=201,
+    **waits(
+        documented(
+            "createPrincipal",
+            "Register a caller and get its first API key",
+            errors=(*AUTHENTICATED, 409, 413),
+            descriptions={409: "A principal with this name exists."},
+            status=201,
+        )
     ),
 )
 def create_principal(
-    body: PrincipalCreate, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
-) -> PrincipalCreated:
-    """Register a caller. Its API key is in this response only; it is stored hashed."""
-    principal, issued = vault.principals.create(session, admin, body.name, body.role, ctx)
+    body: PrincipalCreate,
+    vault: VaultDep,
+    session: SessionDep,
+    admin: AdminDep,
+    ctx: ContextDep,
+    response: Response,
+) -> PrincipalCreated | ApprovalOut:
+    """Register a caller. Its API key is in this response only; it is stored hashed. Under dual
+    control an admin is not created here: 202 with the request a second admin must approve."""
+    created = vault.principals.create(session, admin, body.name, body.role, ctx)
+    if isinstance(created, Approval):
+        response.status_code = status.HTTP_202_ACCEPTED
+        return approval_out(created)
+    principal, issued = created
     keys = vault.principals.keys_of(session, principal.id)
     out = principal_out(principal, keys)
     return PrincipalCreated(**out.model_dump(), key_id=issued.key_id, api_key=issued.secret_key)
@@ -79,6 +110,18 @@ def list_principals(
 
 
 @router.get(
+    "/me",
+    name="GetOwnPrincipal",
+    **documented("getOwnPrincipal", "The caller itself, with its keys", errors=AUTHENTICATED),
+)
+def get_own_principal(vault: VaultDep, session: SessionDep, caller: CallerDep) -> PrincipalOut:
+    """The caller itself, with its keys (who issued each): what a service needs to take over its
+    own keys (mint one with POST /v1/principals/{id}/keys, revoke the one it was given)."""
+    principal = vault.principals.get(session, caller.id)
+    return principal_out(principal, vault.principals.keys_of(session, principal.id))
+
+
+@router.get(
     "/{principal_id}",
     name="GetPrincipal",
     **documented("getPrincipal", "Get a principal and its keys", errors=(*AUTHENTICATED, 404)),
@@ -100,8 +143,8 @@ def create_key(
     principal_id: uuid.UUID, vault: VaultDep, session: SessionDep, caller: CallerDep, ctx: ContextDep
 ) -> ApiKeyCreated:
     """Issue another key (rotation): both work until the old one is deleted. A principal rotates
-    its own keys; an admin may issue keys only to principals that hold no grants and are not
-    admins (separation of duties)."""
+    its own keys; an admin may issue keys only to principals that hold no active or pending grant
+    and are not admins (403 grantee_holds_grants; separation of duties)."""
     issued = vault.principals.add_key(session, caller, principal_id, ctx)
     return ApiKeyCreated(key_id=issued.key_id, api_key=issued.secret_key)
 
@@ -109,7 +152,7 @@ def create_key(
 @router.delete(
     "/{principal_id}/keys/{key_id}",
     name="RevokeApiKey",
-    **documented("revokeApiKey", "Revoke an API key", errors=(*AUTHENTICATED, 404)),
+    **waits(documented("revokeApiKey", "Revoke an API key", errors=(*AUTHENTICATED, 404))),
 )
 def revoke_key(
     principal_id: uuid.UUID,
@@ -118,20 +161,36 @@ def revoke_key(
     session: SessionDep,
     caller: CallerDep,
     ctx: ContextDep,
-) -> ApiKeyOut:
-    """Revoke a key (an admin, or the principal itself): it stops working at once."""
-    key = vault.principals.revoke_key(session, caller, principal_id, key_id, ctx)
-    return ApiKeyOut(key_id=key.id, created_at=key.created_at, revoked_at=key.revoked_at)
+    response: Response,
+) -> ApiKeyOut | ApprovalOut:
+    """Revoke a key (an admin, or the principal itself): it stops working at once. Under dual
+    control another admin's key waits for a second admin (202 with the request)."""
+    revoked = vault.principals.revoke_key(session, caller, principal_id, key_id, ctx)
+    if isinstance(revoked, Approval):
+        response.status_code = status.HTTP_202_ACCEPTED
+        return approval_out(revoked)
+    return key_out(revoked)
 
 
 @router.delete(
     "/{principal_id}",
     name="DisablePrincipal",
-    **documented("disablePrincipal", "Disable a principal and all its keys", errors=(*AUTHENTICATED, 404)),
+    **waits(
+        documented("disablePrincipal", "Disable a principal and all its keys", errors=(*AUTHENTICATED, 404))
+    ),
 )
 def disable_principal(
-    principal_id: uuid.UUID, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
-) -> PrincipalOut:
-    """Disable a principal: every key of it stops working at once."""
-    principal = vault.principals.disable(session, admin, principal_id, ctx)
-    return principal_out(principal, vault.principals.keys_of(session, principal.id))
+    principal_id: uuid.UUID,
+    vault: VaultDep,
+    session: SessionDep,
+    admin: AdminDep,
+    ctx: ContextDep,
+    response: Response,
+) -> PrincipalOut | ApprovalOut:
+    """Disable a principal: every key of it stops working at once. Under dual control an admin
+    waits for a second admin (202 with the request)."""
+    disabled = vault.principals.disable(session, admin, principal_id, ctx)
+    if isinstance(disabled, Approval):
+        response.status_code = status.HTTP_202_ACCEPTED
+        return approval_out(disabled)
+    return principal_out(disabled, vault.principals.keys_of(session, disabled.id))

@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.access import Role
+from app.access import ApprovalKind, ApprovalState, GrantStatus, Role
 from app.datatypes import MAX_PATTERN_LENGTH, Mask, Normalize, Reveal
 from app.services.context import OPERATIONS, Operation
 
@@ -139,6 +139,11 @@ class ApiKeyOut(BaseModel):
     key_id: str
     created_at: datetime
     revoked_at: datetime | None = None
+    issued_by: uuid.UUID | None = Field(
+        default=None,
+        description="The principal that was shown the key: an admin, or the principal itself "
+        "(a key it minted). Null: issued before issuers were recorded (unknown).",
+    )
 
     model_config = examples(_KEY_OUT)
 
@@ -255,6 +260,12 @@ class GrantOut(BaseModel):
     revoked_at: datetime | None
     retired_at: datetime | None
     active: bool
+    status: GrantStatus = Field(
+        description="pending (waiting for a second admin), active, rejected, revoked, retired or expired."
+    )
+    approval_id: uuid.UUID | None = Field(description="Its four-eyes request, if it needed one.")
+    approved_by: uuid.UUID | None = Field(description="The second admin who approved it.")
+    approved_at: datetime | None
     kms_grant_id: str | None
     reveal: Reveal
 
@@ -264,6 +275,38 @@ class GrantList(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
     model_config = examples({"grants": [_GRANT_OUT], "next_cursor": None})
+
+
+# Approvals (dual control)
+
+
+class ApprovalOut(BaseModel):
+    id: uuid.UUID
+    kind: ApprovalKind
+    status: ApprovalState = Field(description="A pending request past expires_at is expired.")
+    requester: uuid.UUID
+    target: str | None = Field(
+        description="The grant, principal or key it is about (create_admin: the new admin, once made)."
+    )
+    details: dict[str, Any]
+    created_at: datetime
+    expires_at: datetime
+    decided_by: uuid.UUID | None
+    decided_at: datetime | None
+
+
+class ApprovalDecided(ApprovalOut):
+    api_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="create_admin only: the new admin's first key, shown to the approver this once. "
+        "The new admin should mint its own key and revoke this one.",
+    )
+
+
+class ApprovalList(BaseModel):
+    approvals: list[ApprovalOut] = Field(description="Oldest first.")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
 
 # Tokens

@@ -25,9 +25,19 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.ext.hybrid import hybrid_method
-from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship
 
-from app.access import Role, grant_active, grant_active_clause
+from app.access import (
+    APPROVAL_KINDS,
+    APPROVAL_STATES,
+    ApprovalState,
+    GrantStatus,
+    Role,
+    approval_status,
+    grant_active,
+    grant_active_clause,
+    grant_status,
+)
 
 
 class Base(DeclarativeBase):
@@ -63,9 +73,50 @@ class ApiKey(Base):
     secret_hash: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Who was shown the key when it was issued: an admin, or the principal itself (rotation, and
+    # the CLI's bootstrap admins). NULL: issued before this was recorded, so unknown; dual control
+    # treats an unknown issuer as a conflict (app.access.approval_refusal).
+    issued_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("principals.id"))
 
     def __repr__(self) -> str:
         return f"ApiKey(id={self.id!r}, principal_id={self.principal_id})"
+
+
+class Approval(Base):
+    """A four-eyes request: made by one admin, carried out only when another approves it."""
+
+    __tablename__ = "approvals"
+    __table_args__ = (
+        CheckConstraint(
+            f"kind IN ({', '.join(repr(k) for k in APPROVAL_KINDS)})", name="approval_kind_known"
+        ),
+        CheckConstraint(
+            f"status IN ({', '.join(repr(s) for s in APPROVAL_STATES)})", name="approval_status_known"
+        ),
+        # The sweep's work list: pending requests by deadline.
+        Index("ix_approvals_status_expires_at", "status", "expires_at"),
+        Index("ix_approvals_created_at_id", "created_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    kind: Mapped[str] = mapped_column(String(32))
+    # As stored: a pending request past expires_at is expired whatever this says (approval_status).
+    status: Mapped[str] = mapped_column(String(16))
+    requested_by: Mapped[uuid.UUID] = mapped_column(ForeignKey("principals.id"))
+    # The grant, principal or key the request is about (for create_admin: the admin, once made).
+    target_id: Mapped[str | None] = mapped_column(String(128))
+    # What is asked, in identifiers and names only: never a key or a value.
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    decided_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("principals.id"))
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    def status_at(self, now: datetime) -> ApprovalState:
+        return approval_status(self, now)
+
+    def __repr__(self) -> str:
+        return f"Approval(id={self.id}, kind={self.kind!r}, status={self.status!r})"
 
 
 class Grant(Base):
@@ -98,13 +149,25 @@ class Grant(Base):
     expiry_audited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # What its Decrypt reveals: the value, or only the value's mask ("masked").
     reveal: Mapped[str] = mapped_column(String(8), server_default=text("'plain'"))
+    # Dual control: a data grant waits for a second admin and matches nothing until approved.
+    # (Default false: grants made before dual control, or needing no approval, are not waiting.)
+    awaiting_approval: Mapped[bool] = mapped_column(Boolean, server_default=text("false"), default=False)
+    approval_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("approvals.id"))
+    approved_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("principals.id"))
+    approved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    approval: Mapped[Approval | None] = relationship(lazy="selectin", foreign_keys=[approval_id])
 
     def _active_at(self, now: datetime) -> bool:
         return grant_active(self, now)
 
     @classmethod
     def _active_at_clause(cls, now: datetime) -> ColumnElement[bool]:
-        return grant_active_clause(cls.expires_at, cls.revoked_at, cls.retired_at, now)
+        return grant_active_clause(
+            cls.expires_at, cls.revoked_at, cls.retired_at, now, awaiting_approval=cls.awaiting_approval
+        )
+
+    def status_at(self, now: datetime) -> GrantStatus:
+        return grant_status(self, self.approval.status_at(now) if self.approval else None, now)
 
     # grant.active_at(now) in Python, Grant.active_at(now) in a query: app.access has both twins.
     active_at = hybrid_method(_active_at, _active_at_clause)

@@ -15,7 +15,7 @@ import httpx
 
 from app.db.models import AuditEvent
 from app.db.repositories.data_path import EventRow
-from app.metrics import ALERTS_DROPPED, ALERTS_FAILED, DENIALS
+from app.metrics import ALARMS, ALERTS_DROPPED, ALERTS_FAILED, DENIALS
 
 log = logging.getLogger("piivault.alerts")
 # Errors that mean someone may be tampering, not just an outage.
@@ -114,6 +114,15 @@ class Alerter:
             DENIALS.labels(event.action, event.reason or "unknown").inc()
             fields = event_fields(event)
             kind = "denied" if event.outcome == "denied" else "integrity"
+            log.warning(json.dumps({"alert": kind, **fields}, sort_keys=True))
+            if self._webhook is not None:
+                self._webhook.submit({"alert": kind, **fields})
+
+    def alarm(self, kind: str, events: Sequence[EventRow]) -> None:
+        """An alarm of `kind` (e.g. break_glass) for each event, whatever its outcome."""
+        for event in events:
+            ALARMS.labels(kind, event.action).inc()
+            fields = event_fields(event)
             log.warning(json.dumps({"alert": kind, **fields}, sort_keys=True))
             if self._webhook is not None:
                 self._webhook.submit({"alert": kind, **fields})

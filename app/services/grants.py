@@ -13,14 +13,16 @@ from sqlalchemy.orm import Session
 from app.access import (
     EQUALS,
     SUBSET,
+    grant_needs_approval,
     may_receive_grant,
     may_retire_grant,
 )
 from app.crypto.keys import GrantConstraints, GrantMirror
 from app.db.models import Grant
-from app.db.repositories import GrantRepository
+from app.db.repositories import ApprovalRepository, GrantRepository
 from app.db.session import Database, on_rollback
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, Misconfigured, NotFound
+from app.services.approvals import ApprovalQueue
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, Operation, RequestContext, utcnow
 from app.services.data_types import DataTypeService
@@ -47,6 +49,7 @@ class GrantService:
         auditor: Auditor,
         principals: PrincipalService,
         mirror: GrantMirror,
+        queue: ApprovalQueue,
         data_types: DataTypeService | None = None,
     ) -> None:
         self._database = database
@@ -54,8 +57,12 @@ class GrantService:
         self._principals = principals
         self._mirror = mirror
         self._data_types = data_types
+        self._queue = queue
 
     def create(self, session: Session, actor: Caller, request: GrantRequest, ctx: RequestContext) -> Grant:
+        """Make a grant. Under dual control one that reads, finds or erases data is created
+        pending: it matches nothing, and has no KMS mirror, until a second admin approves it
+        (ApprovalService)."""
         grantee = self._principals.resolve(session, request.grantee)
         if grantee.disabled_at is not None:
             raise InvalidInput("the grantee is disabled", field="grantee")
@@ -79,19 +86,25 @@ class GrantService:
                 expires_at=request.expires_at,
                 created_by=actor.id,
                 reveal=request.reveal,
+                awaiting_approval=grant_needs_approval(request.operations, self._queue.enabled),
             )
         )
-        constraints = GrantConstraints(
-            subset=request.constraint_context if request.constraint_kind == SUBSET else None,
-            equals=request.constraint_context if request.constraint_kind == EQUALS else None,
-        )
-        # A failed mirror fails the request; a mirror made before a failed commit is revoked.
-        kms_grant_id = self._mirror.create_grant(
-            name=f"piivault-{grant.id}", operations=grant.operations, constraints=constraints
-        )
-        if kms_grant_id is not None:
-            grant.kms_grant_id = kms_grant_id
-            on_rollback(session, lambda: self._mirror.revoke_grant(kms_grant_id))
+        if grant.awaiting_approval:
+            details = {
+                "grantee": str(grantee.id),
+                "grantee_name": grantee.name,
+                "operations": grant.operations,
+                "constraints": {request.constraint_kind: request.constraint_context}
+                if request.constraint_kind
+                else None,
+                "expires_at": request.expires_at.isoformat() if request.expires_at else None,
+                "name": request.name,
+            }
+            approval = self._queue.open(session, actor, "grant", str(grant.id), details, ctx)
+            grant.approval_id = approval.id
+            grant.approval = approval
+        else:
+            self._mirror_now(session, grant)
         self._auditor.record(
             session,
             [
@@ -105,6 +118,46 @@ class GrantService:
             ],
         )
         return grant
+
+    def activate(self, session: Session, approver: Caller, grant: Grant, ctx: RequestContext) -> None:
+        """A pending grant approved by a second admin (ApprovalService checked who may): it is
+        mirrored now, and matches from the commit on."""
+        if not grant.awaiting_approval or grant.revoked_at is not None or grant.retired_at is not None:
+            raise Conflict("the grant is not waiting for approval", field="id")
+        now = utcnow()
+        if grant.expires_at is not None and grant.expires_at <= now:
+            raise Conflict("the grant expired before it was approved", field="id")
+        grantee = self._principals.get(session, grant.grantee_id)
+        if grantee.disabled_at is not None:
+            raise Conflict("the grantee is disabled", field="id")
+        self._mirror_now(session, grant)
+        grant.awaiting_approval = False
+        grant.approved_by = approver.id
+        grant.approved_at = now
+
+    def _mirror_now(self, session: Session, grant: Grant) -> None:
+        constraints = GrantConstraints(
+            subset=grant.constraint_context if grant.constraint_kind == SUBSET else None,
+            equals=grant.constraint_context if grant.constraint_kind == EQUALS else None,
+        )
+        # A failed mirror fails the request; a mirror made before a failed commit is revoked.
+        kms_grant_id = self._mirror.create_grant(
+            name=f"piivault-{grant.id}", operations=grant.operations, constraints=constraints
+        )
+        if kms_grant_id is not None:
+            grant.kms_grant_id = kms_grant_id
+            on_rollback(session, lambda: self._mirror.revoke_grant(kms_grant_id))
+
+    def _withdraw_request(self, session: Session, actor: Caller, grant: Grant, now: datetime) -> None:
+        """A pending grant revoked or retired: its request is closed as withdrawn. (The grant's
+        row is locked already: the request's comes second, as in an approval.)"""
+        if grant.approval is None:
+            return
+        ApprovalRepository(session).lock(grant.approval)
+        if grant.approval.status_at(now) == "pending":
+            grant.approval.status = "withdrawn"
+            grant.approval.decided_by = actor.id
+            grant.approval.decided_at = now
 
     def get(self, session: Session, grant_id: uuid.UUID) -> Grant:
         grant = GrantRepository(session).get(grant_id)
@@ -133,6 +186,7 @@ class GrantService:
         if grant.revoked_at is not None or grant.retired_at is not None:
             raise Conflict("the grant is already revoked or retired", field="id")
         grant.revoked_at = utcnow()
+        self._withdraw_request(session, actor, grant, grant.revoked_at)
         self._revoke_mirror(grant)
         self._auditor.record(
             session, [build_event("RevokeGrant", "allowed", ctx, actor, Subject(grant_id=grant.id))]
@@ -151,6 +205,7 @@ class GrantService:
         if grant.revoked_at is not None or grant.retired_at is not None:
             raise Conflict("the grant is already revoked or retired", field="id")
         grant.retired_at = utcnow()
+        self._withdraw_request(session, caller, grant, grant.retired_at)
         self._revoke_mirror(grant)
         self._auditor.record(
             session, [build_event("RetireGrant", "allowed", ctx, caller, Subject(grant_id=grant.id))]

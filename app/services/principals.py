@@ -10,16 +10,27 @@ import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NoReturn
+from typing import NoReturn, overload
 
 from sqlalchemy.orm import Session
 
-from app.access import ADMINS, Role, key_issue_refusal, may_disable, may_revoke_key
-from app.db.models import ApiKey, Principal
+from app.access import (
+    ADMINS,
+    Role,
+    admin_creation_needs_approval,
+    disabling_needs_approval,
+    key_issue_refusal,
+    key_revocation_needs_approval,
+    may_disable,
+    may_revoke_key,
+)
+from app.db.models import ApiKey, Approval, Principal
 from app.db.repositories import ApiKeyRepository, GrantRepository, PrincipalRepository
 from app.db.repositories.data_path import EventRow, KeyCredentials
-from app.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthenticated
+from app.db.session import Database
+from app.errors import Conflict, Forbidden, GranteeHoldsGrants, InvalidInput, NotFound, Unauthenticated
 from app.logs import bind_principal
+from app.services.approvals import ApprovalQueue
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, RequestContext, utcnow
 
@@ -61,16 +72,22 @@ def _hash_secret(key_id: str, secret: str) -> bytes:
     return hashlib.sha256(f"piivault.apikey.v1:{key_id}:{secret}".encode()).digest()
 
 
-def _new_key(principal_id: uuid.UUID) -> tuple[ApiKey, IssuedKey]:
+def _new_key(principal_id: uuid.UUID, issued_by: uuid.UUID) -> tuple[ApiKey, IssuedKey]:
+    """A new key for `principal_id`, recording who is shown it (`issued_by`): dual control
+    refuses approvals while a party holds a key the other admin was shown."""
     key_id = secrets.token_hex(_KEY_ID_HEX // 2)
     secret = secrets.token_urlsafe(32)
-    row = ApiKey(id=key_id, principal_id=principal_id, secret_hash=_hash_secret(key_id, secret))
+    row = ApiKey(
+        id=key_id, principal_id=principal_id, secret_hash=_hash_secret(key_id, secret), issued_by=issued_by
+    )
     return row, IssuedKey(key_id, principal_id, f"{API_KEY_PREFIX}{key_id}_{secret}")
 
 
 class PrincipalService:
-    def __init__(self, auditor: Auditor) -> None:
+    def __init__(self, database: Database, auditor: Auditor, queue: ApprovalQueue) -> None:
+        self._database = database
         self._auditor = auditor
+        self._queue = queue
 
     def authenticate(self, session: Session, presented: str | None, ctx: RequestContext) -> Caller:
         """Resolve a bearer key to its principal, in constant time for the secret part."""
@@ -112,23 +129,60 @@ class PrincipalService:
         bind_principal(found.principal_id)  # for this request's log lines
         return Caller(found.principal_id, found.principal_name, found.role, key.key_id), None
 
+    @overload
+    def create(
+        self, session: Session, actor: None, name: str, role: str, ctx: RequestContext
+    ) -> tuple[Principal, IssuedKey]: ...
+
+    @overload
+    def create(
+        self, session: Session, actor: Caller, name: str, role: str, ctx: RequestContext
+    ) -> tuple[Principal, IssuedKey] | Approval: ...
+
     def create(
         self, session: Session, actor: Caller | None, name: str, role: str, ctx: RequestContext
+    ) -> tuple[Principal, IssuedKey] | Approval:
+        """Create a principal with its first key, shown to `actor`. An admin made by an admin
+        waits for a second admin under dual control (an Approval is returned instead). No actor:
+        made outside the API, by someone with database credentials (see create_break_glass_admin)."""
+        if actor is not None and admin_creation_needs_approval(role, self._queue.enabled):
+            if PrincipalRepository(session).name_taken(name):
+                raise Conflict(f"a principal named {name!r} already exists", field="name")
+            return self._queue.open(session, actor, "create_admin", None, {"name": name, "role": role}, ctx)
+        return self.create_approved(session, actor, name, role, ctx)
+
+    def create_approved(
+        self, session: Session, actor: Caller | None, name: str, role: str, ctx: RequestContext
     ) -> tuple[Principal, IssuedKey]:
+        """Create now: for create() and for the approval of a create_admin request."""
+        principal, issued, _ = self._create_now(session, actor, name, role, ctx)
+        return principal, issued
+
+    def create_break_glass_admin(self, name: str, ctx: RequestContext) -> tuple[Principal, IssuedKey]:
+        """`piivault admin create`: an admin made with database credentials, outside dual control
+        (bootstrap or break-glass). Audited in its own transaction, then an alert naming the
+        audit event: someone must look at it."""
+        with self._database.transaction() as session:
+            principal, issued, events = self._create_now(session, None, name, Role.ADMIN, ctx)
+        self._auditor.alert("break_glass", events[:1])
+        return principal, issued
+
+    def _create_now(
+        self, session: Session, actor: Caller | None, name: str, role: str, ctx: RequestContext
+    ) -> tuple[Principal, IssuedKey, list[EventRow]]:
         principals = PrincipalRepository(session)
         if principals.name_taken(name):
             raise Conflict(f"a principal named {name!r} already exists", field="name")
         principal = principals.add(Principal(id=uuid.uuid4(), name=name, role=role))
-        row, issued = _new_key(principal.id)
+        # No actor (the CLI): the admin is shown its own key, so it issued it to itself.
+        row, issued = _new_key(principal.id, actor.id if actor is not None else principal.id)
         ApiKeyRepository(session).add(row)
-        self._auditor.record(
-            session,
-            [
-                build_event("CreatePrincipal", "allowed", ctx, actor, Subject(target_id=str(principal.id))),
-                build_event("CreateApiKey", "allowed", ctx, actor, Subject(target_id=row.id)),
-            ],
-        )
-        return principal, issued
+        events = [
+            build_event("CreatePrincipal", "allowed", ctx, actor, Subject(target_id=str(principal.id))),
+            build_event("CreateApiKey", "allowed", ctx, actor, Subject(target_id=row.id)),
+        ]
+        self._auditor.record(session, events)
+        return principal, issued, events
 
     def get(self, session: Session, principal_id: uuid.UUID) -> Principal:
         principal = PrincipalRepository(session).get(principal_id)
@@ -163,19 +217,21 @@ class PrincipalService:
         if principal.disabled_at is not None:
             raise Conflict("the principal is disabled", field="id")
         if actor.id != principal.id:
-            holds_grants = GrantRepository(session).any_active_for(principal.id, utcnow())
+            holds_grants = GrantRepository(session).any_active_or_pending_for(principal.id, utcnow())
             reason = key_issue_refusal(actor, principal, holds_grants)
             if reason is not None:
                 refused = build_event(
                     "CreateApiKey", "denied", ctx, actor, Subject(target_id=str(principal.id)), reason
                 )
                 self._auditor.record_on_its_own([refused])
+                if reason == "grantee_holds_grants":
+                    raise GranteeHoldsGrants()
                 raise Forbidden(
-                    "only the principal itself can get a new key here: it is an admin or holds grants"
-                    if reason != "role_required"
+                    "only an admin itself can get a new key for it"
+                    if reason == "other_admin"
                     else "this action needs the admin role"
                 )
-        row, issued = _new_key(principal.id)
+        row, issued = _new_key(principal.id, actor.id)
         ApiKeyRepository(session).add(row)
         self._auditor.record(
             session, [build_event("CreateApiKey", "allowed", ctx, actor, Subject(target_id=row.id))]
@@ -189,9 +245,24 @@ class PrincipalService:
         principal_id: uuid.UUID,
         key_id: str,
         ctx: RequestContext,
-    ) -> ApiKey:
+    ) -> ApiKey | Approval:
+        """Revoke a key at once; another admin's key waits for a second admin under dual control
+        (an Approval is returned instead). A principal revokes its own keys at once."""
         if not may_revoke_key(actor, principal_id):
             self._refuse_role(actor, ADMINS, "RevokeApiKey", ctx)
+        key = ApiKeyRepository(session).get(key_id)
+        if key is None or key.principal_id != principal_id:
+            raise NotFound("no such key for this principal", field="key_id")
+        owner = self.get(session, principal_id)
+        if key.revoked_at is None and key_revocation_needs_approval(actor, owner, self._queue.enabled):
+            details = {"principal_id": str(owner.id), "principal_name": owner.name, "key_id": key.id}
+            return self._queue.open(session, actor, "revoke_admin_key", key.id, details, ctx)
+        return self.revoke_key_approved(session, actor, principal_id, key_id, ctx)
+
+    def revoke_key_approved(
+        self, session: Session, actor: Caller, principal_id: uuid.UUID, key_id: str, ctx: RequestContext
+    ) -> ApiKey:
+        """Revoke now: for revoke_key() and for the approval of a revoke_admin_key request."""
         key = ApiKeyRepository(session).get(key_id)
         if key is None or key.principal_id != principal_id:
             raise NotFound("no such key for this principal", field="key_id")
@@ -204,10 +275,22 @@ class PrincipalService:
 
     def disable(
         self, session: Session, actor: Caller, principal_id: uuid.UUID, ctx: RequestContext
-    ) -> Principal:
+    ) -> Principal | Approval:
+        """Disable at once; an admin waits for a second admin under dual control (an Approval is
+        returned instead)."""
         principal = self.get(session, principal_id)
         if not may_disable(actor, principal.id):
             raise Forbidden("an admin cannot disable itself")
+        if principal.disabled_at is None and disabling_needs_approval(principal.role, self._queue.enabled):
+            details = {"principal_id": str(principal.id), "name": principal.name}
+            return self._queue.open(session, actor, "disable_admin", str(principal.id), details, ctx)
+        return self.disable_approved(session, actor, principal_id, ctx)
+
+    def disable_approved(
+        self, session: Session, actor: Caller, principal_id: uuid.UUID, ctx: RequestContext
+    ) -> Principal:
+        """Disable now: for disable() and for the approval of a disable_admin request."""
+        principal = self.get(session, principal_id)
         if principal.disabled_at is None:
             now = utcnow()
             principal.disabled_at = now

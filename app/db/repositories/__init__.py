@@ -4,6 +4,7 @@ per pooled autocommit connection, each committing on its own (a detokenize's rel
 of its grants and its events, is one transaction of its own); the sealer's run in the
 transaction Database.raw_transaction holds."""
 
+from app.db.repositories.approvals import ApprovalRepository
 from app.db.repositories.audit import AuditFilter, AuditRepository
 from app.db.repositories.data_path import (
     DataPathRepository,
@@ -20,6 +21,7 @@ from app.db.repositories.seal import SealRepository
 
 __all__ = [
     "ApiKeyRepository",
+    "ApprovalRepository",
     "AuditFilter",
     "AuditRepository",
     "DataPathRepository",

@@ -46,6 +46,8 @@ class GrantTerms:
     revoked_at: datetime | None
     retired_at: datetime | None
     reveal: str = "plain"
+    # Dual control: a grant waiting for a second admin matches nothing.
+    awaiting_approval: bool = False
 
 
 @dataclass(slots=True)
@@ -140,6 +142,7 @@ SELECT k.secret_hash, k.revoked_at AS key_revoked_at, p.id AS principal_id, p.na
        p.role, p.disabled_at AS principal_disabled_at,
        g.id AS grant_id, g.constraint_kind, g.constraint_context, g.expires_at,
        g.revoked_at AS grant_revoked_at, g.retired_at AS grant_retired_at, g.reveal,
+       g.awaiting_approval,
        {_RECORD_OF_R}
   FROM api_keys k
   JOIN principals p ON p.id = k.principal_id
@@ -158,7 +161,8 @@ SELECT pg_advisory_xact_lock_shared(%(namespace)s, hashtext(id::text))
   FROM (SELECT DISTINCT unnest(%(ids)s::uuid[]) AS id ORDER BY 1) AS held
 """
 _GRANTS_NOW = """
-SELECT id, constraint_kind, constraint_context, expires_at, revoked_at, retired_at, reveal
+SELECT id, constraint_kind, constraint_context, expires_at, revoked_at, retired_at, reveal,
+       awaiting_approval
   FROM grants WHERE id = ANY(%(ids)s::uuid[])
 """
 _RECORDS = f"SELECT {', '.join(RECORD_COLUMNS)} FROM records WHERE token = ANY(%(tokens)s::varchar[])"  # noqa: S608
@@ -253,6 +257,7 @@ class DataPathRepository:
                 revoked_at=row.grant_revoked_at,
                 retired_at=row.grant_retired_at,
                 reveal=row.reveal,
+                awaiting_approval=row.awaiting_approval,
             )
             for row in rows
             if row.grant_id is not None
@@ -284,6 +289,7 @@ class DataPathRepository:
                     revoked_at=row.revoked_at,
                     retired_at=row.retired_at,
                     reveal=row.reveal,
+                    awaiting_approval=row.awaiting_approval,
                 )
                 for row in rows
             ]

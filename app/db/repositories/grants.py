@@ -6,10 +6,10 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select, text, tuple_
+from sqlalchemy import and_, or_, select, text, tuple_
 from sqlalchemy.orm import Session
 
-from app.db.models import Grant
+from app.db.models import Approval, Grant
 
 # Revocation against work in flight: a detokenize's release holds each grant it rests on in a
 # shared transaction-level advisory lock (data_path.py), a revoke or retire holds the grant's
@@ -36,7 +36,8 @@ class GrantRepository:
         ends, and releases in flight that rest on it waited for (GRANT_LOCK_NAMESPACE)."""
         if for_update:
             self.session.execute(_LOCK_GRANT, {"namespace": GRANT_LOCK_NAMESPACE, "grant_id": str(grant_id)})
-        return self.session.get(Grant, grant_id, with_for_update=for_update)
+        # A locked read reloads a row the session holds already: the lock is for its latest state.
+        return self.session.get(Grant, grant_id, with_for_update=for_update, populate_existing=for_update)
 
     def list(
         self,
@@ -63,6 +64,23 @@ class GrantRepository:
         query = select(Grant.id).where(Grant.grantee_id == grantee_id, Grant.active_at(now))
         return self.session.scalar(query.limit(1)) is not None
 
+    def any_active_or_pending_for(self, grantee_id: uuid.UUID, now: datetime) -> bool:
+        """Whether the principal holds a grant that is active, or waiting for approval (and could
+        become active): an admin then may not mint keys for it."""
+        pending = and_(
+            Grant.awaiting_approval.is_(True),
+            Grant.revoked_at.is_(None),
+            Grant.retired_at.is_(None),
+            Approval.status == "pending",
+            Approval.expires_at > now,
+        )
+        query = (
+            select(Grant.id)
+            .outerjoin(Approval, Approval.id == Grant.approval_id)
+            .where(Grant.grantee_id == grantee_id, or_(Grant.active_at(now), pending))
+        )
+        return self.session.scalar(query.limit(1)) is not None
+
     def expired_unaudited(self, now: datetime, limit: int) -> Sequence[Grant]:
         """Grants that expired and whose expiry has no audit event yet; locked, one replica each."""
         query = (
@@ -70,6 +88,8 @@ class GrantRepository:
             .where(
                 Grant.expires_at <= now,
                 Grant.expiry_audited_at.is_(None),
+                # A grant that was never approved expires with its request (ExpireRequest).
+                Grant.awaiting_approval.is_(False),
                 Grant.revoked_at.is_(None),
                 Grant.retired_at.is_(None),
             )

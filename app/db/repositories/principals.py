@@ -69,6 +69,13 @@ class ApiKeyRepository:
         ).first()
         return None if row is None else KeyCredentials(*row)
 
+    def valid_key_issuers(self, principal_id: uuid.UUID) -> set[uuid.UUID | None]:
+        """Who issued each unrevoked key of the principal (None: not recorded)."""
+        query = select(ApiKey.issued_by).where(
+            ApiKey.principal_id == principal_id, ApiKey.revoked_at.is_(None)
+        )
+        return set(self.session.scalars(query).all())
+
     def list_for(self, principal_id: uuid.UUID) -> Sequence[ApiKey]:
         query = select(ApiKey).where(ApiKey.principal_id == principal_id).order_by(ApiKey.created_at)
         return self.session.scalars(query).all()

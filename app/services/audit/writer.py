@@ -143,6 +143,10 @@ class Auditor:
             raise AuditUnavailable() from None
         self._alerter.denied(events)
 
+    def alert(self, kind: str, events: Sequence[EventRow]) -> None:
+        """Raise an alarm of `kind` for allowed events someone must look at (a break-glass admin)."""
+        self._alerter.alarm(kind, events)
+
     def seal(self, batch: int = 2000) -> int:
         """Chain committed events not yet sealed (sealer.seal); returns how many were sealed."""
         return sealer.seal(self._database, self._keyring, batch)

@@ -13,6 +13,9 @@ from app.api.deps import AdminDep, CallerDep, ContextDep, KnownQueryOnly, Sessio
 from app.api.openapi import AUTHENTICATED, documented
 from app.api.paging import CursorParam, Limit, decode_cursor, split_page
 from app.api.schemas import (
+    KEY_OUT_EXAMPLE,
+    PRINCIPAL_CREATED_EXAMPLE,
+    PRINCIPAL_EXAMPLE,
     ApiKeyCreated,
     ApiKeyOut,
     ApprovalOut,
@@ -68,6 +71,7 @@ def waits(route: dict[str, Any]) -> dict[str, Any]:
             errors=(*AUTHENTICATED, 409, 413),
             descriptions={409: "A principal with this name exists."},
             status=201,
+            example=PRINCIPAL_CREATED_EXAMPLE,
         )
     ),
 )
@@ -152,7 +156,9 @@ def create_key(
 @router.delete(
     "/{principal_id}/keys/{key_id}",
     name="RevokeApiKey",
-    **waits(documented("revokeApiKey", "Revoke an API key", errors=(*AUTHENTICATED, 404))),
+    **waits(
+        documented("revokeApiKey", "Revoke an API key", errors=(*AUTHENTICATED, 404), example=KEY_OUT_EXAMPLE)
+    ),
 )
 def revoke_key(
     principal_id: uuid.UUID,
@@ -176,7 +182,12 @@ def revoke_key(
     "/{principal_id}",
     name="DisablePrincipal",
     **waits(
-        documented("disablePrincipal", "Disable a principal and all its keys", errors=(*AUTHENTICATED, 404))
+        documented(
+            "disablePrincipal",
+            "Disable a principal and all its keys",
+            errors=(*AUTHENTICATED, 404),
+            example=PRINCIPAL_EXAMPLE,
+        )
     ),
 )
 def disable_principal(

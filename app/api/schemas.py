@@ -124,7 +124,7 @@ class PrincipalCreate(Strict):
     model_config = ConfigDict(extra="forbid", **examples({"name": "kyc-app", "role": "service"}))
 
 
-_KEY_OUT = {"key_id": _KEY_ID, "created_at": _TIME, "revoked_at": None}
+_KEY_OUT = {"key_id": _KEY_ID, "created_at": _TIME, "revoked_at": None, "issued_by": _PRINCIPAL_ID}
 _PRINCIPAL_OUT = {
     "id": _PRINCIPAL_ID,
     "name": "kyc-app",
@@ -133,6 +133,11 @@ _PRINCIPAL_OUT = {
     "disabled_at": None,
     "keys": [_KEY_OUT],
 }
+
+
+PRINCIPAL_CREATED_EXAMPLE = {**_PRINCIPAL_OUT, "key_id": _KEY_ID, "api_key": _API_KEY}
+KEY_OUT_EXAMPLE = _KEY_OUT
+PRINCIPAL_EXAMPLE = _PRINCIPAL_OUT
 
 
 class ApiKeyOut(BaseModel):
@@ -163,7 +168,7 @@ class PrincipalCreated(PrincipalOut):
     key_id: str
     api_key: str = Field(repr=False, description="Shown this once; store it in your secret manager.")
 
-    model_config = examples({**_PRINCIPAL_OUT, "key_id": _KEY_ID, "api_key": _API_KEY})
+    model_config = examples(PRINCIPAL_CREATED_EXAMPLE)
 
 
 class ApiKeyCreated(BaseModel):
@@ -244,6 +249,10 @@ _GRANT_OUT = {
     "active": True,
     "kms_grant_id": None,
     "reveal": "plain",
+    "status": "active",
+    "approval_id": None,
+    "approved_by": None,
+    "approved_at": None,
 }
 
 
@@ -280,7 +289,23 @@ class GrantList(BaseModel):
 # Approvals (dual control)
 
 
+_APPROVAL_OUT = {
+    "id": "3c1d9f0e-8b2a-4f6d-9e7c-1a2b3c4d5e6f",
+    "kind": "grant",
+    "status": "pending",
+    "requester": _PRINCIPAL_ID,
+    "target": _GRANT_ID,
+    "details": {"grantee": "kyc-app", "operations": ["Decrypt"]},
+    "created_at": _TIME,
+    "expires_at": "2026-12-04T09:30:00Z",
+    "decided_by": None,
+    "decided_at": None,
+}
+
+
 class ApprovalOut(BaseModel):
+    model_config = examples(_APPROVAL_OUT)
+
     id: uuid.UUID
     kind: ApprovalKind
     status: ApprovalState = Field(description="A pending request past expires_at is expired.")
@@ -296,6 +321,16 @@ class ApprovalOut(BaseModel):
 
 
 class ApprovalDecided(ApprovalOut):
+    model_config = examples(
+        {
+            **_APPROVAL_OUT,
+            "status": "approved",
+            "decided_by": "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d",
+            "decided_at": _TIME,
+            "api_key": None,
+        }
+    )
+
     api_key: str | None = Field(
         default=None,
         repr=False,
@@ -305,6 +340,8 @@ class ApprovalDecided(ApprovalOut):
 
 
 class ApprovalList(BaseModel):
+    model_config = examples({"approvals": [_APPROVAL_OUT], "next_cursor": None})
+
     approvals: list[ApprovalOut] = Field(description="Oldest first.")
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 

@@ -11,9 +11,11 @@ from app.crypto.local import LocalKeyProvider
 from app.db.session import Database
 from app.services.alerts import Alerter, Webhook
 from app.services.audit import AuditKeyring, Auditor
+from app.services.erasure import ErasureService, ReportService
 from app.services.grants import GrantService
 from app.services.keys import KeyRotation, allow_list_of
 from app.services.principals import PrincipalService
+from app.services.retention import RetentionCaps, RetentionSweeper
 from app.services.tokens import TokenService
 from app.settings import Settings
 
@@ -30,6 +32,9 @@ class Vault:
     grants: GrantService
     tokens: TokenService
     rotation: KeyRotation
+    erasure: ErasureService
+    reports: ReportService
+    retention: RetentionSweeper
 
     def close(self) -> None:
         self.auditor.close()
@@ -68,7 +73,10 @@ def build_vault(
     url: str | None = None,
     keys: KeyProvider | None = None,
     mirror: GrantMirror | None = None,
+    retention_caps: RetentionCaps | None = None,
 ) -> Vault:
+    """The vault's parts. retention_caps: each data type's max_retention_days (none by default;
+    the data-type registry provides them)."""
     database = Database(
         url or database_url(settings),
         pool_size=settings.db_pool_size,
@@ -89,6 +97,27 @@ def build_vault(
         auditor=auditor,
         max_value_bytes=settings.max_value_bytes,
         require_access_reason=settings.require_access_reason,
+        retention_caps=retention_caps,
     )
     rotation = KeyRotation(database, auditor, keys, allow_list_of(keys))
-    return Vault(settings, database, keys, auditor, principals, grants, tokens, rotation)
+    erasure = ErasureService(
+        database=database,
+        tokens=tokens,
+        auditor=auditor,
+        batch=settings.erasure_batch_size,
+        require_reason=settings.require_access_reason,
+    )
+    retention = RetentionSweeper(database, auditor, batch=settings.erasure_batch_size)
+    return Vault(
+        settings,
+        database,
+        keys,
+        auditor,
+        principals,
+        grants,
+        tokens,
+        rotation,
+        erasure,
+        ReportService(auditor),
+        retention,
+    )

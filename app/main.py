@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -18,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 
-from app.api import audit, errors, grants, keys, ops, principals, tokens
+from app.api import audit, customers, errors, grants, keys, ops, principals, tokens
 from app.api.middleware import VaultMiddleware
 from app.container import Vault, build_vault
 from app.errors import VaultError
@@ -53,6 +54,17 @@ def _every(
     thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     return thread
+
+
+async def _every_on_loop(interval_s: float, task: Callable[[], Awaitable[object]], name: str) -> None:
+    """Run task every interval on the event loop until cancelled; a failure is logged and retried
+    next round."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await task()
+        except Exception as err:  # must never end the loop
+            log.warning("%s failed: %s", name, type(err).__name__)
 
 
 class _TypeOnlyExceptions(logging.Filter):
@@ -146,10 +158,21 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
             background.append(_every(settings.grant_sweep_interval_s, sweep, stop, "grant-sweep"))
         if settings.audit_seal_interval_s > 0:
             background.append(_every(settings.audit_seal_interval_s, vault.auditor.seal, stop, "audit-seal"))
+        # The retention sweeper runs on the loop: it uses the data path's pool, which belongs to it.
+        retention = None
+        if settings.retention_sweep_interval_s > 0:
+            sweep_expired = partial(vault.retention.sweep, RequestContext(request_id="retention-sweep"))
+            retention = asyncio.create_task(
+                _every_on_loop(settings.retention_sweep_interval_s, sweep_expired, "retention-sweep")
+            )
         try:
             yield
         finally:
             stop.set()
+            if retention is not None:
+                retention.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await retention
             for thread in background:
                 thread.join(timeout=5)
             await vault.database.close_data_path()
@@ -186,6 +209,14 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
     )
     errors.install(app)
     # The data path first: routes are matched in order, and it carries nearly all the traffic.
-    for router in (tokens.router, principals.router, grants.router, audit.router, keys.router, ops.router):
+    for router in (
+        tokens.router,
+        customers.router,
+        principals.router,
+        grants.router,
+        audit.router,
+        keys.router,
+        ops.router,
+    ):
         app.include_router(router)
     return app

@@ -203,6 +203,13 @@ class TokenizeRequest(Strict):
         description="The PII, as UTF-8 text; at most the configured size (4 KiB by default).",
         examples=["D1234-56789-01234"],
     )
+    expires_at: AwareUtcDatetime | None = Field(
+        default=None,
+        description="RFC 3339, with offset, in the future: the record is refused from then on and "
+        "erased by the retention sweeper. Within the data type's max_retention_days, which also "
+        "applies when this is absent.",
+        examples=["2033-01-01T00:00:00Z"],
+    )
 
 
 class TokenOut(BaseModel):
@@ -210,6 +217,7 @@ class TokenOut(BaseModel):
     customer_id: str
     data_type: str
     created_at: datetime
+    expires_at: datetime | None = None
 
 
 class ItemErrorBody(BaseModel):
@@ -237,6 +245,7 @@ class BatchTokenizeItemResult(BaseModel):
     customer_id: str | None = None
     data_type: str | None = None
     created_at: datetime | None = None
+    expires_at: datetime | None = None
     error: ItemErrorBody | None = None
 
 
@@ -265,6 +274,59 @@ class DetokenizeItemResult(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     results: list[DetokenizeItemResult]
+
+
+# Erasure and subject access
+
+
+class CustomerEraseRequest(Strict):
+    data_types: list[DataType] | None = Field(
+        default=None,
+        min_length=1,
+        description="Only records of these types; absent: every type the caller's Erase grants cover.",
+        examples=[["DriverLicense"]],
+    )
+    reason: Text = Field(
+        min_length=1,
+        max_length=512,
+        description="Why (recorded in every audit event and tombstone).",
+        examples=["GDPR Art. 17 request 2026-118"],
+    )
+
+
+class CustomerErasureOut(BaseModel):
+    erased: int = Field(description="Records erased by this request (already erased ones count 0).")
+    tokens: list[str] = Field(description="Their tokens.")
+
+
+class ReportRecordOut(BaseModel):
+    token: str
+    data_type: str
+    created_at: datetime
+    expires_at: datetime | None
+    erased_at: datetime | None
+    erasure_reason: str | None
+
+
+class ReportAccessOut(BaseModel):
+    time: datetime
+    action: str
+    outcome: str
+    principal_id: str | None
+    principal_name: str | None
+    token: str | None
+    data_type: str | None
+    access_reason: str | None = Field(description="Why, as the caller said (X-Access-Reason, reason).")
+    reason: str | None = Field(description="Why a request was refused, or what an allowed one found.")
+    grant_id: str | None
+    request_id: str | None
+
+
+class CustomerReportOut(BaseModel):
+    customer_id: str
+    generated_at: datetime
+    records: list[ReportRecordOut] = Field(description="Every record, erased ones as tombstones.")
+    accesses: list[ReportAccessOut] = Field(description="Every audit event about them, oldest first.")
 
 
 # Audit

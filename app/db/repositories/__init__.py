@@ -11,6 +11,7 @@ from app.db.repositories.data_path import (
     KeyCredentials,
     RecordRow,
 )
+from app.db.repositories.erasure import ErasedRow, ErasureRepository, ReportRecord, ReportRepository
 from app.db.repositories.grants import GrantRepository
 from app.db.repositories.keys import KeyRepository, Rewrapped, WrappedKey
 from app.db.repositories.principals import ApiKeyRepository, PrincipalRepository
@@ -21,6 +22,8 @@ __all__ = [
     "AuditFilter",
     "AuditRepository",
     "DataPathRepository",
+    "ErasedRow",
+    "ErasureRepository",
     "EventRow",
     "GrantRepository",
     "GrantTerms",
@@ -28,6 +31,8 @@ __all__ = [
     "KeyRepository",
     "PrincipalRepository",
     "RecordRow",
+    "ReportRecord",
+    "ReportRepository",
     "Rewrapped",
     "SealRepository",
     "WrappedKey",

@@ -7,11 +7,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, defer
 
-from app.db.models import AuditChainHead, AuditChainLink, AuditEvent, AuditKey
+from app.db.models import AuditChainHead, AuditChainLink, AuditEvent, AuditKey, Record
 from app.db.repositories.data_path import EVENT_COLUMNS, EventRow
 
 
@@ -88,6 +88,20 @@ class AuditRepository:
         if where.before_id is not None:
             query = query.where(AuditEvent.id < where.before_id)
         return self.session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit)).all()
+
+    def about_customer(self, customer_id: str, batch: int = 1000) -> Iterator[AuditEvent]:
+        """Every event about the customer or one of its records (an attempt on a token may name
+        only the token), oldest first, streamed. Uses ix_audit_events_customer_id and, through
+        the customer's tokens (ix_records_customer_id), ix_audit_events_token."""
+        tokens = select(Record.token).where(Record.customer_id == customer_id)
+        query = (
+            select(AuditEvent)
+            .where(or_(AuditEvent.customer_id == customer_id, AuditEvent.token.in_(tokens)))
+            .order_by(AuditEvent.id)
+            .options(defer(AuditEvent.chain_seq))
+            .execution_options(yield_per=batch)
+        )
+        yield from self.session.scalars(query)
 
     def seq_bounds(self, since: datetime | None, until: datetime | None) -> tuple[int | None, int | None]:
         query = select(func.min(AuditChainLink.seq), func.max(AuditChainLink.seq))

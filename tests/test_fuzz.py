@@ -70,6 +70,7 @@ def target(database_url: str, aws_session: None) -> Iterator[Target]:
                     "key_id": service["key_id"],
                     "grant_id": grant["id"],
                     "token": token,
+                    "customer_id": "1",
                 }
                 yield Target(app, client, keys, path_values)
         finally:

@@ -153,6 +153,16 @@ def test_an_expired_record_is_refused_at_once_before_any_sweep(
     # Still a full row: nothing has swept it yet; refused all the same.
     assert record_row(db, token)["ciphertext"] is not None
     assert ("denied", "expired", token) in [e[:3] for e in events(db, "Detokenize")]
+    # Erasing it: an eraser not covering it gets the unknown-token answer; a covering one erases.
+    ssn_eraser = grant_to(
+        client, actors, "ssn-eraser", ["Erase"], encryption_context_subset={"dataType": "SSN"}
+    )
+    refused = client.delete(f"/v1/tokens/{token}", headers=bearer(ssn_eraser))
+    unknown = client.delete(f"/v1/tokens/{UNKNOWN}", headers=bearer(ssn_eraser))
+    assert refused.status_code == 404 and without_request_id(refused) == without_request_id(unknown)
+    licence_eraser = grant_to(client, actors, "licence-eraser", ["Erase"])
+    assert client.delete(f"/v1/tokens/{token}", headers=bearer(licence_eraser)).status_code == 204
+    assert record_row(db, token)["ciphertext"] is None
 
 
 def test_the_sweeper_erases_expired_records_and_audits_expire(

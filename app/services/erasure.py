@@ -103,9 +103,9 @@ class ErasureService:
         record = records.get(token)
         decision = grants.decide(context_of(record.customer_id, record.data_type)) if record else None
         if record is None or decision is None or not decision.allowed:
-            # Not covered: a live record is refused as detokenize refuses it; a tombstone (or an
-            # unknown token) answers as an unknown token does.
-            if record is not None and record.erased_at is None and decision is not None:
+            # Not covered: a live record is refused as detokenize refuses it; an erased or expired
+            # one (or an unknown token) answers as an unknown token does, as detokenize does.
+            if record is not None and record.gone(now) is None and decision is not None:
                 subject = Subject(token=token, customer_id=record.customer_id, data_type=record.data_type)
                 await self._auditor.record_denials(
                     [build_event("Erase", "denied", ctx, caller, subject, decision.deny_reason)]

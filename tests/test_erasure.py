@@ -5,6 +5,7 @@ retry that finishes the job."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -173,6 +174,43 @@ def test_erasure_is_idempotent(client: TestClient, actors: Actors, db: psycopg.C
     assert sorted(reasons[2:]) == sorted(("allowed", None, t) for t in tokens[1:])
     # The first tombstone keeps its first reason and time.
     assert record_row(db, tokens[0])["erasure_reason"] is None
+    # Each customer erasure is on record with its count, whatever it found.
+    summaries = [(e[0], e[1], e[3], e[5]) for e in events(db, "EraseCustomer")]
+    assert summaries == [
+        ("allowed", "erased:2", "c-7", "request 9"),
+        ("allowed", "erased:0", "c-7", "request 9"),
+    ]
+
+
+def test_a_customer_erasure_waits_for_a_row_another_transaction_holds(
+    client: TestClient, actors: Actors, db: psycopg.Connection[Any], database_url: str
+) -> None:
+    """A row locked by a concurrent writer (a rewrap, say) is waited for and erased, never skipped
+    while the answer says done."""
+    tokens = [
+        tokenize(
+            client, actors.onboarding, {"customer_id": "c-8", "data_type": "DriverLicense", "value": f"L{n}"}
+        )
+        for n in range(3)
+    ]
+    key = eraser(client, actors)
+    answers: list[Any] = []
+    with psycopg.connect(database_url) as other:
+        other.execute("SELECT 1 FROM records WHERE token = %s FOR UPDATE", (sorted(tokens)[1],))
+        worker = threading.Thread(
+            target=lambda: answers.append(
+                client.post("/v1/customers/c-8/erase", json={"reason": "r"}, headers=bearer(key))
+            )
+        )
+        worker.start()
+        worker.join(timeout=1)  # it waits on the lock (or, wrongly, has already answered)
+        other.commit()
+    worker.join(timeout=30)
+    assert answers and answers[0].status_code == 200, answers
+    assert answers[0].json()["erased"] == 3
+    assert db.execute(
+        "SELECT count(*) FROM records WHERE customer_id = 'c-8' AND erased_at IS NULL"
+    ).fetchone() == (0,)
 
 
 def test_customer_erasure_takes_only_what_the_grant_covers(

@@ -129,7 +129,9 @@ class ErasureService:
             return self._auditor.stamp([build_event("Erase", "allowed", ctx, caller, subject)])
 
         erased = await self._store.erase_token(token, ctx.access_reason, now, events)
-        if not erased:
+        if erased:
+            self._auditor.counted([build_event("Erase", "allowed", ctx, caller, subject)])
+        else:
             # Already a tombstone: idempotent, and on record.
             await self._auditor.record_events(
                 [build_event("Erase", "allowed", ctx, caller, subject, "already_erased")]
@@ -172,36 +174,42 @@ class ErasureService:
                 )
         await self._auditor.record_denials(denials)
         erased: list[str] = []
-        if not covered:
-            return CustomerErasure(0, erased)
-        await self._auditor.ready()
-        while True:
-            now = utcnow()
+        if covered:
+            await self._auditor.ready()
+        written: list[EventRow] = []
 
-            def events(rows: Sequence[ErasedRow]) -> Sequence[EventRow]:
-                built = [
-                    build_event(
-                        "Erase",
-                        "allowed",
-                        ctx,
-                        caller,
-                        Subject(
-                            token=row.token,
-                            customer_id=row.customer_id,
-                            data_type=row.data_type,
-                            grant_id=covered[row.data_type],
-                        ),
-                    )
-                    for row in rows
-                ]
-                return self._auditor.stamp(built)
+        def events(rows: Sequence[ErasedRow]) -> Sequence[EventRow]:
+            built = [
+                build_event(
+                    "Erase",
+                    "allowed",
+                    ctx,
+                    caller,
+                    Subject(
+                        token=row.token,
+                        customer_id=row.customer_id,
+                        data_type=row.data_type,
+                        grant_id=covered[row.data_type],
+                    ),
+                )
+                for row in rows
+            ]
+            written[:] = built
+            return self._auditor.stamp(built)
 
+        while covered:
             batch = await self._store.erase_customer_batch(
-                customer_id, sorted(covered), self._batch, reason, now, events
+                customer_id, sorted(covered), self._batch, reason, utcnow(), events
             )
-            erased.extend(row.token for row in batch)
-            if len(batch) < self._batch:
+            if not batch:
                 break
+            self._auditor.counted(written)
+            erased.extend(row.token for row in batch)
+        # The request itself, whatever it found: on record with its count.
+        summary = Subject(customer_id=customer_id)
+        await self._auditor.record_events(
+            [build_event("EraseCustomer", "allowed", ctx, caller, summary, f"erased:{len(erased)}")]
+        )
         return CustomerErasure(len(erased), erased)
 
 

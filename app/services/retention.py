@@ -52,28 +52,30 @@ class RetentionSweeper:
         lock. At most max_batches per call: the next round goes on."""
         await self._auditor.ready()
         erased = 0
+        written: list[EventRow] = []
+
+        def events(rows: Sequence[ErasedRow]) -> Sequence[EventRow]:
+            built = [
+                build_event(
+                    "Expire",
+                    "allowed",
+                    ctx,
+                    None,
+                    Subject(token=row.token, customer_id=row.customer_id, data_type=row.data_type),
+                )
+                for row in rows
+            ]
+            written[:] = built
+            return self._auditor.stamp(built)
+
         for _ in range(max_batches):
-            now = utcnow()
-
-            def events(rows: Sequence[ErasedRow]) -> Sequence[EventRow]:
-                built = [
-                    build_event(
-                        "Expire",
-                        "allowed",
-                        ctx,
-                        None,
-                        Subject(token=row.token, customer_id=row.customer_id, data_type=row.data_type),
-                    )
-                    for row in rows
-                ]
-                return self._auditor.stamp(built)
-
-            batch = await self._store.erase_expired_batch(self._batch, EXPIRED_REASON, now, events)
+            batch = await self._store.erase_expired_batch(self._batch, EXPIRED_REASON, utcnow(), events)
             if batch is None:
                 return None if erased == 0 else erased
-            erased += len(batch)
-            if len(batch) < self._batch:
+            if not batch:
                 break
+            self._auditor.counted(written)
+            erased += len(batch)
         if erased:
             log.info("retention sweep erased %d expired records", erased)
         return erased

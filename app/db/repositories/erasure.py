@@ -57,10 +57,12 @@ _PICK_ONE = """
 SELECT token, customer_id, data_type FROM records
  WHERE token = %(token)s AND erased_at IS NULL FOR UPDATE
 """
+# Not SKIP LOCKED: a row locked by a concurrent rewrap must be waited for and erased, not skipped
+# (the request would answer done with the row still live).
 _PICK_CUSTOMER = """
 SELECT token, customer_id, data_type FROM records
  WHERE customer_id = %(customer_id)s AND data_type = ANY(%(data_types)s::varchar[]) AND erased_at IS NULL
- ORDER BY token LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+ ORDER BY token LIMIT %(limit)s FOR UPDATE
 """
 # Live records past their expiry, soonest first (ix_records_expires_at_live).
 _PICK_EXPIRED = """
@@ -105,7 +107,8 @@ class ErasureRepository:
         events: BuildEvents,
     ) -> list[ErasedRow]:
         """Up to `limit` of the customer's live records of these types, erased with their events in
-        one transaction: all or nothing. An empty list when none is left."""
+        one transaction: all or nothing. An empty list when none is left (a shorter one does not
+        mean that: rows erased concurrently while this batch waited drop out of it)."""
         parameters = {"customer_id": customer_id, "data_types": list(data_types), "limit": limit}
         return await self._erase(_PICK_CUSTOMER, parameters, why, now, events) or []
 

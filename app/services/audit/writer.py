@@ -47,9 +47,12 @@ class Auditor:
             event.event_mac = event_mac(key, event)
 
     @staticmethod
-    def _counted(events: Sequence[EventRow]) -> None:
+    def counted(events: Sequence[EventRow]) -> None:
+        """Count events written (the metric), once their transaction has committed."""
         for event in events:
             AUDIT_EVENTS.labels(event.action, event.outcome).inc()
+
+    _counted = counted
 
     def record(self, session: Session, events: Sequence[EventRow]) -> None:
         """Write events in the caller's transaction: if they cannot be written, neither is the rest."""

@@ -419,3 +419,32 @@ def test_erasure_leaves_the_audit_trail_verifying(client: TestClient, actors: Ac
     )
     verified = client.get("/v1/audit/verify", headers=bearer(actors.admin)).json()
     assert verified["ok"] is True, verified
+
+
+def test_a_rewrap_leaves_tombstones_alone_and_every_live_record_readable(
+    serve: ClientFactory, db: psycopg.Connection[Any]
+) -> None:
+    from tests.test_key_boundary import new_key, seed
+    from tests.test_rewrap import assert_readable, fill, key_of_records, rewrap
+
+    key_a, _ = new_key()
+    key_b, arn_b = new_key()
+    vault_a, client_a = serve(key_a)
+    actors = seed(client_a, vault_a)
+    values = fill(client_a, actors.onboarding, 4)
+    gone = sorted(values)[0]
+    key = eraser(client_a, actors)
+    assert client_a.delete(f"/v1/tokens/{gone}", headers=bearer(key)).status_code == 204
+    del values[gone]
+    vault_b, client_b = serve(key_b, kms_decrypt_key_ids=key_a)
+
+    report = rewrap(vault_b, key_b)
+
+    assert report.rewrapped == 3 + 1  # the live records and the audit key; never the tombstone
+    assert key_of_records(db) == {arn_b: 3, None: 1}
+    row = record_row(db, gone)
+    assert row["wrapped_key"] is None and row["kms_key_id"] is None and row["ciphertext"] is None
+    assert_readable(client_b, actors.kyc, values)
+    assert_error(client_b.get(f"/v1/tokens/{gone}", headers=bearer(actors.kyc)), 410, "erased")
+    counted = client_b.get("/v1/keys", headers=bearer(actors.admin)).json()["keys"]
+    assert sum(k["records"] for k in counted) == 3

@@ -59,6 +59,12 @@ def may_read_audit(role: str) -> bool:
     return role in AUDIT_READERS
 
 
+def may_read_customer_report(role: str) -> bool:
+    """The subject-access report (GDPR Art. 15): records and accesses, never a value. Read like
+    the audit trail it is drawn from."""
+    return may_read_audit(role)
+
+
 def may_receive_grant(grantee_role: str) -> bool:
     return grantee_role in GRANTEES
 
@@ -291,6 +297,23 @@ class Decision:
     @property
     def allowed(self) -> bool:
         return self.grant_id is not None
+
+
+def may_learn_gone(decrypt: Decision, erase: Decision) -> bool:
+    """Whether a caller is told that a record is erased or expired (410): only if its Decrypt or
+    Erase grant covers the record. Anyone else gets exactly the answer for an unknown token, so a
+    tombstone tells a stranger nothing (not even that the token once existed)."""
+    return decrypt.allowed or erase.allowed
+
+
+def grants_for(grants: Sequence[OperationGrant], operation: str) -> list[OperationGrant]:
+    """The grants that name this operation, out of those read for several at once."""
+    return [grant for grant in grants if operation in grant.operations]
+
+
+class OperationGrant(GrantTerms, Protocol):
+    @property
+    def operations(self) -> Sequence[str]: ...
 
 
 class GrantSet:

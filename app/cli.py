@@ -362,6 +362,44 @@ def audit_export(
     typer.echo(f"exported {count} events", err=True)
 
 
+customer_cli = typer.Typer(help="A customer's data: the subject-access report.", no_args_is_help=True)
+cli.add_typer(customer_cli, name="customer")
+
+
+@customer_cli.command("report")
+def customer_report(
+    customer_id: Annotated[str, typer.Argument(help="The customer's id.")],
+    output: Annotated[Path | None, typer.Option(help="Write here instead of standard output.")] = None,
+) -> None:
+    """The subject-access report (GDPR Art. 15) as JSON, as GET /v1/customers/ID/report answers:
+    every record of the customer and every access to them. Never a value. Audited."""
+    from app.api.schemas import CUSTOMER_ID_PATTERN, CustomerReportOut
+    from app.services.context import RequestContext
+
+    if not re.fullmatch(CUSTOMER_ID_PATTERN, customer_id):
+        typer.echo("piivault: ID must be 1 to 128 characters of [A-Za-z0-9._:-]", err=True)
+        raise typer.Exit(2)
+    vault = _vault_for_cli()
+    ctx = RequestContext(request_id=f"cli-{uuid.uuid4().hex[:16]}", user_agent="piivault-cli")
+    try:
+        with vault.database.transaction() as session:
+            report = vault.reports.customer_report(session, None, customer_id, ctx)
+    finally:
+        vault.close()
+    document = CustomerReportOut.model_validate(report, from_attributes=True).model_dump_json(indent=2)
+    if output:
+        # The report names the customer's tokens and who read them: readable by the owner only.
+        output.touch(mode=0o600, exist_ok=True)
+        output.write_text(document + "\n", encoding="utf-8")
+        typer.echo(
+            f"wrote the report on {customer_id}: {len(report.records)} records, "
+            f"{len(report.accesses)} events",
+            err=True,
+        )
+    else:
+        typer.echo(document)
+
+
 keys_cli = typer.Typer(
     help="Rotate master keys: move wrapped data keys to another key.", no_args_is_help=True
 )

@@ -15,9 +15,11 @@ from app.services.approvals import ApprovalQueue, ApprovalService
 from app.services.audit import AuditKeyring, Auditor
 from app.services.context import RequestContext
 from app.services.data_types import DataTypeService
+from app.services.erasure import ErasureService, ReportService
 from app.services.grants import GrantService
 from app.services.keys import KeyRotation, allow_list_of
 from app.services.principals import PrincipalService
+from app.services.retention import RetentionSweeper
 from app.services.tokens import TokenService
 from app.settings import Settings
 
@@ -41,6 +43,10 @@ class Vault:
         """The periodic sweep: grant expiries and mirrors, then lapsed four-eyes requests."""
         self.grants.sweep(ctx)
         self.approvals.sweep(ctx)
+
+    erasure: ErasureService
+    reports: ReportService
+    retention: RetentionSweeper
 
     def close(self) -> None:
         self.auditor.close()
@@ -81,6 +87,7 @@ def build_vault(
     keys: KeyProvider | None = None,
     mirror: GrantMirror | None = None,
 ) -> Vault:
+    """The vault's parts."""
     database = Database(
         url or database_url(settings),
         pool_size=settings.db_pool_size,
@@ -109,6 +116,26 @@ def build_vault(
         require_access_reason=settings.require_access_reason,
     )
     rotation = KeyRotation(database, auditor, keys, allow_list_of(keys))
+    erasure = ErasureService(
+        database=database,
+        tokens=tokens,
+        auditor=auditor,
+        batch=settings.erasure_batch_size,
+        require_reason=settings.require_access_reason,
+    )
+    retention = RetentionSweeper(database, auditor, batch=settings.erasure_batch_size)
     return Vault(
-        settings, database, keys, auditor, principals, grants, tokens, rotation, data_types, approvals
+        settings,
+        database,
+        keys,
+        auditor,
+        principals,
+        grants,
+        tokens,
+        rotation,
+        data_types,
+        approvals,
+        erasure,
+        ReportService(auditor),
+        retention,
     )

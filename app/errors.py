@@ -106,6 +106,31 @@ class NotFound(VaultError):
     default_message = "no such resource"
 
 
+class Gone(VaultError):
+    """A record that no longer answers with its value (410). Told only to a caller whose grant
+    covers the record; anyone else gets the unknown-token answer."""
+
+    code = "gone"
+    default_message = "this record is gone"
+
+
+class RecordErased(Gone):
+    code = "erased"
+    default_message = "this record was erased"
+
+
+class RecordExpired(Gone):
+    code = "expired"
+    default_message = "this record's retention period has ended"
+
+
+class RetentionExceeded(InvalidInput):
+    """expires_at beyond the data type's max_retention_days."""
+
+    code = "retention_exceeded"
+    default_message = "expires_at is beyond this data type's maximum retention"
+
+
 class Conflict(VaultError):
     code = "conflict"
     default_message = "the request conflicts with the current state"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -9,7 +10,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -21,7 +22,19 @@ from fastapi.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
 from app import metrics
-from app.api import approvals, audit, data_types, errors, grants, keys, openapi, ops, principals, tokens
+from app.api import (
+    approvals,
+    audit,
+    customers,
+    data_types,
+    errors,
+    grants,
+    keys,
+    openapi,
+    ops,
+    principals,
+    tokens,
+)
 from app.api.middleware import VaultMiddleware
 from app.container import Vault, build_vault
 from app.errors import VaultError
@@ -74,6 +87,25 @@ def _every(
 # Records escape control characters and uvicorn's error log keeps exception types only, also when
 # the app runs without `piivault serve`'s logging configuration (tests, another ASGI server).
 TYPE_ONLY_EXCEPTIONS = TypeOnlyExceptions()
+
+
+async def _every_on_loop(
+    interval_s: float,
+    task: Callable[[], Awaitable[object]],
+    name: str,
+    done: Callable[[], None] | None = None,
+) -> None:
+    """Run task every interval on the event loop until cancelled; a failure is logged and retried
+    next round. `done` runs after each run that succeeded (a metric)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await task()
+        except Exception as err:  # must never end the loop
+            log.warning("%s failed: %s", name, type(err).__name__)
+            continue
+        if done is not None:
+            done()
 
 
 DOCS_PATH = "/docs"
@@ -145,11 +177,27 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
             background.append(
                 _every(settings.audit_seal_interval_s, vault.auditor.seal, stop, "audit-seal", seal_lag)
             )
+        # The retention sweeper runs on the loop: it uses the data path's pool, which belongs to it.
+        retention = None
+        if settings.retention_sweep_interval_s > 0:
+            sweep_expired = partial(vault.retention.sweep, RequestContext(request_id="retention-sweep"))
+            retention = asyncio.create_task(
+                _every_on_loop(
+                    settings.retention_sweep_interval_s,
+                    sweep_expired,
+                    "retention-sweep",
+                    partial(metrics.sweeper_ran, "retention"),
+                )
+            )
         try:
             yield
         finally:
             stop.set()
             unwatch()
+            if retention is not None:
+                retention.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await retention
             for thread in background:
                 thread.join(timeout=5)
             await vault.database.close_data_path()
@@ -205,6 +253,7 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         approvals.router,
         data_types.router,
         data_types.limits_router,
+        customers.router,
         audit.router,
         keys.router,
         ops.router,

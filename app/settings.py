@@ -70,6 +70,11 @@ class Settings(BaseSettings):
 
     # How often a replica revokes the KMS mirrors of grants that have expired.
     grant_sweep_interval_s: float = Field(default=60.0, ge=0)
+    # How often a replica erases expired records (one sweeper at a time runs, cluster-wide); 0: never.
+    retention_sweep_interval_s: float = Field(default=60.0, ge=0)
+    # Records per erasure transaction (customer erasure, retention sweep): bounds each
+    # transaction's time and memory whatever the customer holds.
+    erasure_batch_size: int = Field(default=500, ge=1, le=10000)
     # How often a replica chains new audit events (one sealer at a time runs, cluster-wide).
     audit_seal_interval_s: float = Field(default=0.5, ge=0)
     retry_after_s: int = Field(default=5, ge=1, le=3600)

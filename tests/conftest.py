@@ -197,6 +197,7 @@ def make_settings(database_url: str, kms_key_id: str | None, **overrides: Any) -
         "kms_key_id": kms_key_id,
         "kms_grantee_principal": GRANTEE_ARN,
         "grant_sweep_interval_s": 0,
+        "retention_sweep_interval_s": 0,  # tests sweep explicitly
         "audit_seal_interval_s": 0,  # tests seal explicitly (verify seals first)
         "kms_max_attempts": 2,
     }

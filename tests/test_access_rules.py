@@ -28,11 +28,12 @@ from app.access import (
     may_manage_grants,
     may_manage_principals,
     may_read_audit,
+    may_read_customer_report,
     may_receive_grant,
     may_retire_grant,
     may_revoke_key,
 )
-from app.api import approvals, audit, grants, keys, principals, tokens
+from app.api import approvals, audit, customers, grants, keys, principals, tokens
 from app.db.models import Grant
 from app.db.repositories import GrantRepository, GrantTerms
 from app.db.session import normalise_url
@@ -135,14 +136,23 @@ TABLE: list[Case] = [
     # Decrypt grant. The data path reads only the grants naming its operation.
     *[
         Case(action, SERVICE, relation, None, "allowed" if relation == "active grant" else "denied")
-        for action in ("Tokenize", "TokenizeBatch", "Detokenize", "DetokenizeBatch")
+        for action in (
+            "Tokenize",
+            "TokenizeBatch",
+            "Detokenize",
+            "DetokenizeBatch",
+            "EraseToken",
+            "EraseCustomer",
+        )
         for relation in ("active grant", "expired grant", "revoked grant", "pending grant", "no grant")
     ],
     *[
         Case(action, role, "no grant", None, "denied")
-        for action in ("Tokenize", "Detokenize")
+        for action in ("Tokenize", "Detokenize", "EraseToken", "EraseCustomer")
         for role in (ADMIN, AUDITOR)
     ],
+    # GET /v1/customers/{id}/report: admin, auditor (the audit-read rule)
+    *gate(("CustomerReport",), frozenset({ADMIN, AUDITOR})),
     # GET /v1/audit/events, GET /v1/audit/verify: admin, auditor
     *gate(("ListAuditEvents", "VerifyAuditTrail"), frozenset({ADMIN, AUDITOR})),
     # GET /v1/keys: admin, auditor
@@ -196,11 +206,13 @@ def outcome(case: Case) -> str:
             verdict = may_receive_grant(target.role)
         case "RetireGrant":
             verdict = may_retire_grant(actor, target.id)
-        case "Tokenize" | "TokenizeBatch" | "Detokenize" | "DetokenizeBatch":
+        case "Tokenize" | "TokenizeBatch" | "Detokenize" | "DetokenizeBatch" | "EraseToken" | "EraseCustomer":
             context = {"customerID": "12345", "dataType": "DriverLicense"}
             verdict = GrantSet(grant_terms(case.relation), NOW).decide(context).allowed
         case "ListAuditEvents" | "VerifyAuditTrail" | "ListKeys":
             verdict = may_read_audit(actor.role)
+        case "CustomerReport":
+            verdict = may_read_customer_report(actor.role)
         case _:
             raise AssertionError(f"no rule for {case.action}")
     return "allowed" if verdict else "denied"
@@ -221,6 +233,7 @@ def test_the_table_covers_every_authenticated_route() -> None:
             audit.router,
             keys.router,
             tokens.router,
+            customers.router,
         )
         for route in router.routes
         if hasattr(route, "name")

@@ -75,6 +75,7 @@ def target(database_url: str, aws_session: None) -> Iterator[Target]:
                     "name": "FuzzType",
                     # Dual control is off here, so there is no request: its handler answers 404.
                     "approval_id": "00000000-0000-4000-8000-000000000000",
+                    "customer_id": "1",
                 }
                 yield Target(app, client, keys, path_values)
         finally:

@@ -93,6 +93,21 @@ def test_make_run_default_serves_and_the_readme_quickstart_works(
     assert result.returncode == 0, result.stdout + result.stderr
     assert '"value":"D1234-56789-01234"' in result.stdout
     assert result.stdout.rstrip().endswith("403")
+    # The erasure example, continuing the quickstart (run afresh: its names are random).
+    erased = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", quickstart_script() + readme_script("erasure")],
+        cwd=ROOT,
+        env={**env, "VAULT": base, "PATH": f"{PIIVAULT.parent}:{env.get('PATH', '')}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert erased.returncode == 0, erased.stdout + erased.stderr
+    lines = erased.stdout.rstrip().splitlines()
+    assert '"expires_at":"2035-01-01T00:00:00Z"' in erased.stdout
+    assert '"erased":' in erased.stdout and "D9999-00000-11111" not in erased.stdout
+    assert lines[-4].startswith('{"erased":') and lines[-3:] == ["204", lines[-2], "410"]
+    assert lines[-2].endswith("events") and not lines[-2].startswith("0 records")
     key_file = tmp_path / "data" / "dev-master.key"
     assert key_file.stat().st_mode & 0o777 == 0o600
     # Everything the server wrote is JSON lines (the default format), and no value or API key.

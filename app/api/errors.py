@@ -25,6 +25,7 @@ STATUS: list[tuple[type[errors.VaultError], int]] = [
     (errors.AccessReasonRequired, 400),
     (errors.NotFound, 404),
     (errors.Conflict, 409),
+    (errors.Gone, 410),
     (errors.DependencyUnavailable, 503),
     (errors.Misconfigured, 503),
     (errors.IntegrityFailure, 500),

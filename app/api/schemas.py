@@ -358,6 +358,13 @@ class TokenizeRequest(Strict):
         description="The PII, as UTF-8 text; at most the configured size (4 KiB by default).",
         examples=["D1234-56789-01234"],
     )
+    expires_at: AwareUtcDatetime | None = Field(
+        default=None,
+        description="RFC 3339, with offset, in the future: the record is refused from then on and "
+        "erased by the retention sweeper. Within the data type's max_retention_days, which also "
+        "applies when this is absent.",
+        examples=["2033-01-01T00:00:00Z"],
+    )
 
     model_config = ConfigDict(
         extra="forbid",
@@ -384,6 +391,7 @@ class TokenOut(BaseModel):
     customer_id: str
     data_type: str
     created_at: datetime
+    expires_at: datetime | None = None
 
     model_config = examples(_TOKEN_OUT)
 
@@ -429,6 +437,7 @@ class BatchTokenized(BaseModel):
     customer_id: str
     data_type: str
     created_at: datetime
+    expires_at: datetime | None = Field(default=None, description="When the record expires (retention).")
 
 
 class BatchTokenizeFailed(BaseModel):
@@ -577,6 +586,98 @@ class LimitsOut(BaseModel):
 
     max_batch_items: int = Field(description="The most items (or tokens) one batch request may hold.")
     max_value_bytes: int = Field(description="The largest value, in UTF-8 bytes.")
+
+
+# Erasure and subject access
+
+
+class CustomerEraseRequest(Strict):
+    data_types: list[DataType] | None = Field(
+        default=None,
+        min_length=1,
+        description="Only records of these types; absent: every type the caller's Erase grants cover.",
+        examples=[["DriverLicense"]],
+    )
+    reason: Text = Field(
+        min_length=1,
+        max_length=512,
+        description="Why (recorded in every audit event and tombstone).",
+        examples=["GDPR Art. 17 request 2026-118"],
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        **examples({"data_types": ["DriverLicense"], "reason": "GDPR Art. 17 request 2026-118"}),
+    )
+
+
+class CustomerErasureOut(BaseModel):
+    model_config = examples({"erased": 1, "tokens": [_TOK]})
+
+    erased: int = Field(description="Records erased by this request (already erased ones count 0).")
+    tokens: list[str] = Field(description="Their tokens.")
+
+
+class ReportRecordOut(BaseModel):
+    token: str
+    data_type: str
+    created_at: datetime
+    expires_at: datetime | None
+    erased_at: datetime | None
+    erasure_reason: str | None
+
+
+class ReportAccessOut(BaseModel):
+    time: datetime
+    action: str
+    outcome: str
+    principal_id: str | None
+    principal_name: str | None
+    token: str | None
+    data_type: str | None
+    access_reason: str | None = Field(description="Why, as the caller said (X-Access-Reason, reason).")
+    reason: str | None = Field(description="Why a request was refused, or what an allowed one found.")
+    grant_id: str | None
+    request_id: str | None
+
+
+class CustomerReportOut(BaseModel):
+    model_config = examples(
+        {
+            "customer_id": "12345",
+            "generated_at": _TIME,
+            "records": [
+                {
+                    "token": _TOK,
+                    "data_type": "DriverLicense",
+                    "created_at": _TIME,
+                    "expires_at": None,
+                    "erased_at": None,
+                    "erasure_reason": None,
+                }
+            ],
+            "accesses": [
+                {
+                    "time": _TIME,
+                    "action": "Detokenize",
+                    "outcome": "allowed",
+                    "principal_id": _PRINCIPAL_ID,
+                    "principal_name": "kyc-app",
+                    "token": _TOK,
+                    "data_type": "DriverLicense",
+                    "access_reason": "KYC review",
+                    "reason": None,
+                    "grant_id": _GRANT_ID,
+                    "request_id": "b5edc7fb-64c3-4325-aa86-1781c3e18e06",
+                }
+            ],
+        }
+    )
+
+    customer_id: str
+    generated_at: datetime
+    records: list[ReportRecordOut] = Field(description="Every record, erased ones as tombstones.")
+    accesses: list[ReportAccessOut] = Field(description="Every audit event about them, oldest first.")
 
 
 # Audit

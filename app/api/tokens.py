@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, status
+from fastapi import APIRouter, Path, Query, Response, status
 from pydantic import ValidationError
 
 from app.api.deps import DataCallDep, VaultDep
@@ -44,7 +44,7 @@ def _parse_item(index: int, raw: dict[str, object]) -> TokenizeItem | VaultError
     except ValidationError as err:
         field, message, _ = validation_problem(err)
         return InvalidInput(f"items[{index}].{message}", field=f"items[{index}].{field}")
-    return TokenizeItem(item.customer_id, item.data_type, item.value)
+    return TokenizeItem(item.customer_id, item.data_type, item.value, item.expires_at)
 
 
 def _item_error(err: VaultError) -> ItemErrorBody:
@@ -83,13 +83,14 @@ def whole_batch_failure(results: Sequence[Tokenized | Revealed | ItemError]) -> 
 async def tokenize(body: TokenizeRequest, call: DataCallDep) -> TokenOut:
     """Store a value and get its token. Needs an active Encrypt grant matching
     {"customerID": customer_id, "dataType": data_type}."""
-    item = TokenizeItem(body.customer_id, body.data_type, body.value)
+    item = TokenizeItem(body.customer_id, body.data_type, body.value, body.expires_at)
     result = await call.tokens.tokenize_one(presented=call.presented, item=item, ctx=call.ctx)
     return TokenOut(
         token=result.token,
         customer_id=result.customer_id,
         data_type=result.data_type,
         created_at=result.created_at,
+        expires_at=result.expires_at,
     )
 
 
@@ -119,6 +120,7 @@ async def tokenize_batch(
                 customer_id=r.customer_id,
                 data_type=r.data_type,
                 created_at=r.created_at,
+                expires_at=r.expires_at,
             )
             for r in results
         ]
@@ -159,11 +161,34 @@ async def detokenize_batch(body: DetokenizeRequest, vault: VaultDep, call: DataC
     )
 
 
+@router.delete(
+    "/{token}",
+    name="EraseToken",
+    status_code=status.HTTP_204_NO_CONTENT,
+    **documented("eraseToken", "Erase one record", errors=(*AUTHENTICATED, 400, 404)),
+)
+async def erase(
+    token: Annotated[str, Path(max_length=128, examples=["tok_3q2-7wEvmn8CRTfF1ZrPuS9QoHgH4kDy"])],
+    vault: VaultDep,
+    call: DataCallDep,
+) -> Response:
+    """Erase a record (GDPR Art. 17): its ciphertext and wrapped data key are removed, a tombstone
+    stays. Needs an active Erase grant matching the record's context; X-Access-Reason says why.
+    Erasing an erased record is 204 again."""
+    await vault.erasure.erase_token(presented=call.presented, token=token, ctx=call.ctx)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.get(
     "/{token}",
     name="Detokenize",
     response_model_exclude_none=True,
-    **documented("detokenize", "Reveal one token's value", errors=(*AUTHENTICATED, 400, 404, 422, 500)),
+    **documented(
+        "detokenize",
+        "Reveal one token's value",
+        errors=(*AUTHENTICATED, 400, 404, 410, 422, 500),
+        descriptions={410: "Erased or expired (told only to a caller whose grant covers the record)."},
+    ),
 )
 async def detokenize(
     token: Annotated[str, Path(max_length=128, examples=["tok_3q2-7wEvmn8CRTfF1ZrPuS9QoHgH4kDy"])],

@@ -425,6 +425,11 @@ class KmsKeyProvider:
 
     # GrantMirror
     def create_grant(self, *, name: str, operations: list[str], constraints: GrantConstraints) -> str | None:
+        # Only operations that make a KMS call are mirrored (Erase makes none): nothing to mirror,
+        # no grant.
+        mirrored = sorted({_OPERATIONS[op] for op in operations if op in _OPERATIONS})
+        if not mirrored:
+            return None
         if not self._grantee_principal:
             raise KeyAccessDenied("grant mirroring needs PIIVAULT_KMS_GRANTEE_PRINCIPAL")
         kms_constraints: dict[str, Any] = {}
@@ -435,7 +440,7 @@ class KmsKeyProvider:
         arguments: dict[str, Any] = {
             "KeyId": self.key_arn(),
             "GranteePrincipal": self._grantee_principal,
-            "Operations": sorted(_OPERATIONS[op] for op in operations),
+            "Operations": mirrored,
             "Name": name,
         }
         if kms_constraints:

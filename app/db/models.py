@@ -177,16 +177,39 @@ class Grant(Base):
 
 
 class Record(Base):
+    """A stored value, or once erased its tombstone: the secret columns are NULL then (a CHECK
+    holds both ways), and erased_at and erasure_reason say when and why."""
+
     __tablename__ = "records"
-    __table_args__ = (Index("ix_records_customer_id", "customer_id"),)
+    __table_args__ = (
+        Index("ix_records_customer_id", "customer_id"),
+        # The retention sweeper's work list.
+        Index(
+            "ix_records_expires_at_live",
+            "expires_at",
+            postgresql_where=text("erased_at IS NULL AND expires_at IS NOT NULL"),
+        ),
+        CheckConstraint(
+            "(erased_at IS NULL AND format_version IS NOT NULL AND ciphertext IS NOT NULL"
+            " AND wrapped_key IS NOT NULL AND kms_key_id IS NOT NULL)"
+            " OR (erased_at IS NOT NULL AND ciphertext IS NULL AND wrapped_key IS NULL"
+            " AND kms_key_id IS NULL)",
+            name="records_tombstone_holds_no_secret",
+        ),
+    )
 
     token: Mapped[str] = mapped_column(String(64), primary_key=True)
     customer_id: Mapped[str] = mapped_column(String(128))
     data_type: Mapped[str] = mapped_column(String(64))
-    format_version: Mapped[int] = mapped_column(SmallInteger)
-    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
-    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
-    kms_key_id: Mapped[str] = mapped_column(String(2048))
+    format_version: Mapped[int | None] = mapped_column(SmallInteger)
+    ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
+    wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary)
+    kms_key_id: Mapped[str | None] = mapped_column(String(2048))
+    # Retention: refused from this time on, then erased by the sweeper.
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Why it was erased: the eraser's access reason, or the retention expiry. Never a value.
+    erasure_reason: Mapped[str | None] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     # The principal who stored it. Not a foreign key on purpose: the check would lock the
     # principal's row (FOR KEY SHARE) on every tokenize, one hot row for all of a service's

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, get_args
 
-# What a grant allows; the API's operation names are these.
-Operation = Literal["Encrypt", "Decrypt"]
+# What a grant allows; the API's operation names are these. Erase erases records (never
+# mirrored as a KMS grant: it needs no KMS call).
+Operation = Literal["Encrypt", "Decrypt", "Erase"]
 OPERATIONS: tuple[Operation, ...] = get_args(Operation)
 
 

@@ -10,14 +10,15 @@ just before any value leaves (one query, in the transaction of its audit events)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 
-from app.access import Decision, GrantSet
+from app.access import Decision, GrantSet, OperationGrant, grants_for, may_learn_gone
 from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
 from app.crypto.keys import KeyProvider
 from app.datatypes import Reveal, mask
@@ -26,9 +27,13 @@ from app.db.session import Database
 from app.errors import (
     AccessReasonRequired,
     Denied,
+    IntegrityFailure,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    RecordErased,
+    RecordExpired,
+    RetentionExceeded,
     Unauthenticated,
     VaultError,
 )
@@ -58,6 +63,8 @@ class TokenizeItem:
     customer_id: str
     data_type: str
     value: str = ""
+    # Retention: refused from then on, and erased by the sweeper. None: the type's cap, if any.
+    expires_at: datetime | None = None
 
     def __repr__(self) -> str:
         return f"TokenizeItem(customer_id={self.customer_id!r}, data_type={self.data_type!r})"
@@ -69,6 +76,7 @@ class Tokenized:
     customer_id: str
     data_type: str
     created_at: datetime
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,18 +164,48 @@ class TokenService:
             raise PayloadTooLarge(f"value is larger than {self._max_value_bytes} bytes", field="value")
         return raw
 
-    async def _admit(
-        self, presented: str | None, operation: Operation, ctx: RequestContext, tokens: Sequence[str] = ()
-    ) -> tuple[Caller, GrantSet, dict[str, RecordRow]]:
-        """Authenticate, and read the caller's grants (and the records asked for): one round trip."""
+    async def admit(
+        self,
+        presented: str | None,
+        operations: Sequence[Operation],
+        ctx: RequestContext,
+        tokens: Sequence[str] = (),
+    ) -> tuple[Caller, list[OperationGrant], dict[str, RecordRow]]:
+        """Authenticate, and read the caller's grants naming any of `operations` (and the records
+        asked for): one round trip. grant_set() picks one operation's grants."""
         key = parse_api_key(presented)
-        access = await self._store.access(key.key_id, operation, tokens) if key else None
+        access = await self._store.access(key.key_id, operations, tokens) if key else None
         found = access.credentials if access else None
         caller, refusal = self._principals.admit(presented, key, found, ctx)
         if caller is None or access is None:
             await self._auditor.record_denials([refusal] if refusal else [])
             raise Unauthenticated()
-        return caller, GrantSet(access.grants, utcnow()), access.records
+        return caller, list(access.grants), access.records
+
+    async def _admit(
+        self, presented: str | None, operation: Operation, ctx: RequestContext, tokens: Sequence[str] = ()
+    ) -> tuple[Caller, GrantSet, dict[str, RecordRow]]:
+        caller, grants, records = await self.admit(presented, (operation,), ctx, tokens)
+        return caller, GrantSet(grants, utcnow()), records
+
+    @staticmethod
+    def _expiry(item: TokenizeItem, now: datetime, cap_days: int | None) -> datetime | None:
+        """The record's expiry: the one asked for, within the data type's cap (its registered
+        max_retention_days); the cap when none was asked for. The cap read now applies to this
+        record only (never retroactively)."""
+        if item.expires_at is not None and item.expires_at <= now:
+            raise InvalidInput("expires_at must be in the future", field="expires_at")
+        if cap_days is None:
+            return item.expires_at
+        latest = now + timedelta(days=cap_days)
+        if item.expires_at is None:
+            return latest
+        if item.expires_at > latest:
+            raise RetentionExceeded(
+                f"expires_at is beyond the {cap_days} days {item.data_type} records may be kept",
+                field="expires_at",
+            )
+        return item.expires_at
 
     async def tokenize(
         self, *, presented: str | None, items: Sequence[TokenizeItem | VaultError], ctx: RequestContext
@@ -195,10 +233,13 @@ class TokenService:
             # The type and the value's shape are checked once the caller may write the record:
             # one without a grant learns nothing more than grant_required.
             try:
-                await self._types.check_value(item.data_type, item.value, registry)
+                spec = await self._types.check_value(item.data_type, item.value, registry)
+                expires_at = self._expiry(item, utcnow(), spec.max_retention_days)
             except VaultError as err:
                 results[index] = ItemError(err)
                 continue
+            if expires_at != item.expires_at:
+                item = dataclasses.replace(item, expires_at=expires_at)
             allowed.append((index, item, raw, decision))
         # Denials first, on their own: a refusal is on record whatever happens next.
         await self._auditor.record_denials(denials)
@@ -218,6 +259,7 @@ class TokenService:
                 kms_key_id=data_key.key_id,
                 created_by=caller.id,
                 created_at=utcnow(),
+                expires_at=item.expires_at,
             )
             return record, data_key.request_id
 
@@ -248,7 +290,9 @@ class TokenService:
                     ),
                 )
             )
-            results[index] = Tokenized(record.token, record.customer_id, record.data_type, record.created_at)
+            results[index] = Tokenized(
+                record.token, record.customer_id, record.data_type, record.created_at, record.expires_at
+            )
         await self._auditor.record_denials(failures)
         # The one commit: records and their events, one statement.
         await self._auditor.record_with_records(records, events)
@@ -268,7 +312,11 @@ class TokenService:
         """Each token's value, or its mask when the caller asks `reveal="masked"` or the grant
         that covers the record is a masked one (whatever the caller asks)."""
         well_formed = [token for token in tokens if TOKEN_PATTERN.fullmatch(token)]
-        caller, grants, records = await self._admit(presented, "Decrypt", ctx, well_formed)
+        # Erase grants too: a caller whose Erase grant covers an erased record is told so (410).
+        caller, read, records = await self.admit(presented, ("Decrypt", "Erase"), ctx, well_formed)
+        now = utcnow()
+        grants = GrantSet(grants_for(read, "Decrypt"), now)
+        erasers = GrantSet(grants_for(read, "Erase"), now)
         if self._require_access_reason and not (ctx.access_reason or "").strip():
             refused = [
                 build_event("Detokenize", "denied", ctx, caller, Subject(token=t), "access_reason_required")
@@ -286,6 +334,21 @@ class TokenService:
                 results[index] = ItemError(InvalidInput(message, field=f"tokens[{index}]"), token[:64])
                 continue
             record = records.get(token)
+            gone = record.gone(now) if record is not None else None
+            if record is not None and gone is not None:
+                context = context_of(record.customer_id, record.data_type)
+                decision = grants.decide(context)
+                if may_learn_gone(decision, erasers.decide(context)):
+                    subject = Subject(
+                        token=token,
+                        customer_id=record.customer_id,
+                        data_type=record.data_type,
+                        grant_id=decision.grant_id,
+                    )
+                    denials.append(build_event("Detokenize", "denied", ctx, caller, subject, gone))
+                    results[index] = ItemError(RecordErased() if gone == "erased" else RecordExpired(), token)
+                    continue
+                record = None  # anyone else: exactly as if the token were unknown
             if record is None:
                 # Without any Decrypt grant a caller cannot tell an unknown token from a refused one.
                 reason = "not_found" if may_learn_existence else "no_grant"
@@ -311,6 +374,8 @@ class TokenService:
         async def decrypt(entry: tuple[int, RecordRow, Decision]) -> tuple[str, str | None]:
             _, record, _ = entry
             context = context_of(record.customer_id, record.data_type)
+            if record.wrapped_key is None or record.kms_key_id is None or record.ciphertext is None:
+                raise IntegrityFailure()  # a live row without its secret columns: the CHECK forbids it
             data_key = await self._keys.decrypt_data_key(
                 record.wrapped_key, context, key_id=record.kms_key_id
             )

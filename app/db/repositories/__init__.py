@@ -14,6 +14,7 @@ from app.db.repositories.data_path import (
     RecordRow,
 )
 from app.db.repositories.data_types import DataTypeRepository, load_registry
+from app.db.repositories.erasure import ErasedRow, ErasureRepository, ReportRecord, ReportRepository
 from app.db.repositories.grants import GrantRepository
 from app.db.repositories.keys import KeyRepository, Rewrapped, WrappedKey
 from app.db.repositories.principals import ApiKeyRepository, PrincipalRepository
@@ -26,6 +27,8 @@ __all__ = [
     "AuditRepository",
     "DataPathRepository",
     "DataTypeRepository",
+    "ErasedRow",
+    "ErasureRepository",
     "EventRow",
     "GrantRepository",
     "GrantTerms",
@@ -33,6 +36,8 @@ __all__ = [
     "KeyRepository",
     "PrincipalRepository",
     "RecordRow",
+    "ReportRecord",
+    "ReportRepository",
     "Rewrapped",
     "SealRepository",
     "WrappedKey",

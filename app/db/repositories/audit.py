@@ -7,11 +7,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import Select, func, insert, select, union
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, defer
 
-from app.db.models import AuditChainHead, AuditChainLink, AuditEvent, AuditKey
+from app.db.models import AuditChainHead, AuditChainLink, AuditEvent, AuditKey, Record
 from app.db.repositories.data_path import EVENT_COLUMNS, EventRow
 
 
@@ -89,6 +89,12 @@ class AuditRepository:
             query = query.where(AuditEvent.id < where.before_id)
         return self.session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit)).all()
 
+    def about_customer(self, customer_id: str, batch: int = 1000) -> Iterator[AuditEvent]:
+        """Every event about the customer or one of its records (an attempt on a token may name
+        only the token), oldest first, streamed."""
+        query = customer_events_query(customer_id).execution_options(yield_per=batch)
+        yield from self.session.scalars(query)
+
     def seq_bounds(self, since: datetime | None, until: datetime | None) -> tuple[int | None, int | None]:
         query = select(func.min(AuditChainLink.seq), func.max(AuditChainLink.seq))
         if since is not None or until is not None:
@@ -123,3 +129,20 @@ class AuditRepository:
             query = query.options(defer(AuditEvent.chain_seq))
         for link, event in self.session.execute(query):
             yield event, link
+
+
+def customer_events_query(customer_id: str) -> Select[AuditEvent]:
+    """The subject-access report's events: ix_audit_events_customer_id, and through the customer's
+    tokens (ix_records_customer_id) ix_audit_events_token; oldest first."""
+    tokens = select(Record.token).where(Record.customer_id == customer_id)
+    # A union of two indexed lookups: an OR of the two would be a scan of the whole trail.
+    ids = union(
+        select(AuditEvent.id).where(AuditEvent.customer_id == customer_id),
+        select(AuditEvent.id).where(AuditEvent.token.in_(tokens)),
+    )
+    return (
+        select(AuditEvent)
+        .where(AuditEvent.id.in_(ids.scalar_subquery()))
+        .order_by(AuditEvent.id)
+        .options(defer(AuditEvent.chain_seq))
+    )

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from operator import attrgetter
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg.rows import namedtuple_row
@@ -48,6 +48,8 @@ class GrantTerms:
     reveal: str = "plain"
     # Dual control: a grant waiting for a second admin matches nothing.
     awaiting_approval: bool = False
+    # The operations it allows (a request may read grants for more than one).
+    operations: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -78,20 +80,33 @@ class EventRow:
 
 @dataclass(frozen=True, slots=True)
 class RecordRow:
-    """A stored record: what the data path writes and reads. `repr` shows no ciphertext."""
+    """A stored record: what the data path writes and reads. `repr` shows no ciphertext.
+
+    A tombstone (erased_at set) has no format_version, ciphertext, wrapped_key or kms_key_id."""
 
     token: str
     customer_id: str
     data_type: str
-    format_version: int
-    ciphertext: bytes
-    wrapped_key: bytes
-    kms_key_id: str
+    format_version: int | None
+    ciphertext: bytes | None
+    wrapped_key: bytes | None
+    kms_key_id: str | None
     created_by: uuid.UUID
     created_at: datetime
+    expires_at: datetime | None = None
+    erased_at: datetime | None = None
 
     def __repr__(self) -> str:
         return f"RecordRow(token={self.token!r}, data_type={self.data_type!r})"
+
+    def gone(self, now: datetime) -> Literal["erased", "expired"] | None:
+        """Why the record no longer answers with its value, if it does not: erased, or past its
+        expiry (refused at once, whether or not the sweeper has erased it yet)."""
+        if self.erased_at is not None:
+            return "erased"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return None
 
 
 EVENT_COLUMNS = tuple(f.name for f in fields(EventRow))
@@ -107,6 +122,7 @@ _EVENT_TYPES = (
 )  # fmt: skip
 _RECORD_TYPES = (
     "varchar", "varchar", "varchar", "smallint", "bytea", "bytea", "varchar", "uuid", "timestamptz",
+    "timestamptz", "timestamptz",
 )  # fmt: skip
 
 
@@ -140,13 +156,13 @@ _RECORD_OF_R = ", ".join("r." + column for column in RECORD_COLUMNS)
 _ACCESS = f"""
 SELECT k.secret_hash, k.revoked_at AS key_revoked_at, p.id AS principal_id, p.name AS principal_name,
        p.role, p.disabled_at AS principal_disabled_at,
-       g.id AS grant_id, g.constraint_kind, g.constraint_context, g.expires_at,
+       g.id AS grant_id, g.constraint_kind, g.constraint_context, g.expires_at AS grant_expires_at,
        g.revoked_at AS grant_revoked_at, g.retired_at AS grant_retired_at, g.reveal,
-       g.awaiting_approval,
+       g.awaiting_approval, g.operations AS grant_operations,
        {_RECORD_OF_R}
   FROM api_keys k
   JOIN principals p ON p.id = k.principal_id
-  LEFT JOIN grants g ON g.grantee_id = p.id AND %(operation)s = ANY(g.operations)
+  LEFT JOIN grants g ON g.grantee_id = p.id AND g.operations && %(operations)s::text[]
   LEFT JOIN records r ON r.token = %(token)s
  WHERE k.id = %(key_id)s
  ORDER BY g.created_at, g.id
@@ -162,7 +178,7 @@ SELECT pg_advisory_xact_lock_shared(%(namespace)s, hashtext(id::text))
 """
 _GRANTS_NOW = """
 SELECT id, constraint_kind, constraint_context, expires_at, revoked_at, retired_at, reveal,
-       awaiting_approval
+       awaiting_approval, operations
   FROM grants WHERE id = ANY(%(ids)s::uuid[])
 """
 _RECORDS = f"SELECT {', '.join(RECORD_COLUMNS)} FROM records WHERE token = ANY(%(tokens)s::varchar[])"  # noqa: S608
@@ -179,11 +195,21 @@ def _record(row: Any) -> RecordRow:
         kms_key_id=row.kms_key_id,
         created_by=row.created_by,
         created_at=row.created_at,
+        expires_at=row.expires_at,
+        erased_at=row.erased_at,
     )
 
 
 def _columns(rows: Sequence[Any], columns: Sequence[str], prefix: str) -> dict[str, list[Any]]:
     return {prefix + column: [getattr(row, column) for row in rows] for column in columns}
+
+
+async def add_events_on(connection: psycopg.AsyncConnection[Any], events: Sequence[EventRow]) -> None:
+    """Insert events on this connection (in its transaction, if one is open)."""
+    if len(events) == 1:
+        await connection.execute(_INSERT_ONE_EVENT, _event_values(events[0]))
+    elif events:
+        await connection.execute(_INSERT_EVENTS, _columns(events, EVENT_COLUMNS, "e_"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,12 +244,12 @@ class DataPathRepository:
     def __init__(self, database: Database) -> None:
         self._database = database
 
-    async def access(self, key_id: str, operation: str, tokens: Sequence[str] = ()) -> Access:
-        """One token (most requests) rides along in the access query; several are fetched by a
-        second query in the same pipeline. Results come in binary: uuids and timestamps then
-        cost far less to load."""
+    async def access(self, key_id: str, operations: Sequence[str], tokens: Sequence[str] = ()) -> Access:
+        """The caller's grants naming any of `operations`. One token (most requests) rides along
+        in the access query; several are fetched by a second query in the same pipeline. Results
+        come in binary: uuids and timestamps then cost far less to load."""
         single = tokens[0] if len(tokens) == 1 else None
-        parameters = {"key_id": key_id, "operation": operation, "token": single}
+        parameters = {"key_id": key_id, "operations": list(operations), "token": single}
         async with self._database.data_connection() as connection:
             access = connection.cursor(binary=True, row_factory=namedtuple_row)
             if len(tokens) > 1:
@@ -253,11 +279,12 @@ class DataPathRepository:
                 id=row.grant_id,
                 constraint_kind=row.constraint_kind,
                 constraint_context=row.constraint_context,
-                expires_at=row.expires_at,
+                expires_at=row.grant_expires_at,
                 revoked_at=row.grant_revoked_at,
                 retired_at=row.grant_retired_at,
                 reveal=row.reveal,
                 awaiting_approval=row.awaiting_approval,
+                operations=tuple(row.grant_operations),
             )
             for row in rows
             if row.grant_id is not None
@@ -290,6 +317,7 @@ class DataPathRepository:
                     retired_at=row.retired_at,
                     reveal=row.reveal,
                     awaiting_approval=row.awaiting_approval,
+                    operations=tuple(row.operations),
                 )
                 for row in rows
             ]
@@ -299,10 +327,7 @@ class DataPathRepository:
         if not events:
             return
         async with self._database.data_connection() as connection:
-            if len(events) == 1:
-                await connection.execute(_INSERT_ONE_EVENT, _event_values(events[0]))
-            else:
-                await connection.execute(_INSERT_EVENTS, _columns(events, EVENT_COLUMNS, "e_"))
+            await add_events_on(connection, events)
 
     async def add_records_with_events(self, records: Sequence[RecordRow], events: Sequence[EventRow]) -> None:
         if not records:

@@ -65,7 +65,10 @@ _MOVE_AUDIT_KEYS = text(
     " AS u(ref, old, new)"
     " WHERE a.version = u.ref AND a.wrapped_key = u.old"
 )
-_RECORDS_BY_KEY = text("SELECT kms_key_id, count(*) FROM records GROUP BY kms_key_id")
+# Tombstones (erased records) wrap nothing: no key id, not counted.
+_RECORDS_BY_KEY = text(
+    "SELECT kms_key_id, count(*) FROM records WHERE kms_key_id IS NOT NULL GROUP BY kms_key_id"
+)
 _AUDIT_KEYS_BY_KEY = text("SELECT kms_key_id, count(*) FROM audit_keys GROUP BY kms_key_id")
 
 

@@ -55,9 +55,12 @@ class Auditor:
             event.event_mac = event_mac(key, event)
 
     @staticmethod
-    def _counted(events: Sequence[EventRow]) -> None:
+    def counted(events: Sequence[EventRow]) -> None:
+        """Count events written (the metric), once their transaction has committed."""
         for event in events:
             AUDIT_EVENTS.labels(event.action, event.outcome).inc()
+
+    _counted = counted
 
     def record(self, session: Session, events: Sequence[EventRow]) -> None:
         """Write events in the caller's transaction: if they cannot be written, neither is the rest."""
@@ -77,6 +80,30 @@ class Auditor:
         if not self._keyring.loaded:
             await anyio.to_thread.run_sync(self._keyring.current)
         self._stamp(events)
+
+    async def ready(self) -> None:
+        """Load the MAC key (once per process) off the event loop, so stamp() never blocks it."""
+        if not self._keyring.loaded:
+            await anyio.to_thread.run_sync(self._keyring.current)
+
+    def stamp(self, events: Sequence[EventRow]) -> Sequence[EventRow]:
+        """MAC events that a repository writes in a transaction of its own (erasure: the
+        tombstones and their events commit together); after ready()."""
+        self._stamp(events)
+        return events
+
+    async def record_events(self, events: Sequence[EventRow]) -> None:
+        """Allowed events that change nothing else (an erasure of what was already erased),
+        written at once in a statement of their own."""
+        if not events:
+            return
+        await self._stamp_on_loop(events)
+        try:
+            await self._data_path.add_events(events)
+        except psycopg.Error as err:
+            log.error("audit write failed: %s", err.sqlstate or type(err).__name__)
+            raise AuditUnavailable() from None
+        self._counted(events)
 
     async def record_with_records(self, records: Sequence[RecordRow], events: Sequence[EventRow]) -> None:
         """The data path's write: records and their events in one statement, so neither commits

@@ -26,7 +26,7 @@ from tests.conftest import (
 )
 
 LICENCE = "D1234-56789-01234"
-SSN_VALUE = "SENTINEL-SSN-078051120"
+SSN_VALUE = "078-05-1120"
 WHY = {"X-Access-Reason": "GDPR Art. 17 request 118"}
 
 

@@ -119,6 +119,15 @@ ERRORS: dict[int, ErrorDoc] = {
         "The request conflicts with the current state (a name taken, a grant already revoked).",
         {"conflict": _error("conflict", "the grant is already revoked or retired", field="id")},
     ),
+    410: ErrorDoc(
+        "Gone",
+        "The record was erased or its retention period ended (told only to a caller whose grant "
+        "covers it; anyone else gets the answer an unknown token gets).",
+        {
+            "erased": _error("erased", "this record was erased"),
+            "expired": _error("expired", "this record's retention period has ended"),
+        },
+    ),
     413: ErrorDoc(
         "TooLarge",
         "The body, a value or a batch is larger than the vault's limit.",

@@ -189,6 +189,7 @@ def serve(
     """Serve the vault's HTTP API."""
     import uvicorn
 
+    from app.api.server import VaultHttpProtocol
     from app.crypto.local import WARNING
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -223,6 +224,8 @@ def serve(
         port=port,
         workers=workers,
         proxy_headers=False,
+        # httptools with the vault's bounds on the request head and its read deadlines.
+        http=VaultHttpProtocol,
         log_level="info",
         access_log=access_log,
     )

@@ -13,6 +13,7 @@ from app.services.alerts import Alerter, Webhook
 from app.services.audit import AuditKeyring, Auditor
 from app.services.grants import GrantService
 from app.services.keys import KeyRotation, allow_list_of
+from app.services.limits import Counters, FailedAuthentications, PrincipalLimits
 from app.services.principals import PrincipalService
 from app.services.tokens import TokenService
 from app.settings import Settings
@@ -80,7 +81,15 @@ def build_vault(
         mirror = mirror or default_mirror
     webhook = Webhook(settings.alert_webhook_url) if settings.alert_webhook_url else None
     auditor = Auditor(database, AuditKeyring(database, keys), Alerter(webhook))
-    principals = PrincipalService(auditor)
+    counters = Counters(
+        settings.redis_url.get_secret_value() if settings.redis_url else None,
+        timeout_s=settings.redis_timeout_s,
+    )
+    principals = PrincipalService(
+        auditor,
+        PrincipalLimits(counters, settings.rate_limit_rps, settings.rate_limit_burst),
+        FailedAuthentications(counters, settings.auth_failure_limit, settings.auth_failure_window_s),
+    )
     grants = GrantService(database, auditor, principals, mirror or NoGrantMirror())
     tokens = TokenService(
         keys=keys,

@@ -146,12 +146,18 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
             background.append(_every(settings.grant_sweep_interval_s, sweep, stop, "grant-sweep"))
         if settings.audit_seal_interval_s > 0:
             background.append(_every(settings.audit_seal_interval_s, vault.auditor.seal, stop, "audit-seal"))
+        # Repeated failed authentications, counted in memory, are written as one event each
+        # when their window ends; checked every second (a scan of a small table).
+        flush = vault.principals.flush_failed_authentications
+        background.append(_every(1.0, flush, stop, "auth-failure-flush"))
         try:
             yield
         finally:
             stop.set()
             for thread in background:
                 thread.join(timeout=5)
+            with contextlib.suppress(VaultError):
+                flush(everything=True)
             await vault.database.close_data_path()
             if owned:
                 app.state.vault.close()

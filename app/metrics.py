@@ -17,3 +17,12 @@ DENIALS = Counter(
 AUDIT_EVENTS = Counter("piivault_audit_events_total", "Audit events committed", ["action", "outcome"])
 ALERTS_DROPPED = Counter("piivault_alert_webhook_dropped_total", "Alerts the webhook could not take")
 ALERTS_FAILED = Counter("piivault_alert_webhook_failed_total", "Alerts not delivered after every retry")
+RATE_LIMITED = Counter("piivault_rate_limited_total", "Requests refused with 429", ["kind"])
+RATE_LIMIT_FALLBACK = Counter(
+    "piivault_rate_limit_storage_fallback_total",
+    "Rate-limit checks made per process because the shared storage (Redis) failed",
+)
+AUTH_FAILURES_AGGREGATED = Counter(
+    "piivault_auth_failures_aggregated_total",
+    "Failed authentications counted into an aggregate audit event instead of a row of their own",
+)

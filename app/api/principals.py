@@ -18,6 +18,8 @@ from app.api.schemas import (
     PrincipalCreated,
     PrincipalList,
     PrincipalOut,
+    RateLimitOut,
+    RateLimitSet,
     Text,
 )
 from app.db.models import ApiKey, Principal
@@ -39,6 +41,11 @@ def principal_out(principal: Principal, keys: Sequence[ApiKey] = ()) -> Principa
         created_at=principal.created_at,
         disabled_at=principal.disabled_at,
         keys=[ApiKeyOut(key_id=k.id, created_at=k.created_at, revoked_at=k.revoked_at) for k in keys],
+        rate_limit=(
+            RateLimitOut(rps=principal.rate_limit_rps, burst=principal.rate_limit_burst)
+            if principal.rate_limit_rps is not None and principal.rate_limit_burst is not None
+            else None
+        ),
     )
 
 
@@ -120,4 +127,23 @@ def disable_principal(
 ) -> PrincipalOut:
     """Disable a principal: every key of it stops working at once."""
     principal = vault.principals.disable(session, admin, principal_id, ctx)
+    return principal_out(principal, vault.principals.keys_of(session, principal.id))
+
+
+@router.put(
+    "/{principal_id}/rate-limit",
+    name="SetRateLimit",
+    responses={404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+)
+def set_rate_limit(
+    principal_id: uuid.UUID,
+    body: RateLimitSet,
+    vault: VaultDep,
+    session: SessionDep,
+    admin: AdminDep,
+    ctx: ContextDep,
+) -> PrincipalOut:
+    """Set a principal's own request rate (`null`: the vault's defaults); effective at once."""
+    limit = (body.rate_limit.rps, body.rate_limit.burst) if body.rate_limit else None
+    principal = vault.principals.set_rate_limit(session, admin, principal_id, limit, ctx)
     return principal_out(principal, vault.principals.keys_of(session, principal.id))

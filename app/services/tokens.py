@@ -148,6 +148,11 @@ class TokenService:
         self, presented: str | None, operation: Operation, ctx: RequestContext, tokens: Sequence[str] = ()
     ) -> tuple[Caller, GrantSet, dict[str, RecordRow]]:
         """Authenticate, and read the caller's grants (and the records asked for): one round trip."""
+        screened = self._principals.screen(ctx)
+        if screened is not None:
+            refused, event = screened
+            await self._auditor.record_denials([event] if event else [])
+            raise refused
         key = parse_api_key(presented)
         access = await self._store.access(key.key_id, operation, tokens) if key else None
         found = access.credentials if access else None

@@ -85,8 +85,8 @@ class Settings(BaseSettings):
 
     # Per-principal request rate (429 rate_limited): `rate_limit_burst` requests in any window of
     # burst / rps seconds (whole seconds, rounded up); an admin may set other values per principal.
-    rate_limit_rps: int = Field(default=100, ge=1, le=1_000_000)
-    rate_limit_burst: int = Field(default=200, ge=1, le=10_000_000)
+    rate_limit_rps: int = Field(default=500, ge=1, le=1_000_000)
+    rate_limit_burst: int = Field(default=1000, ge=1, le=10_000_000)
     # Failed authentications per source address in auth_failure_window_s before the source is
     # refused (429) without a lookup; repeats of one failure (key id, source, reason) within the
     # window are audited as one event with a count.

@@ -88,6 +88,8 @@ EVERY_ROLE = tuple(Role)
 TABLE: list[Case] = [
     # POST /v1/principals, GET /v1/principals(/{id}): admin
     *gate(("CreatePrincipal", "ListPrincipals", "GetPrincipal"), ADMIN_ONLY),
+    # PUT /v1/principals/{id}/rate-limit: admin
+    *gate(("SetRateLimit",), ADMIN_ONLY),
     # POST /v1/principals/{id}/keys: the principal itself; an admin only for principals that hold
     # no grants and are not admins
     *[Case("CreateApiKey", role, "self", None, "allowed") for role in EVERY_ROLE],
@@ -159,7 +161,7 @@ def outcome(case: Case) -> str:
     holds_grants = case.relation == "other holding grants"
     verdict: bool
     match case.action:
-        case "CreatePrincipal" | "ListPrincipals" | "GetPrincipal":
+        case "CreatePrincipal" | "ListPrincipals" | "GetPrincipal" | "SetRateLimit":
             verdict = may_manage_principals(actor.role)
         case "CreateApiKey":
             reason = key_issue_refusal(actor, target, holds_grants)

@@ -52,15 +52,15 @@ def tokenize_status(client: TestClient, key: str) -> int:
 def test_a_principal_over_its_default_rate_gets_429_with_retry_after(
     make_client: ClientFactory, kms_key_id: str, db: psycopg.Connection[Any]
 ) -> None:
-    # 3 requests in any window of 3 s: the fourth at once is refused.
-    vault, client = make_client(kms_key_id, rate_limit_rps=1, rate_limit_burst=3)
+    # 10 requests in any window of 10 s: the eleventh at once is refused.
+    vault, client = make_client(kms_key_id, rate_limit_rps=1, rate_limit_burst=10)
     admin = create_admin(vault)
-    statuses = [client.get("/v1/principals", headers=bearer(admin)).status_code for _ in range(3)]
-    assert statuses == [200, 200, 200]
+    statuses = [client.get("/v1/principals", headers=bearer(admin)).status_code for _ in range(10)]
+    assert statuses == [200] * 10
     events_before = db.execute("SELECT count(*) FROM audit_events").fetchone()
     refused = client.get("/v1/principals", headers=bearer(admin))
     assert_error(refused, 429, "rate_limited")
-    assert 1 <= int(refused.headers["Retry-After"]) <= 3
+    assert 1 <= int(refused.headers["Retry-After"]) <= 10
     # Refusals for rate are counted in a metric, not written one by one (that is the flood).
     assert db.execute("SELECT count(*) FROM audit_events").fetchone() == events_before
 
@@ -70,13 +70,13 @@ def test_an_admin_sets_a_principals_own_limit_which_binds_the_data_path_at_once(
 ) -> None:
     vault, client = make_client(kms_key_id)
     actors = build_seed(client, vault)
-    answer = set_limit(client, actors.admin, actors.onboarding_id, {"rps": 1, "burst": 2})
+    answer = set_limit(client, actors.admin, actors.onboarding_id, {"rps": 1, "burst": 5})
     assert answer.status_code == 200, answer.text
-    assert answer.json()["rate_limit"] == {"rps": 1, "burst": 2}
+    assert answer.json()["rate_limit"] == {"rps": 1, "burst": 5}
     shown = client.get(f"/v1/principals/{actors.onboarding_id}", headers=bearer(actors.admin))
-    assert shown.json()["rate_limit"] == {"rps": 1, "burst": 2}
+    assert shown.json()["rate_limit"] == {"rps": 1, "burst": 5}
 
-    assert [tokenize_status(client, actors.onboarding) for _ in range(2)] == [201, 201]
+    assert [tokenize_status(client, actors.onboarding) for _ in range(5)] == [201] * 5
     refused = client.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding))
     assert_error(refused, 429, "rate_limited")
     assert int(refused.headers["Retry-After"]) >= 1
@@ -122,10 +122,10 @@ def test_replicas_share_a_principals_limit_through_redis(
     first, one = make_client(kms_key_id, redis_url=REDIS_URL)
     _, other = make_client(kms_key_id, redis_url=REDIS_URL)
     actors = build_seed(one, first)
-    assert set_limit(one, actors.admin, actors.onboarding_id, {"rps": 1, "burst": 4}).status_code == 200
-    # Two requests through each replica use up the burst of 4: the fifth is refused on either.
-    statuses = [tokenize_status(client, actors.onboarding) for client in (one, other, one, other)]
-    assert statuses == [201] * 4
+    assert set_limit(one, actors.admin, actors.onboarding_id, {"rps": 1, "burst": 6}).status_code == 200
+    # Three requests through each replica use up the burst of 6: the seventh is refused on either.
+    statuses = [tokenize_status(client, actors.onboarding) for client in (one, other) * 3]
+    assert statuses == [201] * 6
     assert_error(
         other.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding)), 429, "rate_limited"
     )
@@ -137,13 +137,13 @@ def test_redis_down_keeps_the_vault_serving_with_limits_per_process(
 ) -> None:
     # Nothing listens there: every Redis call fails, as with Redis down at run time.
     vault, client = make_client(
-        kms_key_id, redis_url=f"redis://127.0.0.1:{free_port()}/0", rate_limit_rps=1, rate_limit_burst=3
+        kms_key_id, redis_url=f"redis://127.0.0.1:{free_port()}/0", rate_limit_rps=1, rate_limit_burst=10
     )
     fallbacks = RATE_LIMIT_FALLBACK._value.get()
     admin = create_admin(vault)
-    statuses = [client.get("/v1/principals", headers=bearer(admin)).status_code for _ in range(4)]
+    statuses = [client.get("/v1/principals", headers=bearer(admin)).status_code for _ in range(11)]
     # Served (fail open), and still limited, by this process's own counters.
-    assert statuses == [200, 200, 200, 429]
+    assert statuses == [200] * 10 + [429]
     assert RATE_LIMIT_FALLBACK._value.get() > fallbacks
 
 
@@ -173,8 +173,9 @@ def test_a_flood_of_bad_keys_is_refused_per_source_and_its_audit_stays_bounded(
     with ThreadPoolExecutor(max_workers=16) as pool:
         answers = list(pool.map(attempt, range(400)))
     statuses = [status for status, _ in answers]
-    assert statuses.count(401) <= 5 + 16  # the limit, and those already past the check when it filled
-    assert statuses.count(429) >= 400 - 21
+    # The limit, the one that found it full, and those already past the check meanwhile.
+    assert statuses.count(401) <= 5 + 1 + 16
+    assert statuses.count(429) >= 400 - 22
     assert all(int(retry) >= 1 for status, retry in answers if status == 429 and retry is not None)
     assert all(retry is not None for status, retry in answers if status == 429)
 

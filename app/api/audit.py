@@ -25,7 +25,11 @@ from app.errors import InvalidInput
 router = APIRouter(
     prefix="/v1/audit",
     tags=["audit"],
-    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+    responses={
+        401: {"model": ErrorResponse},
+        403: {"model": ErrorResponse},
+        429: {"model": ErrorResponse, "description": "over the rate limit; see Retry-After"},
+    },
 )
 
 

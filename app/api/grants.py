@@ -20,7 +20,11 @@ CURSOR_KIND = "g"
 router = APIRouter(
     prefix="/v1/grants",
     tags=["grants"],
-    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+    responses={
+        401: {"model": ErrorResponse},
+        403: {"model": ErrorResponse},
+        429: {"model": ErrorResponse, "description": "over the rate limit; see Retry-After"},
+    },
 )
 
 

@@ -12,7 +12,11 @@ from app.api.schemas import ErrorResponse, KeyList, KeyUsageOut
 router = APIRouter(
     prefix="/v1/keys",
     tags=["keys"],
-    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+    responses={
+        401: {"model": ErrorResponse},
+        403: {"model": ErrorResponse},
+        429: {"model": ErrorResponse, "description": "over the rate limit; see Retry-After"},
+    },
 )
 
 

@@ -29,7 +29,11 @@ CURSOR_KIND = "p"
 router = APIRouter(
     prefix="/v1/principals",
     tags=["principals"],
-    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+    responses={
+        401: {"model": ErrorResponse},
+        403: {"model": ErrorResponse},
+        429: {"model": ErrorResponse, "description": "over the rate limit; see Retry-After"},
+    },
 )
 
 

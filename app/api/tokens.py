@@ -32,6 +32,7 @@ router = APIRouter(
     responses={
         401: {"model": ErrorResponse},
         403: {"model": ErrorResponse, "description": "no active grant covers this record"},
+        429: {"model": ErrorResponse, "description": "over the rate limit; see Retry-After"},
         503: {"model": ErrorResponse, "description": "a dependency is down; see Retry-After"},
     },
 )

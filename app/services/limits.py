@@ -1,11 +1,11 @@
 """Rate limits: per principal, and on failed authentications per source address. No HTTP here.
 
-The counting is the `limits` library's (sliding-window counters): in this process's memory by
-default, or in Redis when PIIVAULT_REDIS_URL is set, so that every replica shares them. When
-Redis fails, the vault keeps serving (fail open to per-process counters, with a warning line
-and a metric) rather than refusing every request: a rate limit protects the vault's capacity,
-and losing the shared counters only makes it per replica for a while; it never grants data
-access, which stays with the grant check.
+The counting is the `limits` library's (moving windows: exact, a list of timestamps per key): in
+this process's memory by default, or in Redis when PIIVAULT_REDIS_URL is set, so that every
+replica shares them. When Redis fails, the vault keeps serving (fail open to per-process
+counters, with a warning line and a metric) rather than refusing every request: a rate limit
+protects the vault's capacity, and losing the shared counters only makes it per replica for a
+while; it never grants data access, which stays with the grant check.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from functools import lru_cache
 from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.errors import StorageError
 from limits.storage import MemoryStorage, RedisStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
+from limits.strategies import MovingWindowRateLimiter
 
 from app.db.repositories.data_path import EventRow
 from app.errors import RateLimited
@@ -58,8 +58,8 @@ class Counters:
         timeout_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._memory = SlidingWindowCounterRateLimiter(MemoryStorage())
-        self._shared: SlidingWindowCounterRateLimiter | None = None
+        self._memory = MovingWindowRateLimiter(MemoryStorage())
+        self._shared: MovingWindowRateLimiter | None = None
         if redis_url:
             storage = RedisStorage(
                 redis_url,
@@ -68,7 +68,7 @@ class Counters:
                 socket_connect_timeout=timeout_s,
                 health_check_interval=30,
             )
-            self._shared = SlidingWindowCounterRateLimiter(storage)
+            self._shared = MovingWindowRateLimiter(storage)
         self._clock = clock
         self._shared_down_until = 0.0
 
@@ -77,7 +77,7 @@ class Counters:
         """Whether the counters are shared across replicas (Redis configured)."""
         return self._shared is not None
 
-    def _limiter(self) -> SlidingWindowCounterRateLimiter:
+    def _limiter(self) -> MovingWindowRateLimiter:
         if self._shared is not None and self._clock() >= self._shared_down_until:
             return self._shared
         return self._memory
@@ -102,17 +102,6 @@ class Counters:
             self._fell_back(err)
             return self.hit(item, *identifiers)
 
-    def over(self, item: RateLimitItem, *identifiers: str) -> int | None:
-        """Whether the limit is used up, without counting: None if not, else the seconds to wait."""
-        limiter = self._limiter()
-        try:
-            if limiter.test(item, *identifiers):
-                return None
-            return _retry_after(limiter, item, identifiers)
-        except StorageError as err:
-            self._fell_back(err)
-            return self.over(item, *identifiers)
-
     def reset(self) -> None:
         """Forget every count (tests; an operator clearing a block)."""
         for limiter in (self._memory, self._shared):
@@ -123,9 +112,7 @@ class Counters:
                     self._fell_back(err)
 
 
-def _retry_after(
-    limiter: SlidingWindowCounterRateLimiter, item: RateLimitItem, identifiers: tuple[str, ...]
-) -> int:
+def _retry_after(limiter: MovingWindowRateLimiter, item: RateLimitItem, identifiers: tuple[str, ...]) -> int:
     # Only on a refusal: one more read of the window.
     reset_at = limiter.get_window_stats(item, *identifiers).reset_time
     return max(1, math.ceil(reset_at - time.time()))
@@ -183,19 +170,30 @@ class FailedAuthentications:
         self._pending: dict[tuple[str | None, str | None, str | None], _Pending] = {}
         # Windows that ended between two flushes (a new failure started the next one).
         self._ended: list[_Pending] = []
+        # Sources over their limit, and until when (this process's clock).
+        self._blocked: dict[str, float] = {}
 
     def refuse_if_over(self, source: str | None) -> None:
-        """RateLimited if this source has failed too often within the window."""
-        retry_after = self._counters.over(self._item, "auth-failures", source or "-")
-        if retry_after is not None:
+        """RateLimited if this source has failed too often within the window. A dict lookup: the
+        shared counters are consulted only when a failure is counted, never on the way in."""
+        until = self._blocked.get(source or "-")
+        if until is None:
+            return
+        left = until - self._clock()
+        if left > 0:
             RATE_LIMITED.labels("auth_failures").inc()
-            raise RateLimited(retry_after, "too many failed authentications from this address")
+            raise RateLimited(math.ceil(left), "too many failed authentications from this address")
+        self._blocked.pop(source or "-", None)
 
     def failed(self, event: EventRow) -> bool:
         """Count a failed authentication (its denied Authenticate event); True if the event is to
         be written now, False if it was counted into the pending aggregate."""
         if event.reason != "rate_limited":
-            self._counters.hit(self._item, "auth-failures", event.source_ip or "-")
+            source = event.source_ip or "-"
+            retry_after = self._counters.hit(self._item, "auth-failures", source)
+            if retry_after is not None:
+                # Over the (shared) count: this replica refuses the source until the window says.
+                self._block(source, retry_after)
         key = (event.target_id, event.source_ip, event.reason)
         now = self._clock()
         with self._lock:
@@ -212,6 +210,15 @@ class FailedAuthentications:
                 self._ended.append(pending)
             self._pending[key] = _Pending(now, event)
             return True
+
+    def _block(self, source: str, retry_after: int) -> None:
+        now = self._clock()
+        with self._lock:
+            if len(self._blocked) >= MAX_PENDING_AGGREGATES:
+                # Forget the blocks that have ended; if none has, the table is full of live ones.
+                for ended in [key for key, until in self._blocked.items() if until <= now]:
+                    del self._blocked[ended]
+            self._blocked[source] = now + retry_after
 
     def flush(self, everything: bool = False) -> list[EventRow]:
         """The aggregate events of the windows that have ended (every pending one if

@@ -3,6 +3,7 @@ per source, with their audit bounded. Through HTTP on the real PostgreSQL with m
 
 from __future__ import annotations
 
+import secrets
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -235,3 +236,19 @@ def test_a_failure_after_its_window_is_written_again(
     # The first window's two repeats, written by this flush or the background one.
     vault.principals.flush_failed_authentications()
     assert [row[3] for row in _audit_rows(db)] == [None, None, 2]
+
+
+@pytest.mark.skipif(not redis_answers(), reason="no Redis answers at 127.0.0.1:6379 (CI runs one)")
+def test_replicas_share_the_count_of_failed_authentications_through_redis(
+    make_client: ClientFactory, kms_key_id: str, db: psycopg.Connection[Any]
+) -> None:
+    _, one = make_client(kms_key_id, redis_url=REDIS_URL, auth_failure_limit=3)
+    _, other = make_client(kms_key_id, redis_url=REDIS_URL, auth_failure_limit=3)
+    # An address of this test's own: the counts in Redis outlive a test run by their window.
+    address = f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{secrets.randbelow(254) + 1}"
+    one_from, other_from = (TestClient(c.app, client=(address, 40000)) for c in (one, other))
+    for _ in range(3):
+        assert one_from.get("/v1/principals", headers=bearer(BAD_KEY)).status_code == 401
+    # The other replica's first failure from there is over the shared count: from then on it refuses.
+    assert other_from.get("/v1/principals", headers=bearer(BAD_KEY)).status_code == 401
+    assert_error(other_from.get("/v1/principals", headers=bearer(BAD_KEY)), 429, "rate_limited")

@@ -134,7 +134,8 @@ class VaultHttpProtocol(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        log.info("connection closed: the request %s did not arrive within the deadline", what)
+        client = self.client[0] if self.client else "-"
+        log.info("connection from %s closed: the request %s did not arrive in time (408)", client, what)
         if self.cycle is not None and not self.cycle.response_complete and self.cycle.response_started:
             self.transport.close()  # a response is under way: it cannot become a 408 any more
             return
@@ -142,6 +143,11 @@ class VaultHttpProtocol(HttpToolsProtocol):
 
     def _refuse(self, err: errors.VaultError) -> None:
         self._disarm()
+        if isinstance(err, errors.HeadersTooLarge):
+            client = self.client[0] if self.client else "-"
+            log.info(
+                "connection from %s closed: request head over %d bytes (431)", client, self.max_header_bytes
+            )
         if self.cycle is not None and not self.cycle.response_complete:
             # The application's answer, if it ever comes, goes nowhere.
             self.cycle.disconnected = True

@@ -19,6 +19,7 @@ from tests.conftest import (
     bearer,
     build_seed,
     create_admin,
+    make_settings,
 )
 from tests.processes import free_port
 
@@ -252,3 +253,17 @@ def test_replicas_share_the_count_of_failed_authentications_through_redis(
     # The other replica's first failure from there is over the shared count: from then on it refuses.
     assert other_from.get("/v1/principals", headers=bearer(BAD_KEY)).status_code == 401
     assert_error(other_from.get("/v1/principals", headers=bearer(BAD_KEY)), 429, "rate_limited")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"rate_limit_rps": 10, "rate_limit_burst": 5}, "PIIVAULT_RATE_LIMIT_BURST"),
+        ({"redis_url": "http://127.0.0.1:6379"}, "PIIVAULT_REDIS_URL"),
+    ],
+)
+def test_settings_refuse_a_burst_below_the_rate_and_a_redis_url_that_is_not_one(
+    database_url: str, overrides: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ValueError, match=named):
+        make_settings(database_url, None, **overrides)

@@ -220,6 +220,7 @@ def serve(
     import uvicorn
 
     from app import logs
+    from app.api.server import VaultHttpProtocol
     from app.crypto.local import WARNING
 
     # Before anything logs: the format is validated with the other settings just below (an
@@ -258,6 +259,8 @@ def serve(
         port=port,
         workers=workers,
         proxy_headers=False,
+        # httptools with the vault's bounds on the request head and its read deadlines.
+        http=VaultHttpProtocol,
         log_level="info",
         # Ours, not uvicorn's: the route template instead of the path (tokens are in paths).
         access_log=False,

@@ -18,6 +18,7 @@ from app.services.data_types import DataTypeService
 from app.services.erasure import ErasureService, ReportService
 from app.services.grants import GrantService
 from app.services.keys import KeyRotation, allow_list_of
+from app.services.limits import Counters, FailedAuthentications, PrincipalLimits
 from app.services.principals import PrincipalService
 from app.services.retention import RetentionSweeper
 from app.services.tokens import TokenService
@@ -102,7 +103,17 @@ def build_vault(
     queue = ApprovalQueue(
         auditor, enabled=settings.dual_control_on, ttl=timedelta(seconds=settings.approval_ttl_s)
     )
-    principals = PrincipalService(database, auditor, queue)
+    counters = Counters(
+        settings.redis_url.get_secret_value() if settings.redis_url else None,
+        timeout_s=settings.redis_timeout_s,
+    )
+    principals = PrincipalService(
+        database,
+        auditor,
+        queue,
+        PrincipalLimits(counters, settings.rate_limit_rps, settings.rate_limit_burst),
+        FailedAuthentications(counters, settings.auth_failure_limit, settings.auth_failure_window_s),
+    )
     data_types = DataTypeService(database, auditor)
     grants = GrantService(database, auditor, principals, mirror or NoGrantMirror(), queue, data_types)
     approvals = ApprovalService(database, auditor, queue, principals, grants)

@@ -47,6 +47,29 @@ class PayloadTooLarge(VaultError):
     default_message = "the request is too large"
 
 
+class HeadersTooLarge(VaultError):
+    code = "headers_too_large"
+    default_message = "the request line and headers are larger than this vault accepts"
+
+
+class RequestTimeout(VaultError):
+    code = "request_timeout"
+    default_message = "the request was not received in time; the connection is closed"
+
+
+class RateLimited(VaultError):
+    """Too many requests (a principal's rate, or failed authentications from one source): the
+    same request succeeds later, after `retry_after_s`."""
+
+    code = "rate_limited"
+    default_message = "too many requests; retry after the time given in Retry-After"
+    retryable = True
+
+    def __init__(self, retry_after_s: int, message: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, retry_after_s)
+
+
 class Unauthenticated(VaultError):
     code = "unauthenticated"
     default_message = "a valid API key is required: Authorization: Bearer <api key>"

@@ -189,6 +189,10 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
                     partial(metrics.sweeper_ran, "retention"),
                 )
             )
+        # Repeated failed authentications, counted in memory, are written as one event each
+        # when their window ends; checked every second (a scan of a small table).
+        flush = vault.principals.flush_failed_authentications
+        background.append(_every(1.0, flush, stop, "auth-failure-flush"))
         try:
             yield
         finally:
@@ -200,6 +204,8 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
                     await retention
             for thread in background:
                 thread.join(timeout=5)
+            with contextlib.suppress(VaultError):
+                flush(everything=True)
             await vault.database.close_data_path()
             if owned:
                 app.state.vault.close()

@@ -141,3 +141,12 @@ def refresh() -> None:
 ALARMS = Counter(
     "piivault_alarms_total", "Allowed actions that raise an alarm (a break-glass admin)", ["kind", "action"]
 )
+RATE_LIMITED = Counter("piivault_rate_limited_total", "Requests refused with 429", ["kind"])
+RATE_LIMIT_FALLBACK = Counter(
+    "piivault_rate_limit_storage_fallback_total",
+    "Rate-limit checks made per process because the shared storage (Redis) failed",
+)
+AUTH_FAILURES_AGGREGATED = Counter(
+    "piivault_auth_failures_aggregated_total",
+    "Failed authentications counted into an aggregate audit event instead of a row of their own",
+)

@@ -21,7 +21,7 @@ class UnsafeSettings(ValueError):
 
 
 # Secrets that may come from a file named by PIIVAULT_<NAME>_FILE.
-SECRET_FILE_SETTINGS = ("database_url", "alert_webhook_url")
+SECRET_FILE_SETTINGS = ("database_url", "alert_webhook_url", "redis_url")
 
 
 class Settings(BaseSettings):
@@ -95,6 +95,27 @@ class Settings(BaseSettings):
     # every endpoint and error for whoever can reach the port); true or false decides either way.
     docs_enabled: bool | None = None
 
+    # What `piivault serve` enforces on each connection (app/api/server.py): the request line and
+    # headers together (431 above it), and how long a client may take to send them, and its body
+    # (408 and the connection closed), so slow clients cannot hold connections for ever.
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    header_read_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    body_read_timeout_s: float = Field(default=30.0, gt=0, le=600)
+
+    # Per-principal request rate (429 rate_limited): `rate_limit_burst` requests in any window of
+    # burst / rps seconds (whole seconds, rounded up); an admin may set other values per principal.
+    rate_limit_rps: int = Field(default=500, ge=1, le=1_000_000)
+    rate_limit_burst: int = Field(default=1000, ge=1, le=10_000_000)
+    # Failed authentications per source address in auth_failure_window_s before the source is
+    # refused (429) without a lookup; repeats of one failure (key id, source, reason) within the
+    # window are audited as one event with a count.
+    auth_failure_limit: int = Field(default=20, ge=1, le=100_000)
+    auth_failure_window_s: int = Field(default=60, ge=1, le=3600)
+    # Rate-limit counters shared by every replica (redis:// or rediss://); unset: per process.
+    redis_url: SecretStr | None = None
+    # A Redis call that takes longer fails; the vault then limits per process for a while.
+    redis_timeout_s: float = Field(default=0.1, gt=0, le=5)
+
     @field_validator("kms_decrypt_key_ids", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -162,6 +183,12 @@ class Settings(BaseSettings):
             )
         if self.kms_ca_bundle and not Path(self.kms_ca_bundle).exists():
             problems.append(f"PIIVAULT_KMS_CA_BUNDLE names no file or directory: {self.kms_ca_bundle}")
+        if self.rate_limit_burst < self.rate_limit_rps:
+            problems.append("PIIVAULT_RATE_LIMIT_BURST must be at least PIIVAULT_RATE_LIMIT_RPS")
+        if self.redis_url is not None and not self.redis_url.get_secret_value().startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            problems.append("PIIVAULT_REDIS_URL must be a redis://, rediss:// or unix:// URL")
         if self.alert_webhook_url and not self.alert_webhook_url.startswith(("https://", "http://")):
             problems.append("PIIVAULT_ALERT_WEBHOOK_URL must be an http(s) URL")
         if self.environment == "production":

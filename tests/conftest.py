@@ -200,6 +200,11 @@ def make_settings(database_url: str, kms_key_id: str | None, **overrides: Any) -
         "retention_sweep_interval_s": 0,  # tests sweep explicitly
         "audit_seal_interval_s": 0,  # tests seal explicitly (verify seals first)
         "kms_max_attempts": 2,
+        # Every request of a test comes from one address and a few principals: the limits are
+        # tested in test_limits.py, with values of their own.
+        "rate_limit_rps": 100_000,
+        "rate_limit_burst": 1_000_000,
+        "auth_failure_limit": 100_000,
     }
     values.update(overrides)
     return Settings(**values)

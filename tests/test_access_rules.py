@@ -93,6 +93,8 @@ TABLE: list[Case] = [
     *gate(("CreatePrincipal", "ListPrincipals", "GetPrincipal"), ADMIN_ONLY),
     # GET /v1/principals/me: anyone, about itself
     *[Case("GetOwnPrincipal", role, "self", None, "allowed") for role in EVERY_ROLE],
+    # PUT /v1/principals/{id}/rate-limit: admin
+    *gate(("SetRateLimit",), ADMIN_ONLY),
     # POST /v1/principals/{id}/keys: the principal itself; an admin only for principals that hold
     # no grants and are not admins
     *[Case("CreateApiKey", role, "self", None, "allowed") for role in EVERY_ROLE],
@@ -179,7 +181,7 @@ def outcome(case: Case) -> str:
     holds_grants = case.relation == "other holding grants"
     verdict: bool
     match case.action:
-        case "CreatePrincipal" | "ListPrincipals" | "GetPrincipal":
+        case "CreatePrincipal" | "ListPrincipals" | "GetPrincipal" | "SetRateLimit":
             verdict = may_manage_principals(actor.role)
         case "GetOwnPrincipal":
             verdict = case.relation == "self"

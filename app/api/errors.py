@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 STATUS: list[tuple[type[errors.VaultError], int]] = [
     (errors.InvalidInput, 422),
     (errors.PayloadTooLarge, 413),
+    (errors.HeadersTooLarge, 431),
+    (errors.RequestTimeout, 408),
+    (errors.RateLimited, 429),
     (errors.Unauthenticated, 401),
     (errors.Forbidden, 403),
     (errors.AccessReasonRequired, 400),
@@ -96,7 +99,9 @@ def install(app: FastAPI) -> None:
     async def vault_error(request: Request, exc: errors.VaultError) -> JSONResponse:
         status = status_of(exc)
         headers = None
-        if exc.retryable:
+        if isinstance(exc, errors.RateLimited):
+            headers = {"Retry-After": str(exc.retry_after_s)}
+        elif exc.retryable:
             headers = {"Retry-After": str(request.app.state.vault.settings.retry_after_s)}
         return _respond(request, status, error_body(exc), headers)
 

@@ -190,7 +190,7 @@ ERRORS: dict[int, ErrorDoc] = {
 
 # What any route that reads the caller's API key can answer: X-Access-Reason is read (and
 # validated) with the key, and the key is checked against the database.
-AUTHENTICATED: tuple[int, ...] = (401, 403, 422, 503)
+AUTHENTICATED: tuple[int, ...] = (401, 403, 422, 429, 503)
 
 
 def error_responses(

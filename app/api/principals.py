@@ -23,6 +23,8 @@ from app.api.schemas import (
     PrincipalCreated,
     PrincipalList,
     PrincipalOut,
+    RateLimitOut,
+    RateLimitSet,
     Text,
 )
 from app.db.models import ApiKey, Approval, Principal
@@ -40,6 +42,11 @@ def principal_out(principal: Principal, keys: Sequence[ApiKey] = ()) -> Principa
         created_at=principal.created_at,
         disabled_at=principal.disabled_at,
         keys=[key_out(k) for k in keys],
+        rate_limit=(
+            RateLimitOut(rps=principal.rate_limit_rps, burst=principal.rate_limit_burst)
+            if principal.rate_limit_rps is not None and principal.rate_limit_burst is not None
+            else None
+        ),
     )
 
 
@@ -205,3 +212,22 @@ def disable_principal(
         response.status_code = status.HTTP_202_ACCEPTED
         return approval_out(disabled)
     return principal_out(disabled, vault.principals.keys_of(session, disabled.id))
+
+
+@router.put(
+    "/{principal_id}/rate-limit",
+    name="SetRateLimit",
+    **documented("setRateLimit", "Set a principal's own request rate", errors=(*AUTHENTICATED, 404)),
+)
+def set_rate_limit(
+    principal_id: uuid.UUID,
+    body: RateLimitSet,
+    vault: VaultDep,
+    session: SessionDep,
+    admin: AdminDep,
+    ctx: ContextDep,
+) -> PrincipalOut:
+    """Set a principal's own request rate (`null`: the vault's defaults); effective at once."""
+    limit = (body.rate_limit.rps, body.rate_limit.burst) if body.rate_limit else None
+    principal = vault.principals.set_rate_limit(session, admin, principal_id, limit, ctx)
+    return principal_out(principal, vault.principals.keys_of(session, principal.id))

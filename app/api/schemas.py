@@ -153,6 +153,29 @@ class ApiKeyOut(BaseModel):
     model_config = examples(_KEY_OUT)
 
 
+class RateLimitIn(Strict):
+    rps: int = Field(ge=1, le=1_000_000, description="Requests per second, on average.", examples=[50])
+    burst: int = Field(ge=1, le=10_000_000, description="Requests at once; at least `rps`.", examples=[100])
+
+    @model_validator(mode="after")
+    def _burst_covers_rps(self) -> RateLimitIn:
+        if self.burst < self.rps:
+            raise ValueError("burst must be at least rps")
+        return self
+
+
+class RateLimitSet(Strict):
+    rate_limit: RateLimitIn | None = Field(
+        description="This principal's own limit; null: the vault's defaults "
+        "(PIIVAULT_RATE_LIMIT_RPS, PIIVAULT_RATE_LIMIT_BURST)."
+    )
+
+
+class RateLimitOut(BaseModel):
+    rps: int
+    burst: int
+
+
 class PrincipalOut(BaseModel):
     id: uuid.UUID
     name: str
@@ -160,6 +183,9 @@ class PrincipalOut(BaseModel):
     created_at: datetime
     disabled_at: datetime | None = None
     keys: list[ApiKeyOut] = []
+    rate_limit: RateLimitOut | None = Field(
+        default=None, description="Its own request rate, set by an admin; null: the vault's defaults."
+    )
 
     model_config = examples(_PRINCIPAL_OUT)
 
@@ -703,6 +729,11 @@ class AuditEventOut(BaseModel):
     source_ip: str | None
     user_agent: str | None
     kms_request_id: str | None
+    repeat_count: int | None = Field(
+        default=None,
+        description="Set on a failed authentication that stands for this many more of the same key id, "
+        "source and reason within a window (they were counted, not written one by one).",
+    )
 
 
 _EVENT = {

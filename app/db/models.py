@@ -52,6 +52,11 @@ class Principal(Base):
     __tablename__ = "principals"
     __table_args__ = (
         CheckConstraint(f"role IN ({', '.join(repr(str(role)) for role in Role)})", name="role_known"),
+        CheckConstraint(
+            "(rate_limit_rps IS NULL) = (rate_limit_burst IS NULL)"
+            " AND (rate_limit_rps IS NULL OR (rate_limit_rps >= 1 AND rate_limit_burst >= rate_limit_rps))",
+            name="rate_limit_positive",
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
@@ -59,6 +64,9 @@ class Principal(Base):
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set by an admin for this principal; NULL: the vault's defaults (both or neither).
+    rate_limit_rps: Mapped[int | None] = mapped_column(Integer)
+    rate_limit_burst: Mapped[int | None] = mapped_column(Integer)
 
     def __repr__(self) -> str:
         return f"Principal(id={self.id}, name={self.name!r}, role={self.role!r})"
@@ -302,6 +310,8 @@ class AuditEvent(Base):
     source_ip: Mapped[str | None] = mapped_column(String(64))
     user_agent: Mapped[str | None] = mapped_column(String(512))
     kms_request_id: Mapped[str | None] = mapped_column(String(128))
+    # This event stands for this many more identical failed authentications (NULL: just itself).
+    repeat_count: Mapped[int | None] = mapped_column(Integer)
     # Tamper evidence, at write: the MAC key's version and a MAC over every field. Nullable on
     # purpose: a row inserted behind the vault's back is found, not refused.
     key_version: Mapped[int | None] = mapped_column(SmallInteger)

@@ -24,7 +24,7 @@ ALARMING_ERRORS = frozenset({"record_integrity"})
 _FIELDS = (
     "event_id", "time", "request_id", "principal_id", "principal_name", "api_key_id", "action",
     "outcome", "reason", "token", "customer_id", "data_type", "grant_id", "target_id",
-    "access_reason", "source_ip", "user_agent", "kms_request_id", "chain_seq",
+    "access_reason", "source_ip", "user_agent", "kms_request_id", "repeat_count", "chain_seq",
 )  # fmt: skip
 
 

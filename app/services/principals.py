@@ -28,11 +28,20 @@ from app.db.models import ApiKey, Approval, Principal
 from app.db.repositories import ApiKeyRepository, GrantRepository, PrincipalRepository
 from app.db.repositories.data_path import EventRow, KeyCredentials
 from app.db.session import Database
-from app.errors import Conflict, Forbidden, GranteeHoldsGrants, InvalidInput, NotFound, Unauthenticated
+from app.errors import (
+    Conflict,
+    Forbidden,
+    GranteeHoldsGrants,
+    InvalidInput,
+    NotFound,
+    RateLimited,
+    Unauthenticated,
+)
 from app.logs import bind_principal
 from app.services.approvals import ApprovalQueue
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, RequestContext, utcnow
+from app.services.limits import FailedAuthentications, PrincipalLimits
 
 API_KEY_PREFIX = "pv_"
 _KEY_ID_HEX = 16
@@ -84,21 +93,54 @@ def _new_key(principal_id: uuid.UUID, issued_by: uuid.UUID) -> tuple[ApiKey, Iss
 
 
 class PrincipalService:
-    def __init__(self, database: Database, auditor: Auditor, queue: ApprovalQueue) -> None:
+    def __init__(
+        self,
+        database: Database,
+        auditor: Auditor,
+        queue: ApprovalQueue,
+        limits: PrincipalLimits,
+        failures: FailedAuthentications,
+    ) -> None:
         self._database = database
         self._auditor = auditor
         self._queue = queue
+        self._limits = limits
+        self._failures = failures
 
     def authenticate(self, session: Session, presented: str | None, ctx: RequestContext) -> Caller:
         """Resolve a bearer key to its principal, in constant time for the secret part."""
+        screened = self.screen(ctx)
+        if screened is not None:
+            refused, event = screened
+            if event is not None:
+                self._auditor.record_on_its_own([event])
+            raise refused
         key = parse_api_key(presented)
         found = ApiKeyRepository(session).credentials(key.key_id) if key else None
         caller, refusal = self.admit(presented, key, found, ctx)
-        if refusal is not None:
-            self._auditor.record_on_its_own([refusal])
+        if caller is None:
+            if refusal is not None:
+                self._auditor.record_on_its_own([refusal])
             raise Unauthenticated()
-        assert caller is not None  # noqa: S101 (admit returns one or the other)
         return caller
+
+    def screen(self, ctx: RequestContext) -> tuple[RateLimited, EventRow | None] | None:
+        """Before any lookup: a source over its failed-authentication limit is refused (429), with
+        the event to write now, if this is the first such refusal of its window (the rest are
+        counted into one event). Keyed by source alone, so varying key ids adds no rows."""
+        try:
+            self._failures.refuse_if_over(ctx.source_ip)
+        except RateLimited as refused:
+            event = build_event("Authenticate", "denied", ctx, None, Subject(), "rate_limited")
+            return refused, (event if self._failures.failed(event) else None)
+        return None
+
+    def flush_failed_authentications(self, everything: bool = False) -> int:
+        """Write the aggregate events of repeated failed authentications whose window has ended."""
+        events = self._failures.flush(everything)
+        if events:
+            self._auditor.record_on_its_own(events)
+        return len(events)
 
     def admit(
         self,
@@ -107,8 +149,10 @@ class PrincipalService:
         found: KeyCredentials | None,
         ctx: RequestContext,
     ) -> tuple[Caller | None, EventRow | None]:
-        """The caller the presented key names, or the refusal to record; the secret is compared
-        in constant time, and hashed even for a key id nobody was issued."""
+        """The caller the presented key names, or None and the refusal to record now (None when
+        it was counted into an aggregate event instead); the secret is compared in constant time,
+        and hashed even for a key id nobody was issued. RateLimited if the caller is over its
+        request rate."""
         expected = found.secret_hash if found else _DUMMY_HASH
         given = _hash_secret(key.key_id, key.secret) if key else b""
         secret_ok = hmac.compare_digest(expected, given)
@@ -125,8 +169,10 @@ class PrincipalService:
             known = found if found and secret_ok else None
             caller = Caller(known.principal_id, known.principal_name, known.role) if known else None
             subject = Subject(target_id=key.key_id if key else None)
-            return None, build_event("Authenticate", "denied", ctx, caller, subject, reason)
+            event = build_event("Authenticate", "denied", ctx, caller, subject, reason)
+            return None, (event if self._failures.failed(event) else None)
         bind_principal(found.principal_id)  # for this request's log lines
+        self._limits.check(found.principal_id, found.rate_limit_rps, found.rate_limit_burst)
         return Caller(found.principal_id, found.principal_name, found.role, key.key_id), None
 
     @overload
@@ -303,6 +349,28 @@ class PrincipalService:
                     )
                 ],
             )
+        return principal
+
+    def set_rate_limit(
+        self,
+        session: Session,
+        actor: Caller,
+        principal_id: uuid.UUID,
+        limit: tuple[int, int] | None,
+        ctx: RequestContext,
+    ) -> Principal:
+        """Set a principal's own request rate (rps, burst), or None for the vault's defaults.
+        Effective at once on every replica: it is read with the key on each request."""
+        principal = self.get(session, principal_id)
+        rps, burst = limit if limit is not None else (None, None)
+        if rps is not None and burst is not None and burst < rps:
+            raise InvalidInput("burst must be at least rps", field="burst")
+        principal.rate_limit_rps, principal.rate_limit_burst = rps, burst
+        # Which limit was set is on the principal; the event says who set it, when and for whom.
+        self._auditor.record(
+            session,
+            [build_event("SetRateLimit", "allowed", ctx, actor, Subject(target_id=str(principal.id)))],
+        )
         return principal
 
     def require_role(self, caller: Caller, roles: Collection[Role], action: str, ctx: RequestContext) -> None:

@@ -172,7 +172,13 @@ class TokenService:
         tokens: Sequence[str] = (),
     ) -> tuple[Caller, list[OperationGrant], dict[str, RecordRow]]:
         """Authenticate, and read the caller's grants naming any of `operations` (and the records
-        asked for): one round trip. grant_set() picks one operation's grants."""
+        asked for): one round trip. grant_set() picks one operation's grants. A source blocked for
+        failed authentications is refused before any lookup."""
+        screened = self._principals.screen(ctx)
+        if screened is not None:
+            refused, event = screened
+            await self._auditor.record_denials([event] if event else [])
+            raise refused
         key = parse_api_key(presented)
         access = await self._store.access(key.key_id, operations, tokens) if key else None
         found = access.credentials if access else None

@@ -33,6 +33,9 @@ class KeyCredentials:
     principal_name: str
     role: str
     principal_disabled_at: datetime | None
+    # The principal's own rate limit, if an admin set one (else the vault's defaults).
+    rate_limit_rps: int | None = None
+    rate_limit_burst: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,7 @@ class EventRow:
     kms_request_id: str | None
     key_version: int | None = None
     event_mac: bytes | None = None
+    repeat_count: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +122,7 @@ _record_values = attrgetter(*RECORD_COLUMNS)
 _EVENT_TYPES = (
     "uuid", "timestamptz", "varchar", "uuid", "varchar", "varchar", "varchar", "varchar", "varchar",
     "varchar", "varchar", "varchar", "uuid", "varchar", "varchar", "varchar", "varchar", "varchar",
-    "smallint", "bytea",
+    "smallint", "bytea", "integer",
 )  # fmt: skip
 _RECORD_TYPES = (
     "varchar", "varchar", "varchar", "smallint", "bytea", "bytea", "varchar", "uuid", "timestamptz",
@@ -155,7 +159,7 @@ _INSERT_ONE_RECORD_AND_EVENT = (
 _RECORD_OF_R = ", ".join("r." + column for column in RECORD_COLUMNS)
 _ACCESS = f"""
 SELECT k.secret_hash, k.revoked_at AS key_revoked_at, p.id AS principal_id, p.name AS principal_name,
-       p.role, p.disabled_at AS principal_disabled_at,
+       p.role, p.disabled_at AS principal_disabled_at, p.rate_limit_rps, p.rate_limit_burst,
        g.id AS grant_id, g.constraint_kind, g.constraint_context, g.expires_at AS grant_expires_at,
        g.revoked_at AS grant_revoked_at, g.retired_at AS grant_retired_at, g.reveal,
        g.awaiting_approval, g.operations AS grant_operations,
@@ -273,6 +277,8 @@ class DataPathRepository:
             principal_name=first.principal_name,
             role=first.role,
             principal_disabled_at=first.principal_disabled_at,
+            rate_limit_rps=first.rate_limit_rps,
+            rate_limit_burst=first.rate_limit_burst,
         )
         grants = [
             GrantTerms(

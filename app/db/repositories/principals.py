@@ -63,6 +63,8 @@ class ApiKeyRepository:
                 Principal.name,
                 Principal.role,
                 Principal.disabled_at,
+                Principal.rate_limit_rps,
+                Principal.rate_limit_burst,
             )
             .join(Principal, Principal.id == ApiKey.principal_id)
             .where(ApiKey.id == key_id)

@@ -56,6 +56,7 @@ def build_event(
     caller: Caller | None,
     subject: Subject = Subject(),
     reason: str | None = None,
+    repeat_count: int | None = None,
 ) -> EventRow:
     return EventRow(
         event_id=new_event_id(),
@@ -76,6 +77,7 @@ def build_event(
         source_ip=_bounded(ctx.source_ip, 64),
         user_agent=_bounded(ctx.user_agent, 512),
         kms_request_id=subject.kms_request_id,
+        repeat_count=repeat_count,
     )
 
 
@@ -108,6 +110,12 @@ def event_mac(key: bytes, event: EventRow | AuditEvent | Any) -> bytes:
             raw = value.astimezone(UTC).isoformat().encode()
         else:
             raw = str(value).encode()
+        chunks += (_length(len(raw) + 1), b"\x00", raw)
+    # A later field, covered only when set: every MAC written before it existed still verifies,
+    # and a count added, changed or removed afterwards does not (the message has one part more).
+    repeat_count = getattr(event, "repeat_count", None)
+    if repeat_count is not None:
+        raw = str(repeat_count).encode()
         chunks += (_length(len(raw) + 1), b"\x00", raw)
     return hmac.digest(key, b"".join(chunks), "sha256")
 

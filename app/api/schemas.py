@@ -132,6 +132,7 @@ _PRINCIPAL_OUT = {
     "created_at": _TIME,
     "disabled_at": None,
     "keys": [_KEY_OUT],
+    "rate_limit": None,
 }
 
 
@@ -170,8 +171,12 @@ class RateLimitSet(Strict):
         "(PIIVAULT_RATE_LIMIT_RPS, PIIVAULT_RATE_LIMIT_BURST)."
     )
 
+    model_config = ConfigDict(extra="forbid", **examples({"rate_limit": {"rps": 50, "burst": 100}}))
+
 
 class RateLimitOut(BaseModel):
+    model_config = examples({"rps": 50, "burst": 100})
+
     rps: int
     burst: int
 

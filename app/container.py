@@ -12,6 +12,7 @@ from app.db.session import Database
 from app.services.alerts import Alerter, Webhook
 from app.services.audit import AuditKeyring, Auditor
 from app.services.grants import GrantService
+from app.services.idempotency import IdempotencyService
 from app.services.keys import KeyRotation, allow_list_of
 from app.services.principals import PrincipalService
 from app.services.tokens import TokenService
@@ -30,6 +31,7 @@ class Vault:
     grants: GrantService
     tokens: TokenService
     rotation: KeyRotation
+    idempotency: IdempotencyService
 
     def close(self) -> None:
         self.auditor.close()
@@ -79,7 +81,10 @@ def build_vault(
         keys, default_mirror = build_key_provider(settings)
         mirror = mirror or default_mirror
     webhook = Webhook(settings.alert_webhook_url) if settings.alert_webhook_url else None
-    auditor = Auditor(database, AuditKeyring(database, keys), Alerter(webhook))
+    keyring = AuditKeyring(database, keys)
+    auditor = Auditor(database, keyring, Alerter(webhook))
+    # Its body MACs use a key derived from the audit key: one keyring, one unwrap per process.
+    idempotency = IdempotencyService(database, keyring, lease_s=settings.idempotency_lease_s)
     principals = PrincipalService(auditor)
     grants = GrantService(database, auditor, principals, mirror or NoGrantMirror())
     tokens = TokenService(
@@ -89,6 +94,7 @@ def build_vault(
         auditor=auditor,
         max_value_bytes=settings.max_value_bytes,
         require_access_reason=settings.require_access_reason,
+        idempotency=idempotency,
     )
     rotation = KeyRotation(database, auditor, keys, allow_list_of(keys))
-    return Vault(settings, database, keys, auditor, principals, grants, tokens, rotation)
+    return Vault(settings, database, keys, auditor, principals, grants, tokens, rotation, idempotency)

@@ -144,6 +144,12 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         if settings.grant_sweep_interval_s > 0:
             sweep = partial(vault.grants.sweep, RequestContext(request_id="grant-sweep"))
             background.append(_every(settings.grant_sweep_interval_s, sweep, stop, "grant-sweep"))
+        if settings.idempotency_sweep_interval_s > 0:
+            background.append(
+                _every(
+                    settings.idempotency_sweep_interval_s, vault.idempotency.sweep, stop, "idempotency-sweep"
+                )
+            )
         if settings.audit_seal_interval_s > 0:
             background.append(_every(settings.audit_seal_interval_s, vault.auditor.seal, stop, "audit-seal"))
         try:

@@ -17,3 +17,7 @@ DENIALS = Counter(
 AUDIT_EVENTS = Counter("piivault_audit_events_total", "Audit events committed", ["action", "outcome"])
 ALERTS_DROPPED = Counter("piivault_alert_webhook_dropped_total", "Alerts the webhook could not take")
 ALERTS_FAILED = Counter("piivault_alert_webhook_failed_total", "Alerts not delivered after every retry")
+# Answers sent again for a repeated Idempotency-Key, by route (a fixed set of paths).
+IDEMPOTENT_REPLAYS = Counter(
+    "piivault_idempotent_replays_total", "Stored answers replayed for a repeated Idempotency-Key", ["path"]
+)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, status
 
 from app.access import EQUALS, SUBSET
 from app.api.deps import AdminDep, CallerDep, ContextDep, KnownQueryOnly, SessionDep, VaultDep
+from app.api.idempotency import IdempotencyDep, run_idempotent
 from app.api.paging import CursorParam, Limit, decode_cursor, split_page
 from app.api.schemas import ErrorResponse, GrantCreate, GrantList, GrantOut, Text
 from app.db.models import Grant
@@ -50,7 +51,12 @@ def grant_out(grant: Grant) -> GrantOut:
     responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
 def create_grant(
-    body: GrantCreate, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
+    body: GrantCreate,
+    vault: VaultDep,
+    session: SessionDep,
+    admin: AdminDep,
+    ctx: ContextDep,
+    keyed: IdempotencyDep,
 ) -> GrantOut:
     """Allow a service principal to Encrypt (tokenize) and/or Decrypt (detokenize) records whose
     encryption context matches the constraints. Mirrored as a KMS grant when mirroring is on."""
@@ -70,10 +76,15 @@ def create_grant(
         expires_at=body.expires_at,
         name=body.name,
     )
-    grant = vault.grants.create(session, admin, request, ctx)
-    session.flush()
-    session.refresh(grant)
-    return grant_out(grant)
+
+    def create() -> GrantOut:
+        grant = vault.grants.create(session, admin, request, ctx)
+        session.flush()
+        session.refresh(grant)
+        return grant_out(grant)
+
+    # With an Idempotency-Key, a retry gets this grant again: no second grant, no second KMS mirror.
+    return run_idempotent(vault, session, admin, keyed, body, status.HTTP_201_CREATED, create)
 
 
 @router.get("", name="ListGrants", responses={422: {"model": ErrorResponse}})

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from app.api.deps import VaultDep
+from app.api.schemas import LimitsOut
 from app.container import Vault
 from app.errors import VaultError
 
@@ -55,6 +56,14 @@ def readyz(vault: VaultDep, request: Request) -> dict[str, str]:
     readiness: Readiness = request.app.state.readiness
     readiness.check(vault)
     return {"status": "ready", "database": "ok", "key_service": "ok"}
+
+
+@router.get("/v1/limits", name="Limits")
+async def limits(vault: VaultDep) -> LimitsOut:
+    """The batch and value bounds this vault enforces (not secret: no key needed)."""
+    return LimitsOut(
+        max_batch_items=vault.settings.max_batch_items, max_value_bytes=vault.settings.max_value_bytes
+    )
 
 
 @router.get("/metrics", name="Metrics", include_in_schema=False)

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, status
 
 from app.api.deps import AdminDep, CallerDep, ContextDep, KnownQueryOnly, SessionDep, VaultDep
+from app.api.idempotency import IdempotencyDep, run_idempotent
 from app.api.paging import CursorParam, Limit, decode_cursor, split_page
 from app.api.schemas import (
     ApiKeyCreated,
@@ -49,13 +50,28 @@ def principal_out(principal: Principal, keys: Sequence[ApiKey] = ()) -> Principa
     responses={409: {"model": ErrorResponse, "description": "the name is taken"}},
 )
 def create_principal(
-    body: PrincipalCreate, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
+    body: PrincipalCreate,
+    vault: VaultDep,
+    session: SessionDep,
+    admin: AdminDep,
+    ctx: ContextDep,
+    keyed: IdempotencyDep,
 ) -> PrincipalCreated:
-    """Register a caller. Its API key is in this response only; it is stored hashed."""
-    principal, issued = vault.principals.create(session, admin, body.name, body.role, ctx)
-    keys = vault.principals.keys_of(session, principal.id)
-    out = principal_out(principal, keys)
-    return PrincipalCreated(**out.model_dump(), key_id=issued.key_id, api_key=issued.secret_key)
+    """Register a caller. Its API key is in this response only; it is stored hashed. With an
+    Idempotency-Key, a retry gets the principal again with `"api_key": null` (the key was shown
+    once; mint another with POST /v1/principals/{id}/keys)."""
+
+    def create() -> PrincipalCreated:
+        principal, issued = vault.principals.create(session, admin, body.name, body.role, ctx)
+        keys = vault.principals.keys_of(session, principal.id)
+        out = principal_out(principal, keys)
+        return PrincipalCreated(**out.model_dump(), key_id=issued.key_id, api_key=issued.secret_key)
+
+    # The stored answer never holds the API key.
+    return run_idempotent(
+        vault, session, admin, keyed, body, status.HTTP_201_CREATED, create,
+        stored=lambda created: created.model_copy(update={"api_key": None}),
+    )  # fmt: skip
 
 
 @router.get("", name="ListPrincipals", responses={422: {"model": ErrorResponse}})

@@ -113,7 +113,11 @@ class PrincipalOut(BaseModel):
 
 class PrincipalCreated(PrincipalOut):
     key_id: str
-    api_key: str = Field(repr=False, description="Shown this once; store it in your secret manager.")
+    api_key: str | None = Field(
+        repr=False,
+        description="Shown this once; store it in your secret manager. null in an Idempotency-Key "
+        "replay: mint another with POST /v1/principals/{id}/keys.",
+    )
 
 
 class ApiKeyCreated(BaseModel):
@@ -320,3 +324,10 @@ class KeyUsageOut(BaseModel):
 
 class KeyList(BaseModel):
     keys: list[KeyUsageOut]
+
+
+class LimitsOut(BaseModel):
+    """The server's bounds, for clients that split batches and check values before sending."""
+
+    max_batch_items: int = Field(description="Most items in one batch (tokenize or detokenize).")
+    max_value_bytes: int = Field(description="Largest value, in UTF-8 bytes.")

@@ -10,8 +10,8 @@ import time
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
-from app.api.deps import VaultDep
-from app.api.schemas import LimitsOut
+from app.api.deps import CallerDep, VaultDep
+from app.api.schemas import ErrorResponse, LimitsOut
 from app.container import Vault
 from app.errors import VaultError
 
@@ -58,9 +58,10 @@ def readyz(vault: VaultDep, request: Request) -> dict[str, str]:
     return {"status": "ready", "database": "ok", "key_service": "ok"}
 
 
-@router.get("/v1/limits", name="Limits")
-async def limits(vault: VaultDep) -> LimitsOut:
-    """The batch and value bounds this vault enforces (not secret: no key needed)."""
+@router.get("/v1/limits", name="Limits", responses={401: {"model": ErrorResponse}})
+def limits(vault: VaultDep, caller: CallerDep) -> LimitsOut:
+    """The batch and value bounds this vault enforces (any authenticated caller): clients split
+    batches at max_batch_items."""
     return LimitsOut(
         max_batch_items=vault.settings.max_batch_items, max_value_bytes=vault.settings.max_value_bytes
     )

@@ -48,7 +48,11 @@ def grant_out(grant: Grant) -> GrantOut:
     "",
     status_code=status.HTTP_201_CREATED,
     name="CreateGrant",
-    responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={
+        409: {"model": ErrorResponse, "description": "idempotency_in_flight: retry after Retry-After"},
+        422: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    },
 )
 def create_grant(
     body: GrantCreate,

@@ -315,3 +315,27 @@ def test_erasure_can_purge_the_entries_naming_a_token(
         assert vault.idempotency.purge_for_tokens(session, [one, erased_from_batch]) == 2
     rows = db.execute("SELECT key, tokens FROM idempotency_keys").fetchall()
     assert [(row[0], row[1]) for row in rows] == [("c", [kept])]
+
+
+def test_a_key_costs_one_round_trip_and_none_without_it(
+    client: TestClient, actors: Actors, vault: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim is the one extra statement; the answer rides in the statement that writes the
+    records and their events. Without the header, nothing is added."""
+    client.post("/v1/tokens", json=LICENCE, headers=bearer(actors.onboarding))  # warm: audit key loaded
+    taken: list[int] = []
+    inner = vault.database.data_connection
+
+    def counted() -> Any:
+        taken.append(1)
+        return inner()
+
+    monkeypatch.setattr(vault.database, "data_connection", counted)
+    for path, body in (("/v1/tokens", LICENCE), ("/v1/tokens/batch", {"items": [LICENCE, LICENCE]})):
+        taken.clear()
+        assert client.post(path, json=body, headers=bearer(actors.onboarding)).status_code in (200, 201)
+        plain = len(taken)
+        taken.clear()
+        keyed_response = client.post(path, json=body, headers=keyed(f"cost{path}", actors.onboarding))
+        assert keyed_response.status_code in (200, 201)
+        assert len(taken) == plain + 1, (path, plain, len(taken))

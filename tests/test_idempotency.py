@@ -15,10 +15,12 @@ from fastapi.testclient import TestClient
 from app.api.schemas import TokenizeRequest
 from app.container import Vault
 from app.crypto.keys import DataKey, EncryptionContext
+from app.db.repositories.idempotency import IdempotencyRepository
+from app.db.session import Database
 from app.errors import IdempotencyInFlight, KeyServiceUnavailable
 from app.metrics import IDEMPOTENT_REPLAYS
 from app.services.idempotency import Answer, IdempotentRequest
-from tests.conftest import Actors, assert_error, bearer, create_principal
+from tests.conftest import Actors, LoopThread, assert_error, bearer, create_principal
 
 LICENCE = {"customer_id": "12345", "data_type": "DriverLicense", "value": "D1234-56789-01234"}
 
@@ -339,3 +341,23 @@ def test_a_key_costs_one_round_trip_and_none_without_it(
         keyed_response = client.post(path, json=body, headers=keyed(f"cost{path}", actors.onboarding))
         assert keyed_response.status_code in (200, 201)
         assert len(taken) == plain + 1, (path, plain, len(taken))
+
+
+def test_purge_for_tokens_on_the_data_path(
+    client: TestClient,
+    actors: Actors,
+    db: psycopg.Connection[Any],
+    database_url: str,
+    loop_thread: LoopThread,
+) -> None:
+    token = client.post("/v1/tokens", json=LICENCE, headers=keyed("async", actors.onboarding)).json()["token"]
+    client.post("/v1/tokens", json=LICENCE, headers=keyed("kept", actors.onboarding))
+    database = Database(database_url)
+    try:
+        repository = IdempotencyRepository(database)
+        assert loop_thread.run(repository.purge_for_tokens_async([token])) == 1
+        assert loop_thread.run(repository.purge_for_tokens_async([])) == 0
+        loop_thread.run(database.close_data_path())
+    finally:
+        database.dispose()
+    assert [row[0] for row in db.execute("SELECT key FROM idempotency_keys").fetchall()] == ["kept"]

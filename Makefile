@@ -27,7 +27,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy app tests
+	$(BIN)/mypy app piivault tests
 
 format: install
 	$(BIN)/ruff format .

@@ -17,6 +17,7 @@ from app.services.context import RequestContext
 from app.services.data_types import DataTypeService
 from app.services.erasure import ErasureService, ReportService
 from app.services.grants import GrantService
+from app.services.idempotency import IdempotencyService
 from app.services.keys import KeyRotation, allow_list_of
 from app.services.limits import Counters, FailedAuthentications, PrincipalLimits
 from app.services.principals import PrincipalService
@@ -48,6 +49,7 @@ class Vault:
     erasure: ErasureService
     reports: ReportService
     retention: RetentionSweeper
+    idempotency: IdempotencyService
 
     def close(self) -> None:
         self.auditor.close()
@@ -99,7 +101,10 @@ def build_vault(
         keys, default_mirror = build_key_provider(settings)
         mirror = mirror or default_mirror
     webhook = Webhook(settings.alert_webhook_url) if settings.alert_webhook_url else None
-    auditor = Auditor(database, AuditKeyring(database, keys), Alerter(webhook))
+    keyring = AuditKeyring(database, keys)
+    auditor = Auditor(database, keyring, Alerter(webhook))
+    # Its body MACs use a key derived from the audit key: one keyring, one unwrap per process.
+    idempotency = IdempotencyService(database, keyring, lease_s=settings.idempotency_lease_s)
     queue = ApprovalQueue(
         auditor, enabled=settings.dual_control_on, ttl=timedelta(seconds=settings.approval_ttl_s)
     )
@@ -125,6 +130,7 @@ def build_vault(
         data_types=data_types,
         max_value_bytes=settings.max_value_bytes,
         require_access_reason=settings.require_access_reason,
+        idempotency=idempotency,
     )
     rotation = KeyRotation(database, auditor, keys, allow_list_of(keys))
     erasure = ErasureService(
@@ -149,4 +155,5 @@ def build_vault(
         erasure,
         ReportService(auditor),
         retention,
+        idempotency,
     )

@@ -178,6 +178,22 @@ class NotPending(Conflict):
     default_message = "the request is no longer pending"
 
 
+class IdempotencyKeyReused(InvalidInput):
+    """The Idempotency-Key was already used with another body (for this caller, method and path)."""
+
+    code = "idempotency_key_reused"
+    default_message = "this Idempotency-Key was used with a different request body; use a new key"
+
+
+class IdempotencyInFlight(Conflict):
+    """The first request with this Idempotency-Key has not answered yet: retry shortly (409 with
+    Retry-After). Its lease expires, so a request that crashed does not block its key for long."""
+
+    code = "idempotency_in_flight"
+    default_message = "a request with this Idempotency-Key is still in progress; retry shortly"
+    retryable = True
+
+
 class DependencyUnavailable(VaultError):
     """A dependency is down for now; the caller should retry later (503 with Retry-After)."""
 

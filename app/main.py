@@ -162,6 +162,17 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
             background.append(
                 _every(settings.grant_sweep_interval_s, sweep, stop, "grant-sweep", grant_swept)
             )
+        if settings.idempotency_sweep_interval_s > 0:
+            idempotency_swept = partial(metrics.sweeper_ran, "idempotency")
+            background.append(
+                _every(
+                    settings.idempotency_sweep_interval_s,
+                    vault.idempotency.sweep,
+                    stop,
+                    "idempotency-sweep",
+                    idempotency_swept,
+                )
+            )
         if settings.audit_seal_interval_s > 0:
             lag_checked = [0.0]
 

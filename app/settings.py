@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     erasure_batch_size: int = Field(default=500, ge=1, le=10000)
     # How often a replica chains new audit events (one sealer at a time runs, cluster-wide).
     audit_seal_interval_s: float = Field(default=0.5, ge=0)
+    # An Idempotency-Key's in-flight lease: a request holding it longer (a crashed one) loses the
+    # key to the next request with the same body. Longer than the slowest request must be.
+    idempotency_lease_s: float = Field(default=120.0, ge=5, le=3600)
+    # How often a replica deletes Idempotency-Key entries older than 24 hours (0: never).
+    idempotency_sweep_interval_s: float = Field(default=300.0, ge=0)
     retry_after_s: int = Field(default=5, ge=1, le=3600)
     # /readyz checks the database and KMS at most this often per process and answers from the last
     # check in between, so probes (or anyone) polling it cannot multiply KMS calls; 0: every time.

@@ -51,8 +51,16 @@ GRANTEE_ARN = "arn:aws:iam::123456789012:role/piivault"
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Referrers before the tables they refer to (the order `db` empties them in).
 TABLES = (
-    "audit_events", "audit_chain", "audit_keys", "records", "grants", "approvals", "api_keys", "principals",
-)  # fmt: skip
+    "idempotency_keys",
+    "audit_events",
+    "audit_chain",
+    "audit_keys",
+    "records",
+    "grants",
+    "approvals",
+    "api_keys",
+    "principals",
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:

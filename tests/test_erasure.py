@@ -448,3 +448,26 @@ def test_a_rewrap_leaves_tombstones_alone_and_every_live_record_readable(
     assert_error(client_b.get(f"/v1/tokens/{gone}", headers=bearer(actors.kyc)), 410, "erased")
     counted = client_b.get("/v1/keys", headers=bearer(actors.admin)).json()["keys"]
     assert sum(k["records"] for k in counted) == 3
+
+
+def test_erasure_purges_the_records_idempotency_entries(
+    client: TestClient, actors: Actors, db: psycopg.Connection[Any]
+) -> None:
+    erasing = eraser(client, actors)
+    body = {"customer_id": "12345", "data_type": "DriverLicense", "value": LICENCE}
+    keyed = {**bearer(actors.onboarding), "Idempotency-Key": "onboarding-7"}
+    token = client.post("/v1/tokens", json=body, headers=keyed).json()["token"]
+    other = client.post(
+        "/v1/tokens", json={**body, "customer_id": "67890"}, headers={**keyed, "Idempotency-Key": "o-8"}
+    ).json()["token"]
+    assert db.execute("SELECT count(*) FROM idempotency_keys").fetchone() == (2,)
+
+    assert client.delete(f"/v1/tokens/{token}", headers=bearer(erasing)).status_code == 204
+
+    # The erased record's stored answer is gone (it named the token, customer and data type);
+    # the other record's stays, and its key still replays.
+    assert db.execute("SELECT tokens FROM idempotency_keys").fetchall() == [([other],)]
+    replay = client.post(
+        "/v1/tokens", json={**body, "customer_id": "67890"}, headers={**keyed, "Idempotency-Key": "o-8"}
+    )
+    assert replay.headers["Idempotent-Replayed"] == "true" and replay.json()["token"] == other

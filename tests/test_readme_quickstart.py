@@ -28,9 +28,10 @@ def free_port() -> int:
         return port
 
 
-def readme_script(name: str = "quickstart") -> str:
+def readme_script(name: str = "quickstart", language: str = "sh") -> str:
     readme = (ROOT / "README.md").read_text()
-    block = re.search(rf"<!-- {name}:begin -->\s*```sh\n(.*?)```\s*<!-- {name}:end -->", readme, re.S)
+    pattern = rf"<!-- {name}:begin -->\s*```{language}\n(.*?)```\s*<!-- {name}:end -->"
+    block = re.search(pattern, readme, re.S)
     assert block, f"README.md has no {name} block"
     return block.group(1)
 
@@ -39,9 +40,13 @@ def quickstart_script() -> str:
     return readme_script("quickstart")
 
 
-@pytest.fixture
-def embedded_vault(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """The vault as `make run` starts it; an indirect parameter adds settings to its environment."""
+@pytest.fixture(scope="module")
+def embedded_vault(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """The vault as `make run` starts it, for the module (both quickstarts); an indirect parameter
+    adds settings to its environment (a vault of its own)."""
+    tmp_path = tmp_path_factory.mktemp("embedded-vault")
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PIIVAULT_", "AWS_"))}
     env.update({"PIIVAULT_ENVIRONMENT": "development", "PIIVAULT_DATA_DIR": str(tmp_path / "data")})
@@ -74,9 +79,10 @@ def embedded_vault(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[t
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the quickstart uses curl")
 def test_make_run_default_serves_and_the_readme_quickstart_works(
-    embedded_vault: tuple[str, dict[str, str]], tmp_path: Path
+    embedded_vault: tuple[str, dict[str, str]],
 ) -> None:
     base, env = embedded_vault
+    tmp_path = Path(env["PIIVAULT_DATA_DIR"]).parent
     assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{base}/readyz").status_code == 200
     serve_log = (tmp_path / "serve.log").read_text()
@@ -116,6 +122,27 @@ def test_make_run_default_serves_and_the_readme_quickstart_works(
         assert isinstance(json.loads(line), dict), line
         assert "D1234-56789-01234" not in line
         assert not [key for key in api_keys if key in line]
+
+
+def test_the_readme_python_quickstart_works(
+    embedded_vault: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    base, env = embedded_vault
+    script = tmp_path / "quickstart.py"
+    script.write_text(readme_script("quickstart-python", "python"))
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env={**env, "VAULT": base},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("token: tok_")
+    assert lines[1] == "value: D1234-56789-01234"
+    assert lines[2] == "refused: 403 grant_required"
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the flow uses curl")

@@ -12,6 +12,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
 from app.access import ADMINS, AUDIT_READERS
+from app.api.idempotency import IdempotencyKeyHeader, KeyedRoute, keyed_route
 from app.api.schemas import Text
 from app.container import Vault
 from app.errors import InvalidInput
@@ -86,6 +87,8 @@ class DataCall:
     tokens: TokenService
     presented: str | None
     ctx: RequestContext
+    # The Idempotency-Key, on the routes that take one (tokenize).
+    keyed: KeyedRoute | None = None
 
 
 async def get_data_call(request: Request, access_reason: AccessReasonHeader = None) -> DataCall:
@@ -93,6 +96,17 @@ async def get_data_call(request: Request, access_reason: AccessReasonHeader = No
 
 
 DataCallDep = Annotated[DataCall, Depends(get_data_call)]
+
+
+async def get_keyed_data_call(
+    request: Request, access_reason: AccessReasonHeader = None, idempotency_key: IdempotencyKeyHeader = None
+) -> DataCall:
+    """get_data_call, and the Idempotency-Key (still one dependency: the hot path pays per one)."""
+    keyed = keyed_route(request, idempotency_key)
+    return DataCall(request.app.state.vault.tokens, _bearer(request), _context(request, access_reason), keyed)
+
+
+KeyedDataCallDep = Annotated[DataCall, Depends(get_keyed_data_call)]
 
 
 def require_admin(vault: VaultDep, caller: CallerDep, ctx: ContextDep, request: Request) -> Caller:

@@ -7,12 +7,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from app import errors
 from app.api.middleware import SECURITY_HEADERS
+from app.services.idempotency import Replay
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ STATUS: list[tuple[type[errors.VaultError], int]] = [
     (errors.Misconfigured, 503),
     (errors.IntegrityFailure, 500),
 ]
+REPLAYED_HEADER = "Idempotent-Replayed"
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
@@ -104,6 +106,14 @@ def install(app: FastAPI) -> None:
         elif exc.retryable:
             headers = {"Retry-After": str(request.app.state.vault.settings.retry_after_s)}
         return _respond(request, status, error_body(exc), headers)
+
+    @app.exception_handler(Replay)
+    async def replay(request: Request, exc: Replay) -> Response:
+        # Not an error: an Idempotency-Key's first answer, sent again as it was stored.
+        answer = exc.answer
+        return Response(
+            answer.body, answer.status, headers={REPLAYED_HEADER: "true"}, media_type="application/json"
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, status
 
 from app.access import EQUALS, SUBSET
 from app.api.deps import AdminDep, CallerDep, ContextDep, KnownQueryOnly, SessionDep, VaultDep
+from app.api.idempotency import IDEMPOTENCY_409, REPLAYED_HEADER, IdempotencyDep, run_idempotent
 from app.api.openapi import AUTHENTICATED, documented
 from app.api.paging import CursorParam, Limit, decode_cursor, split_page
 from app.api.schemas import GrantCreate, GrantList, GrantOut, Text
@@ -52,13 +53,20 @@ def grant_out(grant: Grant) -> GrantOut:
     name="CreateGrant",
     **documented(
         "createGrant",
-        "Grant a service principal Encrypt and/or Decrypt",
-        errors=(*AUTHENTICATED, 413),
+        "Grant a service principal Encrypt, Decrypt and/or Erase",
+        errors=(*AUTHENTICATED, 409, 413),
+        descriptions=IDEMPOTENCY_409,
         status=201,
+        headers=REPLAYED_HEADER,
     ),
 )
 def create_grant(
-    body: GrantCreate, vault: VaultDep, session: SessionDep, admin: AdminDep, ctx: ContextDep
+    body: GrantCreate,
+    vault: VaultDep,
+    session: SessionDep,
+    admin: AdminDep,
+    ctx: ContextDep,
+    keyed: IdempotencyDep,
 ) -> GrantOut:
     """Allow a service principal to Encrypt (tokenize) and/or Decrypt (detokenize) records whose
     encryption context matches the constraints. Mirrored as a KMS grant when mirroring is on.
@@ -81,10 +89,15 @@ def create_grant(
         name=body.name,
         reveal=body.reveal,
     )
-    grant = vault.grants.create(session, admin, request, ctx)
-    session.flush()
-    session.refresh(grant)
-    return grant_out(grant)
+
+    def create() -> GrantOut:
+        grant = vault.grants.create(session, admin, request, ctx)
+        session.flush()
+        session.refresh(grant)
+        return grant_out(grant)
+
+    # With an Idempotency-Key, a retry gets this grant again: no second grant, no second KMS mirror.
+    return run_idempotent(vault, session, admin, keyed, body, status.HTTP_201_CREATED, create)
 
 
 @router.get("", name="ListGrants", **documented("listGrants", "List grants", errors=AUTHENTICATED))

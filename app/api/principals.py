@@ -10,6 +10,7 @@ from fastapi import APIRouter, Path, Response, status
 
 from app.api.approvals import approval_out
 from app.api.deps import AdminDep, CallerDep, ContextDep, KnownQueryOnly, SessionDep, VaultDep
+from app.api.idempotency import REPLAYED_HEADER, IdempotencyDep, run_idempotent
 from app.api.openapi import AUTHENTICATED, documented
 from app.api.paging import CursorParam, Limit, decode_cursor, split_page
 from app.api.schemas import (
@@ -76,9 +77,13 @@ def waits(route: dict[str, Any]) -> dict[str, Any]:
             "createPrincipal",
             "Register a caller and get its first API key",
             errors=(*AUTHENTICATED, 409, 413),
-            descriptions={409: "A principal with this name exists."},
+            descriptions={
+                409: "A principal with this name exists; or (idempotency_in_flight) the first request "
+                "with this Idempotency-Key has not answered yet: retry after Retry-After."
+            },
             status=201,
             example=PRINCIPAL_CREATED_EXAMPLE,
+            headers=REPLAYED_HEADER,
         )
     ),
 )
@@ -89,17 +94,32 @@ def create_principal(
     admin: AdminDep,
     ctx: ContextDep,
     response: Response,
+    keyed: IdempotencyDep,
 ) -> PrincipalCreated | ApprovalOut:
     """Register a caller. Its API key is in this response only; it is stored hashed. Under dual
-    control an admin is not created here: 202 with the request a second admin must approve."""
-    created = vault.principals.create(session, admin, body.name, body.role, ctx)
-    if isinstance(created, Approval):
-        response.status_code = status.HTTP_202_ACCEPTED
-        return approval_out(created)
-    principal, issued = created
-    keys = vault.principals.keys_of(session, principal.id)
-    out = principal_out(principal, keys)
-    return PrincipalCreated(**out.model_dump(), key_id=issued.key_id, api_key=issued.secret_key)
+    control an admin is not created here: 202 with the request a second admin must approve. With
+    an Idempotency-Key, a retry gets the principal again with `"api_key": null` (the key was shown
+    once; mint another with POST /v1/principals/{id}/keys)."""
+
+    def create() -> PrincipalCreated | ApprovalOut:
+        created = vault.principals.create(session, admin, body.name, body.role, ctx)
+        if isinstance(created, Approval):
+            response.status_code = status.HTTP_202_ACCEPTED
+            return approval_out(created)
+        principal, issued = created
+        keys = vault.principals.keys_of(session, principal.id)
+        out = principal_out(principal, keys)
+        return PrincipalCreated(**out.model_dump(), key_id=issued.key_id, api_key=issued.secret_key)
+
+    def answered(result: PrincipalCreated | ApprovalOut) -> int:
+        return status.HTTP_202_ACCEPTED if isinstance(result, ApprovalOut) else status.HTTP_201_CREATED
+
+    # The stored answer never holds the API key.
+    return run_idempotent(
+        vault, session, admin, keyed, body, answered, create,
+        stored=lambda result: result.model_copy(update={"api_key": None})
+        if isinstance(result, PrincipalCreated) else result,
+    )  # fmt: skip
 
 
 @router.get(

@@ -197,7 +197,11 @@ class PrincipalOut(BaseModel):
 
 class PrincipalCreated(PrincipalOut):
     key_id: str
-    api_key: str = Field(repr=False, description="Shown this once; store it in your secret manager.")
+    api_key: str | None = Field(
+        repr=False,
+        description="Shown this once; store it in your secret manager. null in an Idempotency-Key "
+        "replay: mint another with POST /v1/principals/{id}/keys.",
+    )
 
     model_config = examples(PRINCIPAL_CREATED_EXAMPLE)
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
 from pydantic import ValidationError
 
-from app.api.deps import DataCallDep, VaultDep
+from app.api.deps import DataCallDep, KeyedDataCallDep, VaultDep
 from app.api.errors import error_body, validation_problem
+from app.api.idempotency import (
+    IDEMPOTENCY_409,
+    REPLAYED_HEADER,
+    error_answer,
+    idempotent_tokenize,
+    model_answer,
+)
 from app.api.openapi import AUTHENTICATED, documented
 from app.api.schemas import (
     BatchDetokenizeFailed,
@@ -28,6 +35,7 @@ from app.api.schemas import (
 from app.datatypes import Reveal
 from app.errors import DependencyUnavailable, InvalidInput, Misconfigured, PayloadTooLarge, VaultError
 from app.metrics import batch_items
+from app.services.idempotency import Answer
 from app.services.tokens import ItemError, Revealed, Tokenized, TokenizeItem
 
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
@@ -74,17 +82,7 @@ def whole_batch_failure(results: Sequence[Tokenized | Revealed | ItemError]) -> 
     return first if all(err.code == first.code for err in errors) else None
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_201_CREATED,
-    name="Tokenize",
-    **documented("tokenize", "Tokenize one value", errors=(*AUTHENTICATED, 413), status=201),
-)
-async def tokenize(body: TokenizeRequest, call: DataCallDep) -> TokenOut:
-    """Store a value and get its token. Needs an active Encrypt grant matching
-    {"customerID": customer_id, "dataType": data_type}."""
-    item = TokenizeItem(body.customer_id, body.data_type, body.value, body.expires_at)
-    result = await call.tokens.tokenize_one(presented=call.presented, item=item, ctx=call.ctx)
+def _token_out(result: Tokenized) -> TokenOut:
     return TokenOut(
         token=result.token,
         customer_id=result.customer_id,
@@ -94,23 +92,7 @@ async def tokenize(body: TokenizeRequest, call: DataCallDep) -> TokenOut:
     )
 
 
-@router.post(
-    "/batch",
-    name="TokenizeBatch",
-    response_model_exclude_none=True,
-    **documented("tokenizeBatch", "Tokenize many values", errors=_BATCH_ERRORS, descriptions=_BATCH_503),
-)
-async def tokenize_batch(
-    body: BatchTokenizeRequest, vault: VaultDep, call: DataCallDep
-) -> BatchTokenizeResponse:
-    """Tokenize many values; results come in request order, each a token or its own error, which
-    says whether it is retryable. When every item failed at the same dependency, 503 instead."""
-    _check_batch_size(len(body.items), vault.settings.max_batch_items, "items")
-    items = [_parse_item(index, raw) for index, raw in enumerate(body.items)]
-    results = await call.tokens.tokenize(presented=call.presented, items=items, ctx=call.ctx)
-    batch_items("tokenize", (r.error.code if isinstance(r, ItemError) else "ok" for r in results))
-    if (failure := whole_batch_failure(results)) is not None:
-        raise failure
+def _batch_out(results: Sequence[Tokenized | ItemError]) -> BatchTokenizeResponse:
     return BatchTokenizeResponse(
         results=[
             BatchTokenizeFailed(error=_item_error(r.error))
@@ -125,6 +107,85 @@ async def tokenize_batch(
             for r in results
         ]
     )
+
+
+def _one_answer(request_id: str | None) -> Callable[[Sequence[Tokenized | ItemError]], Answer | None]:
+    """How a tokenize's result is stored under its Idempotency-Key: as the route answers it."""
+
+    def render(results: Sequence[Tokenized | ItemError]) -> Answer | None:
+        (result,) = results
+        if isinstance(result, ItemError):
+            return error_answer(result.error, request_id)
+        return model_answer(status.HTTP_201_CREATED, _token_out(result), exclude_none=True)
+
+    return render
+
+
+def _batch_answer(request_id: str | None) -> Callable[[Sequence[Tokenized | ItemError]], Answer | None]:
+    def render(results: Sequence[Tokenized | ItemError]) -> Answer | None:
+        if (failure := whole_batch_failure(results)) is not None:
+            return error_answer(failure, request_id)
+        return model_answer(status.HTTP_200_OK, _batch_out(results), exclude_none=True)
+
+    return render
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    name="Tokenize",
+    response_model_exclude_none=True,
+    **documented(
+        "tokenize",
+        "Tokenize one value",
+        errors=(*AUTHENTICATED, 409, 413),
+        descriptions=IDEMPOTENCY_409,
+        status=201,
+        headers=REPLAYED_HEADER,
+    ),
+)
+async def tokenize(body: TokenizeRequest, call: KeyedDataCallDep) -> TokenOut:
+    """Store a value and get its token. Needs an active Encrypt grant matching
+    {"customerID": customer_id, "dataType": data_type}. With an Idempotency-Key, a retry gets the
+    first answer again and stores nothing."""
+    item = TokenizeItem(body.customer_id, body.data_type, body.value, body.expires_at)
+    keyed = call.keyed
+    idempotent = idempotent_tokenize(keyed, body, _one_answer(keyed.request_id if keyed else None))
+    result = await call.tokens.tokenize_one(
+        presented=call.presented, item=item, ctx=call.ctx, idempotent=idempotent
+    )
+    return _token_out(result)
+
+
+@router.post(
+    "/batch",
+    name="TokenizeBatch",
+    response_model_exclude_none=True,
+    **documented(
+        "tokenizeBatch",
+        "Tokenize many values",
+        errors=(*_BATCH_ERRORS, 409),
+        descriptions={**_BATCH_503, **IDEMPOTENCY_409},
+        headers=REPLAYED_HEADER,
+    ),
+)
+async def tokenize_batch(
+    body: BatchTokenizeRequest, vault: VaultDep, call: KeyedDataCallDep
+) -> BatchTokenizeResponse:
+    """Tokenize many values; results come in request order, each a token or its own error, which
+    says whether it is retryable. When every item failed at the same dependency, 503 instead.
+    With an Idempotency-Key, a retry gets the first answer again and stores nothing."""
+    _check_batch_size(len(body.items), vault.settings.max_batch_items, "items")
+    items = [_parse_item(index, raw) for index, raw in enumerate(body.items)]
+    keyed = call.keyed
+    idempotent = idempotent_tokenize(keyed, body, _batch_answer(keyed.request_id if keyed else None))
+    results = await call.tokens.tokenize(
+        presented=call.presented, items=items, ctx=call.ctx, idempotent=idempotent
+    )
+    batch_items("tokenize", (r.error.code if isinstance(r, ItemError) else "ok" for r in results))
+    if (failure := whole_batch_failure(results)) is not None:
+        raise failure
+    return _batch_out(results)
 
 
 @router.post(

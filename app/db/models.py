@@ -353,3 +353,32 @@ class AuditKey(Base):
 
     def __repr__(self) -> str:
         return f"AuditKey(version={self.version})"
+
+
+class IdempotencyKey(Base):
+    """An Idempotency-Key entry: claimed under a lease, then completed with the answer to replay.
+    The body is kept only as an HMAC under a vault key; the answer holds no plaintext and no API
+    key. No foreign key to principals, for the reason records.created_by has none."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        Index("ix_idempotency_keys_created_at", "created_at"),
+        Index("ix_idempotency_keys_tokens", "tokens", postgresql_using="gin"),
+    )
+
+    principal_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    method: Mapped[str] = mapped_column(String(8), primary_key=True)
+    path: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    body_mac: Mapped[bytes] = mapped_column(LargeBinary)
+    mac_key_version: Mapped[int] = mapped_column(SmallInteger)
+    lease_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    lease_expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    response_status: Mapped[int | None] = mapped_column(SmallInteger)
+    response_body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    tokens: Mapped[list[str]] = mapped_column(ARRAY(String(64)), server_default=text("'{}'"))
+
+    def __repr__(self) -> str:
+        return f"IdempotencyKey(method={self.method!r}, path={self.path!r})"

@@ -27,6 +27,7 @@ from app.db.session import Database
 from app.errors import (
     AccessReasonRequired,
     Denied,
+    IdempotencyInFlight,
     IntegrityFailure,
     InvalidInput,
     NotFound,
@@ -40,6 +41,7 @@ from app.errors import (
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, Operation, RequestContext, context_of, utcnow
 from app.services.data_types import DataTypeService
+from app.services.idempotency import Answer, IdempotencyService, IdempotentRequest, Lease
 from app.services.principals import PrincipalService, parse_api_key
 
 TOKEN_PREFIX = "tok_"  # noqa: S105 (a prefix, not a secret)
@@ -101,6 +103,15 @@ class ItemError:
     token: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class IdempotentTokenize:
+    """A tokenize carrying an Idempotency-Key: the request, and how its results become the answer
+    to store (None: an answer of 500 or more, never stored)."""
+
+    request: IdempotentRequest
+    render: Callable[[Sequence[Tokenized | ItemError]], Answer | None]
+
+
 class TokenService:
     def __init__(
         self,
@@ -113,7 +124,9 @@ class TokenService:
         max_value_bytes: int,
         require_access_reason: bool = False,
         key_concurrency: int = 32,
+        idempotency: IdempotencyService | None = None,
     ) -> None:
+        self._idempotency = idempotency
         self._require_access_reason = require_access_reason
         self._keys = keys
         self._store = DataPathRepository(database)
@@ -214,9 +227,33 @@ class TokenService:
         return item.expires_at
 
     async def tokenize(
-        self, *, presented: str | None, items: Sequence[TokenizeItem | VaultError], ctx: RequestContext
+        self,
+        *,
+        presented: str | None,
+        items: Sequence[TokenizeItem | VaultError],
+        ctx: RequestContext,
+        idempotent: IdempotentTokenize | None = None,
     ) -> list[Tokenized | ItemError]:
         caller, grants, _ = await self._admit(presented, "Encrypt", ctx)
+        if idempotent is None or self._idempotency is None:
+            return await self._tokenize(caller, grants, items, ctx)
+        # Claimed once the caller is known (the key is the caller's): a replay, a key in flight
+        # or reused with another body is answered here, before any grant check or KMS call.
+        lease = await self._idempotency.claim(caller.id, idempotent.request)
+        try:
+            return await self._tokenize(caller, grants, items, ctx, (idempotent, lease))
+        except BaseException:
+            await self._idempotency.release(lease)
+            raise
+
+    async def _tokenize(
+        self,
+        caller: Caller,
+        grants: GrantSet,
+        items: Sequence[TokenizeItem | VaultError],
+        ctx: RequestContext,
+        idempotent: tuple[IdempotentTokenize, Lease] | None = None,
+    ) -> list[Tokenized | ItemError]:
         registry = await self._types.registry()  # in process: no round trip (see DataTypeService)
         denials: list[EventRow] = []
         results: list[Tokenized | ItemError | None] = [None] * len(items)
@@ -300,14 +337,49 @@ class TokenService:
                 record.token, record.customer_id, record.data_type, record.created_at, record.expires_at
             )
         await self._auditor.record_denials(failures)
-        # The one commit: records and their events, one statement.
-        await self._auditor.record_with_records(records, events)
-        return [result for result in results if result is not None]
+        done = [result for result in results if result is not None]
+        if idempotent is None:
+            # The one commit: records and their events, one statement.
+            await self._auditor.record_with_records(records, events)
+            return done
+        await self._commit_with_answer(records, events, done, *idempotent)
+        return done
+
+    async def _commit_with_answer(
+        self,
+        records: Sequence[RecordRow],
+        events: Sequence[EventRow],
+        done: Sequence[Tokenized | ItemError],
+        idempotent: IdempotentTokenize,
+        lease: Lease,
+    ) -> None:
+        """The one commit with an Idempotency-Key: records, their events and the answer in one
+        statement, so a record never exists without its replayable answer."""
+        assert self._idempotency is not None  # noqa: S101 (a lease comes from it)
+        answer = idempotent.render(done)
+        if answer is None:  # 5xx: not stored, and the key runs afresh next time
+            await self._auditor.record_with_records(records, events)
+            await self._idempotency.release(lease)
+            return
+        tokens = [record.token for record in records]
+        if records:
+            stored = await self._auditor.record_with_records(
+                records, events, lease.completion(answer, tokens)
+            )
+            if not stored:  # the lease expired and another request took the key: nothing written
+                raise IdempotencyInFlight(field="Idempotency-Key")
+        else:
+            await self._idempotency.complete(lease, answer)
 
     async def tokenize_one(
-        self, *, presented: str | None, item: TokenizeItem, ctx: RequestContext
+        self,
+        *,
+        presented: str | None,
+        item: TokenizeItem,
+        ctx: RequestContext,
+        idempotent: IdempotentTokenize | None = None,
     ) -> Tokenized:
-        (result,) = await self.tokenize(presented=presented, items=[item], ctx=ctx)
+        (result,) = await self.tokenize(presented=presented, items=[item], ctx=ctx, idempotent=idempotent)
         if isinstance(result, ItemError):
             raise result.error
         return result

@@ -22,6 +22,7 @@ import psycopg
 from psycopg.rows import namedtuple_row
 
 from app.db.repositories.grants import GRANT_LOCK_NAMESPACE
+from app.db.repositories.idempotency import COMPLETE
 from app.db.session import Database
 
 
@@ -152,6 +153,14 @@ _INSERT_ONE_EVENT = _INTO_EVENTS + _values(EVENT_COLUMNS)
 _INSERT_ONE_RECORD = _INTO_RECORDS + _values(RECORD_COLUMNS)
 _INSERT_ONE_RECORD_AND_EVENT = (
     f"WITH new_record AS ({_INTO_RECORDS}{_values(RECORD_COLUMNS)}) {_INSERT_ONE_EVENT}"
+)
+# The same, storing an Idempotency-Key's answer too: all three commit together, and the records
+# and events only if the request still holds the key's lease (else none of them).
+_INSERT_RECORDS_AND_EVENTS_COMPLETING = (
+    f"WITH done AS ({COMPLETE} RETURNING 1),"  # noqa: S608 (column names are constants, values parameters)
+    f" new_records AS ({_INTO_RECORDS}{_unnest(RECORD_COLUMNS, _RECORD_TYPES, 'r_')}"
+    " WHERE EXISTS (SELECT FROM done))"
+    f" {_INSERT_EVENTS} WHERE EXISTS (SELECT FROM done)"
 )
 # Authentication and the caller's grants for one operation, in one round trip. The key id is the
 # public half of an API key; the secret is compared by the caller of this query, in constant time.
@@ -349,3 +358,15 @@ class DataPathRepository:
             else:
                 parameters = _columns(records, RECORD_COLUMNS, "r_") | _columns(events, EVENT_COLUMNS, "e_")
                 await connection.execute(_INSERT_RECORDS_AND_EVENTS, parameters)
+
+    async def add_records_with_events_completing(
+        self, records: Sequence[RecordRow], events: Sequence[EventRow], completion: dict[str, Any]
+    ) -> bool:
+        """Records, their events and an Idempotency-Key's answer (parameters of
+        idempotency.COMPLETE) in one statement; False, and nothing written, if the lease is lost."""
+        parameters = (
+            completion | _columns(records, RECORD_COLUMNS, "r_") | _columns(events, EVENT_COLUMNS, "e_")
+        )
+        async with self._database.data_connection() as connection:
+            cursor = await connection.execute(_INSERT_RECORDS_AND_EVENTS_COMPLETING, parameters)
+            return cursor.rowcount > 0

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app.db.repositories.data_path import EventRow, add_events_on
+from app.db.repositories.idempotency import PURGE_IDEMPOTENCY_ENTRIES
 from app.db.session import Database
 
 # One key for the retention sweeper's advisory lock, cluster-wide: "piivault-retention" folded
@@ -150,10 +151,9 @@ class ErasureRepository:
     async def purge_idempotency_entries(
         self, connection: psycopg.AsyncConnection[Any], tokens: Sequence[str]
     ) -> None:
-        """Erasure also purges the records' idempotency entries (a stored tokenize response names
-        the token): HOOK for Idempotency-Key, in the erasure's own transaction. Nothing to purge
-        until that table exists."""
-        del connection, tokens
+        """Erasure also purges the records' idempotency entries (a stored tokenize answer names
+        the token, customer and data type), in the erasure's own transaction."""
+        await connection.execute(PURGE_IDEMPOTENCY_ENTRIES, {"tokens": list(tokens)})
 
 
 class ReportRepository:

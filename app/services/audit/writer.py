@@ -6,6 +6,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+from typing import Any
 
 import anyio.to_thread
 import psycopg
@@ -105,20 +106,31 @@ class Auditor:
             raise AuditUnavailable() from None
         self._counted(events)
 
-    async def record_with_records(self, records: Sequence[RecordRow], events: Sequence[EventRow]) -> None:
+    async def record_with_records(
+        self,
+        records: Sequence[RecordRow],
+        events: Sequence[EventRow],
+        completion: dict[str, Any] | None = None,
+    ) -> bool:
         """The data path's write: records and their events in one statement, so neither commits
-        without the other."""
+        without the other. With `completion` (an Idempotency-Key's answer) that commits with them,
+        and nothing is written if the key's lease is lost: then False."""
         if not events and not records:
-            return
+            return True
         await self._stamp_on_loop(events)
         try:
-            await self._data_path.add_records_with_events(records, events)
+            if completion is not None:
+                if not await self._data_path.add_records_with_events_completing(records, events, completion):
+                    return False
+            else:
+                await self._data_path.add_records_with_events(records, events)
         except (psycopg.OperationalError, psycopg.IntegrityError):
             raise  # the database is down, or a token collided: mapped as such by the Database
         except psycopg.Error as err:
             log.error("audit write failed: %s", err.sqlstate or type(err).__name__)
             raise AuditUnavailable() from None
         self._counted(events)
+        return True
 
     async def record_release(
         self,

@@ -1,0 +1,1 @@
+"""pii-vault's Python package for callers: `piivault.client` (VaultClient, AsyncVaultClient)."""

@@ -229,7 +229,9 @@ def documented(
 
 
 # The dependencies that read the caller's API key.
-_AUTH_CALLS: frozenset[Callable[..., Any]] = frozenset({deps.get_caller, deps.get_data_call})
+_AUTH_CALLS: frozenset[Callable[..., Any]] = frozenset(
+    {deps.get_caller, deps.get_data_call, deps.get_keyed_data_call}
+)
 
 
 def _reads_api_key(dependant: Dependant) -> bool:

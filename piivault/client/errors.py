@@ -64,6 +64,16 @@ ERROR_TABLE: tuple[tuple[str, str, int | None, bool, str], ...] = (
     ("IdempotencyInFlight", "idempotency_in_flight", 409, True, "the first request with this key runs"),
     ("Erased", "erased", 410, False, "the record was erased"),
     ("Expired", "expired", 410, False, "the record's retention has passed"),
+    ("RetentionExceeded", "retention_exceeded", 422, False, "expires_at is beyond the type's retention"),
+    ("SecondAdminRequired", "second_admin_required", 403, False, "a second admin must approve"),
+    ("KeyIssuerConflict", "key_issuer_conflict", 403, False, "a party holds a key the other admin issued"),
+    ("GranteeHoldsGrants", "grantee_holds_grants", 403, False, "the principal rotates its own keys"),
+    ("DataTypeInUse", "data_type_in_use", 409, False, "records of the type exist"),
+    ("BuiltinDataType", "builtin_data_type", 409, False, "a built-in type changes only in retention"),
+    ("NotPending", "not_pending", 409, False, "the request is no longer pending"),
+    ("Gone", "gone", 410, False, "the record is gone"),
+    ("RequestTimeout", "request_timeout", 408, False, "the request was not sent in time"),
+    ("HeadersTooLarge", "headers_too_large", 431, False, "the request's headers are too large"),
     ("RateLimited", "rate_limited", 429, True, "too many requests; slow down"),
     ("DatabaseUnavailable", "database_unavailable", 503, True, "the vault's database is down for now"),
     ("KeyServiceUnavailable", "key_service_unavailable", 503, True, "KMS is down or throttling"),
@@ -90,27 +100,37 @@ __all__ = [
     "AccessReasonRequired",
     "AuditUnavailable",
     "BadRequest",
+    "BuiltinDataType",
     "Conflict",
     "ConnectionFailed",
+    "DataTypeInUse",
     "DatabaseUnavailable",
     "Erased",
     "Expired",
     "Forbidden",
+    "Gone",
     "GrantRequired",
+    "GranteeHoldsGrants",
+    "HeadersTooLarge",
     "IdempotencyInFlight",
     "IdempotencyKeyReused",
     "InternalError",
     "InvalidInput",
     "InvalidValue",
     "KeyAccessDenied",
+    "KeyIssuerConflict",
     "KeyNotAllowed",
     "KeyServiceInvalidResponse",
     "KeyServiceUnavailable",
     "MethodNotAllowed",
     "NotFound",
+    "NotPending",
     "PayloadTooLarge",
     "RateLimited",
     "RecordIntegrity",
+    "RequestTimeout",
+    "RetentionExceeded",
+    "SecondAdminRequired",
     "Unauthenticated",
     "UnknownDataType",
     "VaultError",
@@ -144,6 +164,16 @@ IdempotencyInFlight = _CLASSES["IdempotencyInFlight"]
 Erased = _CLASSES["Erased"]
 Expired = _CLASSES["Expired"]
 RateLimited = _CLASSES["RateLimited"]
+RetentionExceeded = _CLASSES["RetentionExceeded"]
+SecondAdminRequired = _CLASSES["SecondAdminRequired"]
+KeyIssuerConflict = _CLASSES["KeyIssuerConflict"]
+GranteeHoldsGrants = _CLASSES["GranteeHoldsGrants"]
+DataTypeInUse = _CLASSES["DataTypeInUse"]
+BuiltinDataType = _CLASSES["BuiltinDataType"]
+NotPending = _CLASSES["NotPending"]
+Gone = _CLASSES["Gone"]
+RequestTimeout = _CLASSES["RequestTimeout"]
+HeadersTooLarge = _CLASSES["HeadersTooLarge"]
 DatabaseUnavailable = _CLASSES["DatabaseUnavailable"]
 KeyServiceUnavailable = _CLASSES["KeyServiceUnavailable"]
 AuditUnavailable = _CLASSES["AuditUnavailable"]

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint format clean bench
+.PHONY: install run test lint format clean bench screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: install
 		(echo "make bench needs wrk (apt-get install wrk)" && exit 1)
 	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,bench]'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The console's screenshots in docs/console/, from the browser test (needs Debian's chromium).
+screenshots: install
+	VAULT_CONSOLE_SCREENSHOTS=docs/console $(BIN)/pytest tests/test_console_browser.py -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

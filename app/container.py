@@ -11,6 +11,7 @@ from app.crypto.local import LocalKeyProvider
 from app.db.session import Database
 from app.services.alerts import Alerter, Webhook
 from app.services.audit import AuditKeyring, Auditor
+from app.services.console import ConsoleSessions
 from app.services.grants import GrantService
 from app.services.keys import KeyRotation, allow_list_of
 from app.services.principals import PrincipalService
@@ -30,6 +31,7 @@ class Vault:
     grants: GrantService
     tokens: TokenService
     rotation: KeyRotation
+    console: ConsoleSessions
 
     def close(self) -> None:
         self.auditor.close()
@@ -91,4 +93,7 @@ def build_vault(
         require_access_reason=settings.require_access_reason,
     )
     rotation = KeyRotation(database, auditor, keys, allow_list_of(keys))
-    return Vault(settings, database, keys, auditor, principals, grants, tokens, rotation)
+    console = ConsoleSessions(
+        principals, auditor, idle_s=settings.console_idle_s, absolute_s=settings.console_session_s
+    )
+    return Vault(settings, database, keys, auditor, principals, grants, tokens, rotation, console)

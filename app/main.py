@@ -16,9 +16,10 @@ from typing import Any
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 
-from app.api import audit, errors, grants, keys, ops, principals, tokens
+from app.api import audit, console, errors, grants, keys, ops, principals, tokens
 from app.api.middleware import VaultMiddleware
 from app.container import Vault, build_vault
 from app.errors import VaultError
@@ -182,10 +183,20 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
 
     app.add_route(DOCS_PATH, docs, include_in_schema=False)
     app.add_middleware(
-        VaultMiddleware, max_body_bytes=settings.max_body_bytes, own_csp_paths=frozenset({DOCS_PATH})
+        VaultMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        own_csp_paths=frozenset({DOCS_PATH}),
+        csp_by_prefix=(("/console", console.CONSOLE_CSP),),
     )
     errors.install(app)
     # The data path first: routes are matched in order, and it carries nearly all the traffic.
     for router in (tokens.router, principals.router, grants.router, audit.router, keys.router, ops.router):
         app.include_router(router)
+    app.include_router(console.router)
+    app.mount("/console/static", StaticFiles(directory=console.ASSETS / "static"), name="console-static")
+    app.add_exception_handler(console.SignInRequired, _to_sign_in)
     return app
+
+
+async def _to_sign_in(request: Request, exc: Exception) -> Response:
+    return RedirectResponse("/console/sign-in", status_code=303)

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     # /readyz checks the database and KMS at most this often per process and answers from the last
     # check in between, so probes (or anyone) polling it cannot multiply KMS calls; 0: every time.
     ready_cache_s: float = Field(default=5.0, ge=0, le=300)
+    # The console (/console): a session ends after this long without a request, and after
+    # console_session_s whatever happens.
+    console_idle_s: int = Field(default=900, ge=60, le=86400)
+    console_session_s: int = Field(default=8 * 3600, ge=300, le=7 * 86400)
     # Denials and failed authentications are POSTed here (JSON) in the background.
     alert_webhook_url: str | None = None
 

@@ -4,6 +4,7 @@ per pooled autocommit connection, each committing on its own; the sealer's run i
 transaction Database.raw_transaction holds."""
 
 from app.db.repositories.audit import AuditFilter, AuditRepository
+from app.db.repositories.console import ConsoleSessionRepository, LiveSession
 from app.db.repositories.data_path import (
     DataPathRepository,
     EventRow,
@@ -20,12 +21,14 @@ __all__ = [
     "ApiKeyRepository",
     "AuditFilter",
     "AuditRepository",
+    "ConsoleSessionRepository",
     "DataPathRepository",
     "EventRow",
     "GrantRepository",
     "GrantTerms",
     "KeyCredentials",
     "KeyRepository",
+    "LiveSession",
     "PrincipalRepository",
     "RecordRow",
     "Rewrapped",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 from app.db.models import AuditEvent
 from app.db.repositories import AuditFilter, AuditRepository, DataPathRepository, EventRow, RecordRow
 from app.db.session import Database
-from app.errors import AuditUnavailable, DatabaseUnavailable
+from app.errors import AuditUnavailable, DatabaseUnavailable, NotFound
 from app.metrics import AUDIT_EVENTS
 from app.services.alerts import Alerter
 from app.services.audit import sealer
@@ -116,6 +117,12 @@ class Auditor:
 
     def search(self, session: Session, where: AuditFilter, limit: int) -> Sequence[AuditEvent]:
         return AuditRepository(session).search(where, limit)
+
+    def event(self, session: Session, event_id: uuid.UUID) -> AuditEvent:
+        found = AuditRepository(session).by_event_id(event_id)
+        if found is None:
+            raise NotFound("no such audit event", field="event_id")
+        return found
 
     def verify(
         self,

@@ -24,6 +24,8 @@ class Role(StrEnum):
 # Role gates of the admin routes (principals and grants) and of the audit trail.
 ADMINS: frozenset[Role] = frozenset({Role.ADMIN})
 AUDIT_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.AUDITOR})
+# The console is for the roles that hold no data access.
+CONSOLE_USERS: frozenset[Role] = frozenset({Role.ADMIN, Role.AUDITOR})
 # Separation of duties: data access goes to service principals only, never to admins (who could
 # otherwise grant themselves) or auditors.
 GRANTEES: frozenset[Role] = frozenset({Role.SERVICE})

@@ -13,6 +13,7 @@ from app.db.session import Database
 from app.services.alerts import Alerter, Webhook
 from app.services.approvals import ApprovalQueue, ApprovalService
 from app.services.audit import AuditKeyring, Auditor
+from app.services.console import ConsoleSessions
 from app.services.context import RequestContext
 from app.services.data_types import DataTypeService
 from app.services.erasure import ErasureService, ReportService
@@ -50,6 +51,7 @@ class Vault:
     reports: ReportService
     retention: RetentionSweeper
     idempotency: IdempotencyService
+    console: ConsoleSessions
 
     def close(self) -> None:
         self.auditor.close()
@@ -141,6 +143,9 @@ def build_vault(
         require_reason=settings.require_access_reason,
     )
     retention = RetentionSweeper(database, auditor, batch=settings.erasure_batch_size)
+    console = ConsoleSessions(
+        principals, auditor, idle_s=settings.console_idle_s, absolute_s=settings.console_session_s
+    )
     return Vault(
         settings,
         database,
@@ -156,4 +161,5 @@ def build_vault(
         ReportService(auditor),
         retention,
         idempotency,
+        console,
     )

@@ -18,13 +18,14 @@ from pathlib import Path
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from app import metrics
 from app.api import (
     approvals,
     audit,
+    console,
     customers,
     data_types,
     errors,
@@ -259,7 +260,10 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
     if settings.serves_docs:
         app.add_route(DOCS_PATH, docs, include_in_schema=False)
     app.add_middleware(
-        VaultMiddleware, max_body_bytes=settings.max_body_bytes, own_csp_paths=frozenset({DOCS_PATH})
+        VaultMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        own_csp_paths=frozenset({DOCS_PATH}),
+        csp_by_prefix=(("/console", console.CONSOLE_CSP),),
     )
     errors.install(app)
     # The data path first: routes are matched in order, and it carries nearly all the traffic.
@@ -276,6 +280,13 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         ops.router,
     ):
         app.include_router(router)
+    app.include_router(console.router)
+    app.mount("/console/static", StaticFiles(directory=console.ASSETS / "static"), name="console-static")
+    app.add_exception_handler(console.SignInRequired, _to_sign_in)
     if settings.serves_docs:  # last: a mount is matched by prefix, before the routes after it
         app.mount(DOCS_ASSETS_PATH, StaticFiles(directory=DOCS_ASSETS_DIR), name="docs-assets")
     return app
+
+
+async def _to_sign_in(request: Request, exc: Exception) -> Response:
+    return RedirectResponse("/console/sign-in", status_code=303)

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     dual_control: bool | None = None
     # How long a four-eyes request waits for its second admin before it expires (72 h).
     approval_ttl_s: float = Field(default=72 * 3600, gt=0, le=90 * 24 * 3600)
+    # The console (/console): a session ends after this long without a request, and after
+    # console_session_s whatever happens.
+    console_idle_s: int = Field(default=900, ge=60, le=86400)
+    console_session_s: int = Field(default=8 * 3600, ge=300, le=7 * 86400)
     # Denials and failed authentications are POSTed here (JSON) in the background.
     alert_webhook_url: str | None = None
     # /docs and /openapi.json: unset, on in development and off in production (the document maps

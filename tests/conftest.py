@@ -58,6 +58,7 @@ TABLES = (
     "records",
     "grants",
     "approvals",
+    "console_sessions",
     "api_keys",
     "principals",
 )

@@ -47,6 +47,27 @@ def grant_out(grant: Grant) -> GrantOut:
     )
 
 
+def grant_request(body: GrantCreate) -> GrantRequest:
+    """A validated body as the grant service takes it (the console builds the same body)."""
+    kind: str | None = None
+    context: dict[str, str] | None = None
+    if body.constraints is not None:
+        if body.constraints.encryption_context_subset is not None:
+            kind, pairs = SUBSET, body.constraints.encryption_context_subset
+        else:
+            kind, pairs = EQUALS, body.constraints.encryption_context_equals or {}
+        context = {str(key): value for key, value in pairs.items()}
+    return GrantRequest(
+        grantee=body.grantee,
+        operations=list(body.operations),
+        constraint_kind=kind,
+        constraint_context=context,
+        expires_at=body.expires_at,
+        name=body.name,
+        reveal=body.reveal,
+    )
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -72,23 +93,7 @@ def create_grant(
     encryption context matches the constraints. Mirrored as a KMS grant when mirroring is on.
     Under dual control a Decrypt grant is created `pending`: it matches nothing (and has no KMS
     mirror) until a second admin approves it (POST /v1/grants/{id}/approve)."""
-    kind: str | None = None
-    context: dict[str, str] | None = None
-    if body.constraints is not None:
-        if body.constraints.encryption_context_subset is not None:
-            kind, pairs = SUBSET, body.constraints.encryption_context_subset
-        else:
-            kind, pairs = EQUALS, body.constraints.encryption_context_equals or {}
-        context = {str(key): value for key, value in pairs.items()}
-    request = GrantRequest(
-        grantee=body.grantee,
-        operations=list(body.operations),
-        constraint_kind=kind,
-        constraint_context=context,
-        expires_at=body.expires_at,
-        name=body.name,
-        reveal=body.reveal,
-    )
+    request = grant_request(body)
 
     def create() -> GrantOut:
         grant = vault.grants.create(session, admin, request, ctx)

@@ -54,15 +54,26 @@ def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 
 class VaultMiddleware:
     def __init__(
-        self, app: ASGIApp, *, max_body_bytes: int, own_csp_paths: frozenset[str] = frozenset()
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        own_csp_paths: frozenset[str] = frozenset(),
+        csp_by_prefix: tuple[tuple[str, str], ...] = (),
     ) -> None:
-        """own_csp_paths: routes that set their own Content-Security-Policy (the docs page)."""
+        """own_csp_paths: routes that set their own Content-Security-Policy (the docs page);
+        csp_by_prefix: (path prefix, policy) for a tree of pages with a policy of its own (the
+        console's HTML)."""
         self.app = app
         self.max_body_bytes = max_body_bytes
         self._own_csp_paths = own_csp_paths
         # Built once: a response only concatenates them.
         self._headers = _raw(SECURITY_HEADERS)
         self._headers_own_csp = _raw(_COMMON_HEADERS)
+        self._prefixed = [
+            (prefix, _raw({**_COMMON_HEADERS, "Content-Security-Policy": csp}))
+            for prefix, csp in csp_by_prefix
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,6 +90,9 @@ class VaultMiddleware:
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :]
         extra = self._headers_own_csp if path in self._own_csp_paths else self._headers
+        for prefix, headers_of_tree in self._prefixed:
+            if path == prefix or path.startswith(prefix + "/"):
+                extra = headers_of_tree
 
         async def send_with_id(message: Message) -> None:
             nonlocal status

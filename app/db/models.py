@@ -382,3 +382,22 @@ class IdempotencyKey(Base):
 
     def __repr__(self) -> str:
         return f"IdempotencyKey(method={self.method!r}, path={self.path!r})"
+
+
+class ConsoleSession(Base):
+    """A console sign-in: the cookie's secret is stored only as its SHA-256. Bound to the API key
+    it was exchanged for, so revoking the key or disabling the principal ends it."""
+
+    __tablename__ = "console_sessions"
+
+    secret_hash: Mapped[bytes] = mapped_column(LargeBinary, primary_key=True)
+    principal_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("principals.id"), index=True)
+    api_key_id: Mapped[str] = mapped_column(String(32))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    def __repr__(self) -> str:
+        return f"ConsoleSession(principal_id={self.principal_id})"

@@ -6,6 +6,7 @@ transaction Database.raw_transaction holds."""
 
 from app.db.repositories.approvals import ApprovalRepository
 from app.db.repositories.audit import AuditFilter, AuditRepository
+from app.db.repositories.console import ConsoleSessionRepository, LiveSession
 from app.db.repositories.data_path import (
     DataPathRepository,
     EventRow,
@@ -25,6 +26,7 @@ __all__ = [
     "ApprovalRepository",
     "AuditFilter",
     "AuditRepository",
+    "ConsoleSessionRepository",
     "DataPathRepository",
     "DataTypeRepository",
     "ErasedRow",
@@ -34,6 +36,7 @@ __all__ = [
     "GrantTerms",
     "KeyCredentials",
     "KeyRepository",
+    "LiveSession",
     "PrincipalRepository",
     "RecordRow",
     "ReportRecord",

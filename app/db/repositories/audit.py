@@ -66,6 +66,9 @@ class AuditRepository:
             .on_conflict_do_nothing(index_elements=[AuditKey.version])
         )
 
+    def by_event_id(self, event_id: uuid.UUID) -> AuditEvent | None:
+        return self.session.scalar(select(AuditEvent).where(AuditEvent.event_id == event_id))
+
     def search(self, where: AuditFilter, limit: int) -> Sequence[AuditEvent]:
         """Newest first (by insertion), sealed or not yet."""
         query = select(AuditEvent)

@@ -23,7 +23,7 @@ from app.db.repositories import (
     RecordRow,
 )
 from app.db.session import Database
-from app.errors import AuditUnavailable, DatabaseUnavailable
+from app.errors import AuditUnavailable, DatabaseUnavailable, NotFound
 from app.metrics import AUDIT_EVENTS
 from app.services.alerts import Alerter
 from app.services.audit import sealer
@@ -197,6 +197,12 @@ class Auditor:
 
     def search(self, session: Session, where: AuditFilter, limit: int) -> Sequence[AuditEvent]:
         return AuditRepository(session).search(where, limit)
+
+    def event(self, session: Session, event_id: uuid.UUID) -> AuditEvent:
+        found = AuditRepository(session).by_event_id(event_id)
+        if found is None:
+            raise NotFound("no such audit event", field="event_id")
+        return found
 
     def verify(
         self,

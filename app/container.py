@@ -15,6 +15,7 @@ from app.services.grants import GrantService
 from app.services.keys import KeyRotation, allow_list_of
 from app.services.principals import PrincipalService
 from app.services.tokens import TokenService
+from app.services.vault_keys import FINGERPRINT, VaultKeyring
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ class Vault:
     grants: GrantService
     tokens: TokenService
     rotation: KeyRotation
+    # The key of lookup fingerprints (made on first use, through the key provider).
+    fingerprint_key: VaultKeyring
 
     def close(self) -> None:
         self.auditor.close()
@@ -91,4 +94,5 @@ def build_vault(
         require_access_reason=settings.require_access_reason,
     )
     rotation = KeyRotation(database, auditor, keys, allow_list_of(keys))
-    return Vault(settings, database, keys, auditor, principals, grants, tokens, rotation)
+    fingerprint_key = VaultKeyring(database, keys, FINGERPRINT)
+    return Vault(settings, database, keys, auditor, principals, grants, tokens, rotation, fingerprint_key)

@@ -50,7 +50,16 @@ os.environ.pop("AWS_PROFILE", None)
 GRANTEE_ARN = "arn:aws:iam::123456789012:role/piivault"
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Referrers before the tables they refer to (the order `db` empties them in).
-TABLES = ("audit_events", "audit_chain", "audit_keys", "records", "grants", "api_keys", "principals")
+TABLES = (
+    "audit_events",
+    "audit_chain",
+    "audit_keys",
+    "vault_keys",
+    "records",
+    "grants",
+    "api_keys",
+    "principals",
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:

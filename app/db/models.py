@@ -110,7 +110,15 @@ class Grant(Base):
 
 class Record(Base):
     __tablename__ = "records"
-    __table_args__ = (Index("ix_records_customer_id", "customer_id"),)
+    __table_args__ = (
+        Index("ix_records_customer_id", "customer_id"),
+        Index(
+            "ix_records_fingerprint",
+            "data_type",
+            "fingerprint",
+            postgresql_where=text("fingerprint IS NOT NULL"),
+        ),
+    )
 
     token: Mapped[str] = mapped_column(String(64), primary_key=True)
     customer_id: Mapped[str] = mapped_column(String(128))
@@ -124,6 +132,9 @@ class Record(Base):
     # principal's row (FOR KEY SHARE) on every tokenize, one hot row for all of a service's
     # requests. Principals are never deleted (only disabled), so the reference cannot dangle.
     created_by: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    # HMAC of the normalised value under the fingerprint key (lookup by value); NULL for types
+    # without lookup and for records written before fingerprints (`piivault fingerprints backfill`).
+    fingerprint: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
     def __repr__(self) -> str:
         return f"Record(token={self.token!r}, data_type={self.data_type!r})"
@@ -224,3 +235,18 @@ class AuditKey(Base):
 
     def __repr__(self) -> str:
         return f"AuditKey(version={self.version})"
+
+
+class VaultKey(Base):
+    """One of the vault's own secret keys (the fingerprint key, ...), one per purpose, wrapped by
+    the key provider under the context {"purpose": "piivault-<purpose>"}."""
+
+    __tablename__ = "vault_keys"
+
+    purpose: Mapped[str] = mapped_column(String(32), primary_key=True)
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    kms_key_id: Mapped[str] = mapped_column(String(2048))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+    def __repr__(self) -> str:
+        return f"VaultKey(purpose={self.purpose!r})"

@@ -123,6 +123,9 @@ class GrantTerms(GrantState, Protocol):
     @property
     def constraint_context(self) -> dict[str, str] | None: ...
 
+    @property
+    def reveal(self) -> str: ...
+
 
 def grant_active(grant: GrantState, now: datetime) -> bool:
     return (
@@ -150,6 +153,9 @@ def grant_active_clause(
 
 SUBSET = "encryption_context_subset"
 EQUALS = "encryption_context_equals"
+# A grant's reveal: "plain" (the value) or "masked" (only its mask, whatever the caller asks).
+# Anything but "plain" counts as masked: fail closed.
+PLAIN = "plain"
 
 
 def constraints_match(grant: GrantTerms, context: Mapping[str, str]) -> bool:
@@ -164,10 +170,12 @@ def constraints_match(grant: GrantTerms, context: Mapping[str, str]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """Allowed under grant_id, or denied for deny_reason (for the audit trail only)."""
+    """Allowed under grant_id, or denied for deny_reason (for the audit trail only). masked: the
+    grant allowing it reveals only the masked form of a value."""
 
     grant_id: uuid.UUID | None
     deny_reason: str = ""
+    masked: bool = False
 
     @property
     def allowed(self) -> bool:
@@ -187,9 +195,11 @@ class GrantSet:
 
     def decide(self, context: Mapping[str, str]) -> Decision:
         matching = [grant for grant in self._grants if constraints_match(grant, context)]
-        for grant in matching:
-            if grant_active(grant, self._now):
-                return Decision(grant.id)
+        active = [grant for grant in matching if grant_active(grant, self._now)]
+        if active:
+            # A plain grant covering the record wins over a masked one: its holder may ask either.
+            chosen = next((grant for grant in active if grant.reveal == PLAIN), active[0])
+            return Decision(chosen.id, masked=chosen.reveal != PLAIN)
         # Deny: say why, for the audit trail only (the caller always sees grant_required).
         if any(g.revoked_at is None and g.retired_at is None for g in matching):
             return Decision(None, "grant_expired")

@@ -11,6 +11,7 @@ from app.crypto.local import LocalKeyProvider
 from app.db.session import Database
 from app.services.alerts import Alerter, Webhook
 from app.services.audit import AuditKeyring, Auditor
+from app.services.data_types import DataTypeService
 from app.services.grants import GrantService
 from app.services.keys import KeyRotation, allow_list_of
 from app.services.principals import PrincipalService
@@ -31,6 +32,7 @@ class Vault:
     grants: GrantService
     tokens: TokenService
     rotation: KeyRotation
+    data_types: DataTypeService
     # The key of lookup fingerprints (made on first use, through the key provider).
     fingerprint_key: VaultKeyring
 
@@ -84,15 +86,19 @@ def build_vault(
     webhook = Webhook(settings.alert_webhook_url) if settings.alert_webhook_url else None
     auditor = Auditor(database, AuditKeyring(database, keys), Alerter(webhook))
     principals = PrincipalService(auditor)
-    grants = GrantService(database, auditor, principals, mirror or NoGrantMirror())
+    data_types = DataTypeService(database, auditor)
+    grants = GrantService(database, auditor, principals, mirror or NoGrantMirror(), data_types)
     tokens = TokenService(
         keys=keys,
         database=database,
         principals=principals,
         auditor=auditor,
+        data_types=data_types,
         max_value_bytes=settings.max_value_bytes,
         require_access_reason=settings.require_access_reason,
     )
     rotation = KeyRotation(database, auditor, keys, allow_list_of(keys))
     fingerprint_key = VaultKeyring(database, keys, FINGERPRINT)
-    return Vault(settings, database, keys, auditor, principals, grants, tokens, rotation, fingerprint_key)
+    return Vault(
+        settings, database, keys, auditor, principals, grants, tokens, rotation, data_types, fingerprint_key
+    )

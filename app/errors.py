@@ -28,6 +28,20 @@ class InvalidInput(VaultError):
     default_message = "the request is not valid"
 
 
+class UnknownDataType(InvalidInput):
+    """A data type that is not registered (GET /v1/data-types lists those that are)."""
+
+    code = "unknown_data_type"
+    default_message = "the data type is not registered"
+
+
+class InvalidValue(InvalidInput):
+    """A value that is not of its data type. The message names the field and the type, never the value."""
+
+    code = "invalid_value"
+    default_message = "the value does not match its data type"
+
+
 class PayloadTooLarge(VaultError):
     code = "too_large"
     default_message = "the request is too large"
@@ -67,6 +81,18 @@ class NotFound(VaultError):
 class Conflict(VaultError):
     code = "conflict"
     default_message = "the request conflicts with the current state"
+
+
+class DataTypeInUse(Conflict):
+    """A type's normaliser cannot change once records of it exist: their fingerprints depend on it."""
+
+    code = "data_type_in_use"
+    default_message = "records of this data type exist, so its normaliser cannot change"
+
+
+class BuiltinDataType(Conflict):
+    code = "builtin_data_type"
+    default_message = "a built-in data type can change only in max_retention_days"
 
 
 class DependencyUnavailable(VaultError):

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 
-from app.api import audit, errors, grants, keys, ops, principals, tokens
+from app.api import audit, data_types, errors, grants, keys, ops, principals, tokens
 from app.api.middleware import VaultMiddleware
 from app.container import Vault, build_vault
 from app.errors import VaultError
@@ -186,6 +186,15 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
     )
     errors.install(app)
     # The data path first: routes are matched in order, and it carries nearly all the traffic.
-    for router in (tokens.router, principals.router, grants.router, audit.router, keys.router, ops.router):
+    for router in (
+        tokens.router,
+        principals.router,
+        grants.router,
+        data_types.router,
+        data_types.limits_router,
+        audit.router,
+        keys.router,
+        ops.router,
+    ):
         app.include_router(router)
     return app

@@ -140,6 +140,11 @@ def empty_tables(connection: psycopg.Connection[Any], table_sequences: list[str]
             "UPDATE audit_chain_head SET seq = 0, mac = decode(repeat('00', 32), 'hex'),"
             " sealed_below = 0, pending_xids = '{}'"
         )
+        # The registry as the migration leaves it: the built-ins, unchanged, and no custom type.
+        connection.execute("DELETE FROM data_types WHERE NOT builtin")
+        connection.execute(
+            "UPDATE data_types SET max_retention_days = NULL WHERE max_retention_days IS NOT NULL"
+        )
 
 
 @pytest.fixture

@@ -62,7 +62,9 @@ def target(database_url: str, aws_session: None) -> Iterator[Target]:
                 service = create_principal(client, admin, "kyc-app")
                 grant = create_grant(client, admin, grantee="kyc-app", operations=["Encrypt", "Decrypt"])
                 token = tokenize(
-                    client, service["api_key"], {"customer_id": "1", "data_type": "SSN", "value": "x"}
+                    client,
+                    service["api_key"],
+                    {"customer_id": "1", "data_type": "SSN", "value": "078-05-1120"},
                 )
                 keys = {"admin": admin, "service": service["api_key"]}
                 path_values = {
@@ -70,6 +72,7 @@ def target(database_url: str, aws_session: None) -> Iterator[Target]:
                     "key_id": service["key_id"],
                     "grant_id": grant["id"],
                     "token": token,
+                    "name": "FuzzType",
                 }
                 yield Target(app, client, keys, path_values)
         finally:
@@ -161,8 +164,17 @@ HOSTILE: list[Any] = [
     {},
 ]
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
-    ("POST", "/v1/tokens"): {"customer_id": "1", "data_type": "SSN", "value": "v"},
-    ("POST", "/v1/tokens/batch"): {"items": [{"customer_id": "1", "data_type": "SSN", "value": "v"}]},
+    ("POST", "/v1/tokens"): {"customer_id": "1", "data_type": "SSN", "value": "078-05-1120"},
+    ("POST", "/v1/tokens/batch"): {
+        "items": [{"customer_id": "1", "data_type": "SSN", "value": "078-05-1120"}]
+    },
+    ("PUT", "/v1/data-types/{name}"): {
+        "pattern": "[a-z]+",
+        "normalize": "none",
+        "mask": "last4",
+        "lookup": False,
+        "max_retention_days": 30,
+    },
     ("POST", "/v1/tokens/detokenize"): {"tokens": ["tok_" + "A" * 32]},
     ("POST", "/v1/principals"): {"name": "app", "role": "service"},
     ("POST", "/v1/grants"): {

@@ -130,6 +130,8 @@ def test_data_type_of_64_chars_is_accepted(client: TestClient, actors: Actors) -
     data_type = "D" + "x_9" * 21
     assert len(data_type) == 64
     subset = {"encryption_context_subset": {"dataType": data_type}}
+    registered = client.put(f"/v1/data-types/{data_type}", json={}, headers=bearer(actors.admin))
+    assert registered.status_code == 201, registered.text
     create_grant(client, actors.admin, grantee="onboarding-app", operations=["Encrypt"], constraints=subset)
     response = client.post(
         "/v1/tokens", json={**LICENCE, "data_type": data_type}, headers=bearer(actors.onboarding)
@@ -155,27 +157,38 @@ def test_empty_value_is_422(client: TestClient, actors: Actors) -> None:
 # Sizes
 
 
+def free_text(client: TestClient, actors: Actors) -> dict[str, str]:
+    """An item of a custom type with no pattern (any text is one), which the seed's services may
+    Encrypt and Decrypt: for values a licence number's pattern would refuse."""
+    registered = client.put("/v1/data-types/Note", json={}, headers=bearer(actors.admin))
+    assert registered.status_code == 201, registered.text
+    notes = {"encryption_context_subset": {"dataType": "Note"}}
+    create_grant(client, actors.admin, grantee="onboarding-app", operations=["Encrypt"], constraints=notes)
+    create_grant(client, actors.admin, grantee="kyc-app", operations=["Decrypt"], constraints=notes)
+    return {**LICENCE, "data_type": "Note"}
+
+
 def test_value_is_measured_in_utf8_bytes(client: TestClient, vault: Vault, actors: Actors) -> None:
+    note = free_text(client, actors)
     limit = vault.settings.max_value_bytes
     assert limit % 2 == 0
     exact = "\u00e9" * (limit // 2)  # two bytes each: exactly the limit
     over = exact + "a"  # one byte over, yet far fewer characters than the limit
     assert len(exact.encode()) == limit and len(over.encode()) == limit + 1 and len(over) < limit
 
-    accepted = client.post("/v1/tokens", json={**LICENCE, "value": exact}, headers=bearer(actors.onboarding))
+    accepted = client.post("/v1/tokens", json={**note, "value": exact}, headers=bearer(actors.onboarding))
     assert accepted.status_code == 201, accepted.text
-    refused = client.post("/v1/tokens", json={**LICENCE, "value": over}, headers=bearer(actors.onboarding))
+    refused = client.post("/v1/tokens", json={**note, "value": over}, headers=bearer(actors.onboarding))
     assert_error(refused, 413, "too_large", "value")
     three_byte = "\u20ac" * (limit // 3 + 1)  # the euro sign: 3 bytes each
-    refused = client.post(
-        "/v1/tokens", json={**LICENCE, "value": three_byte}, headers=bearer(actors.onboarding)
-    )
+    refused = client.post("/v1/tokens", json={**note, "value": three_byte}, headers=bearer(actors.onboarding))
     assert_error(refused, 413, "too_large", "value")
 
 
 def test_exact_max_value_reads_back_whole(client: TestClient, vault: Vault, actors: Actors) -> None:
     value = "\U0001f600" * (vault.settings.max_value_bytes // 4)  # four bytes each
-    created = client.post("/v1/tokens", json={**LICENCE, "value": value}, headers=bearer(actors.onboarding))
+    note = free_text(client, actors)
+    created = client.post("/v1/tokens", json={**note, "value": value}, headers=bearer(actors.onboarding))
     assert created.status_code == 201, created.text
     revealed = client.get(f"/v1/tokens/{created.json()['token']}", headers=bearer(actors.kyc))
     assert revealed.status_code == 200, revealed.text

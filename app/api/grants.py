@@ -40,6 +40,7 @@ def grant_out(grant: Grant) -> GrantOut:
         retired_at=grant.retired_at,
         active=grant.active_at(utcnow()),
         kms_grant_id=grant.kms_grant_id,
+        reveal=grant.reveal,
     )
 
 
@@ -69,6 +70,7 @@ def create_grant(
         constraint_context=context,
         expires_at=body.expires_at,
         name=body.name,
+        reveal=body.reveal,
     )
     grant = vault.grants.create(session, admin, request, ctx)
     session.flush()

@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from app.access import Role
+from app.datatypes import MAX_PATTERN_LENGTH, Mask, Normalize, Reveal
 from app.services.context import OPERATIONS, Operation
 
 CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -155,6 +156,11 @@ class GrantCreate(Strict):
     constraints: GrantConstraintsIn | None = None
     expires_at: AwareUtcDatetime | None = Field(default=None, description="RFC 3339, with offset.")
     name: Text | None = Field(default=None, max_length=256)
+    reveal: Reveal = Field(
+        default="plain",
+        description="What its Decrypt reveals: the value (`plain`) or only the value's mask "
+        "(`masked`), whatever the caller asks.",
+    )
 
     model_config = ConfigDict(
         extra="forbid",
@@ -184,6 +190,7 @@ class GrantOut(BaseModel):
     retired_at: datetime | None
     active: bool
     kms_grant_id: str | None
+    reveal: Reveal
 
 
 class GrantList(BaseModel):
@@ -248,11 +255,19 @@ class RevealedOut(BaseModel):
     token: str
     customer_id: str
     data_type: str
-    value: str = Field(repr=False)
+    value: str | None = Field(default=None, repr=False, description="The value (a plain reveal).")
+    value_masked: str | None = Field(
+        default=None, repr=False, description="Only the value's mask (a masked reveal), instead of value."
+    )
 
 
 class DetokenizeRequest(Strict):
     tokens: list[StrictStr] = Field(min_length=1, examples=[["tok_3q2-7wEvmn8CRTfF1ZrPuS9QoHgH4kDy"]])
+    reveal: Reveal = Field(
+        default="plain",
+        description="`masked`: each result carries value_masked instead of value. A caller whose "
+        "grant is masked gets value_masked whatever it asks.",
+    )
 
 
 class DetokenizeItemResult(BaseModel):
@@ -260,11 +275,52 @@ class DetokenizeItemResult(BaseModel):
     customer_id: str | None = None
     data_type: str | None = None
     value: str | None = Field(default=None, repr=False)
+    value_masked: str | None = Field(default=None, repr=False)
     error: ItemErrorBody | None = None
 
 
 class DetokenizeResponse(BaseModel):
     results: list[DetokenizeItemResult]
+
+
+# Data types and limits
+
+
+class DataTypePut(Strict):
+    """Fields left out keep their value (a new type: no pattern, normalize none, mask none,
+    lookup false, no retention limit); null clears pattern or max_retention_days."""
+
+    pattern: Text | None = Field(
+        default=None,
+        max_length=MAX_PATTERN_LENGTH,
+        description="A regular expression (RE2 syntax) the whole value must match; null: any value.",
+        examples=[r"[A-Z]{2}\d{6}"],
+    )
+    normalize: Normalize = Field(default="none", description="Fixed once records of the type exist.")
+    mask: Mask = "none"
+    lookup: bool = False
+    max_retention_days: int | None = Field(default=None, ge=1, le=365_000)
+
+
+class DataTypeOut(BaseModel):
+    name: str
+    builtin: bool
+    pattern: str | None
+    normalize: Normalize
+    mask: Mask
+    lookup: bool
+    max_retention_days: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class DataTypeList(BaseModel):
+    data_types: list[DataTypeOut]
+
+
+class LimitsOut(BaseModel):
+    max_batch_items: int = Field(description="The most items (or tokens) one batch request may hold.")
+    max_value_bytes: int = Field(description="The largest value, in UTF-8 bytes.")
 
 
 # Audit

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, Path, Query, status
 from pydantic import ValidationError
 
 from app.api.deps import DataCallDep, VaultDep
@@ -23,6 +23,7 @@ from app.api.schemas import (
     TokenizeRequest,
     TokenOut,
 )
+from app.datatypes import Reveal
 from app.errors import DependencyUnavailable, InvalidInput, Misconfigured, PayloadTooLarge, VaultError
 from app.services.tokens import ItemError, Revealed, Tokenized, TokenizeItem
 
@@ -137,7 +138,9 @@ async def detokenize_batch(body: DetokenizeRequest, vault: VaultDep, call: DataC
     """Reveal many tokens; each result is the value or its own error (not_found, grant_required…),
     which says whether it is retryable. When every item failed at the same dependency, 503 instead."""
     _check_batch_size(len(body.tokens), vault.settings.max_batch_items, "tokens")
-    results = await call.tokens.detokenize(presented=call.presented, tokens=body.tokens, ctx=call.ctx)
+    results = await call.tokens.detokenize(
+        presented=call.presented, tokens=body.tokens, ctx=call.ctx, reveal=body.reveal
+    )
     if (failure := whole_batch_failure(results)) is not None:
         raise failure
     return DetokenizeResponse(
@@ -145,7 +148,11 @@ async def detokenize_batch(body: DetokenizeRequest, vault: VaultDep, call: DataC
             DetokenizeItemResult(token=r.token or "", error=_item_error(r.error))
             if isinstance(r, ItemError)
             else DetokenizeItemResult(
-                token=r.token, customer_id=r.customer_id, data_type=r.data_type, value=r.value
+                token=r.token,
+                customer_id=r.customer_id,
+                data_type=r.data_type,
+                value=r.value,
+                value_masked=r.value_masked,
             )
             for r in results
         ]
@@ -155,18 +162,26 @@ async def detokenize_batch(body: DetokenizeRequest, vault: VaultDep, call: DataC
 @router.get(
     "/{token}",
     name="Detokenize",
-    responses={404: {"model": ErrorResponse}, 500: {"model": ErrorResponse}},
+    response_model_exclude_none=True,
+    responses={404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 500: {"model": ErrorResponse}},
 )
 async def detokenize(
     token: Annotated[str, Path(max_length=128, examples=["tok_3q2-7wEvmn8CRTfF1ZrPuS9QoHgH4kDy"])],
     call: DataCallDep,
+    reveal: Annotated[
+        Reveal,
+        Query(description="`masked`: value_masked instead of value (a masked grant gets it always)."),
+    ] = "plain",
 ) -> RevealedOut:
-    """Reveal a token's value. Needs an active Decrypt grant matching the record's context;
-    send X-Access-Reason to record why."""
-    revealed = await call.tokens.detokenize_one(presented=call.presented, token=token, ctx=call.ctx)
+    """Reveal a token's value (or, with reveal=masked or under a masked grant, only its mask).
+    Needs an active Decrypt grant matching the record's context; send X-Access-Reason to record why."""
+    revealed = await call.tokens.detokenize_one(
+        presented=call.presented, token=token, ctx=call.ctx, reveal=reveal
+    )
     return RevealedOut(
         token=revealed.token,
         customer_id=revealed.customer_id,
         data_type=revealed.data_type,
         value=revealed.value,
+        value_masked=revealed.value_masked,
     )

@@ -8,11 +8,13 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     ColumnElement,
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     LargeBinary,
     SmallInteger,
     String,
@@ -75,6 +77,7 @@ class Grant(Base):
             name="constraint_kind_known",
         ),
         CheckConstraint("cardinality(operations) > 0", name="operations_not_empty"),
+        CheckConstraint("reveal IN ('plain', 'masked')", name="reveal_known"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
@@ -93,6 +96,8 @@ class Grant(Base):
     kms_revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Set once the expiry has its audit event, so it is recorded exactly once.
     expiry_audited_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # What its Decrypt reveals: the value, or only the value's mask ("masked").
+    reveal: Mapped[str] = mapped_column(String(8), server_default=text("'plain'"))
 
     def _active_at(self, now: datetime) -> bool:
         return grant_active(self, now)
@@ -138,6 +143,34 @@ class Record(Base):
 
     def __repr__(self) -> str:
         return f"Record(token={self.token!r}, data_type={self.data_type!r})"
+
+
+class DataType(Base):
+    """A registered data type (app/datatypes.py has its rules): tokenize refuses any other."""
+
+    __tablename__ = "data_types"
+    __table_args__ = (
+        CheckConstraint(
+            "normalize IN ('none', 'strip_separators', 'lowercase', 'digits')", name="normalize_known"
+        ),
+        CheckConstraint("mask IN ('last4', 'ssn', 'email', 'year', 'none')", name="mask_known"),
+        CheckConstraint(
+            "max_retention_days IS NULL OR max_retention_days > 0", name="max_retention_days_positive"
+        ),
+    )
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    builtin: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    pattern: Mapped[str | None] = mapped_column(Text)
+    normalize: Mapped[str] = mapped_column(String(32), server_default=text("'none'"))
+    mask: Mapped[str] = mapped_column(String(16), server_default=text("'none'"))
+    lookup: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    max_retention_days: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+    def __repr__(self) -> str:
+        return f"DataType(name={self.name!r})"
 
 
 class AuditChainLink(Base):

@@ -21,6 +21,7 @@ from app.errors import Conflict, DatabaseUnavailable, InvalidInput, VaultError
 log = logging.getLogger(__name__)
 
 _ROLLBACK_HOOKS = "piivault.on_rollback"
+_COMMIT_HOOKS = "piivault.on_commit"
 
 
 def normalise_url(url: str) -> str:
@@ -34,6 +35,11 @@ def normalise_url(url: str) -> str:
 def on_rollback(session: Session, compensate: Callable[[], None]) -> None:
     """Undo an outside side effect (a KMS grant, say) if this transaction does not commit."""
     session.info.setdefault(_ROLLBACK_HOOKS, []).append(compensate)
+
+
+def on_commit(session: Session, then: Callable[[], None]) -> None:
+    """Run `then` once this transaction has committed (to drop a cache of what it changed, say)."""
+    session.info.setdefault(_COMMIT_HOOKS, []).append(then)
 
 
 def database_error(err: Exception) -> VaultError | None:
@@ -127,11 +133,14 @@ class Database:
         side=True: a transaction beside the request's own, from the side pool.
         """
         session = self._side_sessions() if side else self._sessions()
+        committed: list[Callable[[], None]] = []
         try:
             try:
                 yield session
                 session.commit()
+                committed = session.info.pop(_COMMIT_HOOKS, [])
             except BaseException:
+                session.info.pop(_COMMIT_HOOKS, None)
                 session.rollback()
                 for compensate in reversed(session.info.pop(_ROLLBACK_HOOKS, [])):
                     try:
@@ -146,6 +155,8 @@ class Database:
             raise mapped from None
         finally:
             session.close()
+        for then in committed:
+            then()
 
     async def open_data_path(self) -> None:
         """Open the data path's pool in the running event loop."""

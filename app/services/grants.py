@@ -23,6 +23,7 @@ from app.db.session import Database, on_rollback
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, Misconfigured, NotFound
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, Operation, RequestContext, utcnow
+from app.services.data_types import DataTypeService
 from app.services.principals import PrincipalService
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class GrantRequest:
     constraint_context: dict[str, str] | None
     expires_at: datetime | None
     name: str | None
+    reveal: str = "plain"
 
 
 class GrantService:
@@ -45,11 +47,13 @@ class GrantService:
         auditor: Auditor,
         principals: PrincipalService,
         mirror: GrantMirror,
+        data_types: DataTypeService | None = None,
     ) -> None:
         self._database = database
         self._auditor = auditor
         self._principals = principals
         self._mirror = mirror
+        self._data_types = data_types
 
     def create(self, session: Session, actor: Caller, request: GrantRequest, ctx: RequestContext) -> Grant:
         grantee = self._principals.resolve(session, request.grantee)
@@ -59,6 +63,11 @@ class GrantService:
             raise InvalidInput("grants can only be made to service principals", field="grantee")
         if request.expires_at is not None and request.expires_at <= utcnow():
             raise InvalidInput("expires_at must be in the future", field="expires_at")
+        named_type = (request.constraint_context or {}).get("dataType")
+        if named_type is not None and self._data_types is not None:
+            # A grant for an unregistered type would match no record: refused, so a typo shows.
+            field = f"constraints.{request.constraint_kind}.dataType"
+            self._data_types.require_registered(session, [named_type], field)
         grant = GrantRepository(session).add(
             Grant(
                 id=uuid.uuid4(),
@@ -69,6 +78,7 @@ class GrantService:
                 constraint_context=request.constraint_context,
                 expires_at=request.expires_at,
                 created_by=actor.id,
+                reveal=request.reveal,
             )
         )
         constraints = GrantConstraints(

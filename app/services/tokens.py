@@ -18,6 +18,7 @@ from typing import TypeVar
 from app.access import Decision, GrantSet
 from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
 from app.crypto.keys import KeyProvider
+from app.datatypes import Reveal, mask
 from app.db.repositories.data_path import DataPathRepository, EventRow, RecordRow
 from app.db.session import Database
 from app.errors import (
@@ -31,12 +32,16 @@ from app.errors import (
 )
 from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, Operation, RequestContext, context_of, utcnow
+from app.services.data_types import DataTypeService
 from app.services.principals import PrincipalService, parse_api_key
 
 TOKEN_PREFIX = "tok_"  # noqa: S105 (a prefix, not a secret)
 _TOKEN_RANDOM_BYTES = 24  # 192 bits: not derivable from the value, never guessable
 # Exactly what new_token makes: anything else is refused before it reaches a query or the audit.
 TOKEN_PATTERN = re.compile(r"tok_[A-Za-z0-9_-]{32}")
+
+# The audit reason of an allowed Detokenize that revealed only the value's mask.
+REVEALED_MASKED = "masked"
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -66,10 +71,13 @@ class Tokenized:
 
 @dataclass(frozen=True, slots=True)
 class Revealed:
+    """A detokenized record: its value, or (a masked reveal) only the value's mask."""
+
     token: str
     customer_id: str
     data_type: str
-    value: str
+    value: str | None = None
+    value_masked: str | None = None
 
     def __repr__(self) -> str:
         return f"Revealed(token={self.token!r}, data_type={self.data_type!r})"
@@ -91,6 +99,7 @@ class TokenService:
         database: Database,
         principals: PrincipalService,
         auditor: Auditor,
+        data_types: DataTypeService,
         max_value_bytes: int,
         require_access_reason: bool = False,
         key_concurrency: int = 32,
@@ -100,6 +109,7 @@ class TokenService:
         self._store = DataPathRepository(database)
         self._principals = principals
         self._auditor = auditor
+        self._types = data_types
         self._max_value_bytes = max_value_bytes
         # A batch's key-service calls are awaited up to key_concurrency at once: a remote key
         # service's latency then overlaps. (A local provider never suspends, so its items run
@@ -161,6 +171,7 @@ class TokenService:
         self, *, presented: str | None, items: Sequence[TokenizeItem | VaultError], ctx: RequestContext
     ) -> list[Tokenized | ItemError]:
         caller, grants, _ = await self._admit(presented, "Encrypt", ctx)
+        registry = await self._types.registry()  # in process: no round trip (see DataTypeService)
         denials: list[EventRow] = []
         results: list[Tokenized | ItemError | None] = [None] * len(items)
         allowed: list[tuple[int, TokenizeItem, bytes, Decision]] = []
@@ -178,6 +189,13 @@ class TokenService:
             if not decision.allowed:
                 denials.append(build_event("Tokenize", "denied", ctx, caller, subject, decision.deny_reason))
                 results[index] = ItemError(Denied(decision.deny_reason))
+                continue
+            # The type and the value's shape are checked once the caller may write the record:
+            # one without a grant learns nothing more than grant_required.
+            try:
+                await self._types.check_value(item.data_type, item.value, registry)
+            except VaultError as err:
+                results[index] = ItemError(err)
                 continue
             allowed.append((index, item, raw, decision))
         # Denials first, on their own: a refusal is on record whatever happens next.
@@ -243,8 +261,10 @@ class TokenService:
         return result
 
     async def detokenize(
-        self, *, presented: str | None, tokens: Sequence[str], ctx: RequestContext
+        self, *, presented: str | None, tokens: Sequence[str], ctx: RequestContext, reveal: Reveal = "plain"
     ) -> list[Revealed | ItemError]:
+        """Each token's value, or its mask when the caller asks `reveal="masked"` or the grant
+        that covers the record is a masked one (whatever the caller asks)."""
         well_formed = [token for token in tokens if TOKEN_PATTERN.fullmatch(token)]
         caller, grants, records = await self._admit(presented, "Decrypt", ctx, well_formed)
         if self._require_access_reason and not (ctx.access_reason or "").strip():
@@ -297,6 +317,8 @@ class TokenService:
             return plaintext.decode("utf-8"), data_key.request_id
 
         opened = await self._map(decrypt, allowed)
+        wants_mask = reveal == "masked" or any(decision.masked for _, _, decision in allowed)
+        registry = await self._types.registry() if wants_mask else {}
         events: list[EventRow] = []
         failures: list[EventRow] = []
         for (index, record, decision), outcome in zip(allowed, opened, strict=True):
@@ -311,6 +333,7 @@ class TokenService:
                 results[index] = ItemError(outcome, record.token)
                 continue
             value, kms_request_id = outcome
+            masked = reveal == "masked" or decision.masked
             events.append(
                 build_event(
                     "Detokenize",
@@ -324,19 +347,29 @@ class TokenService:
                         grant_id=decision.grant_id,
                         kms_request_id=kms_request_id,
                     ),
+                    # Which form left: "masked" here; an allowed Detokenize without it revealed the value.
+                    REVEALED_MASKED if masked else None,
                 )
             )
-            results[index] = Revealed(record.token, record.customer_id, record.data_type, value)
+            if masked:
+                # A type unknown to the registry (none should be) is masked wholly.
+                spec = registry.get(record.data_type)
+                hidden = mask(spec.mask if spec else "none", value)
+                results[index] = Revealed(record.token, record.customer_id, record.data_type, None, hidden)
+            else:
+                results[index] = Revealed(record.token, record.customer_id, record.data_type, value)
         await self._auditor.record_denials(failures)
         # The value leaves only once its allowed event has committed.
         await self._auditor.record_with_records((), events)
         return [result for result in results if result is not None]
 
-    async def detokenize_one(self, *, presented: str | None, token: str, ctx: RequestContext) -> Revealed:
+    async def detokenize_one(
+        self, *, presented: str | None, token: str, ctx: RequestContext, reveal: Reveal = "plain"
+    ) -> Revealed:
         if not TOKEN_PATTERN.fullmatch(token):
             await self._admit(presented, "Decrypt", ctx)  # strangers are refused before anything else
             raise InvalidInput("token is not a vault token (tok_ and 32 URL-safe characters)", field="token")
-        (result,) = await self.detokenize(presented=presented, tokens=[token], ctx=ctx)
+        (result,) = await self.detokenize(presented=presented, tokens=[token], ctx=ctx, reveal=reveal)
         if isinstance(result, ItemError):
             raise result.error
         return result

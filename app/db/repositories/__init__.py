@@ -11,6 +11,7 @@ from app.db.repositories.data_path import (
     KeyCredentials,
     RecordRow,
 )
+from app.db.repositories.data_types import DataTypeRepository, load_registry
 from app.db.repositories.grants import GrantRepository
 from app.db.repositories.keys import KeyRepository, Rewrapped, WrappedKey
 from app.db.repositories.principals import ApiKeyRepository, PrincipalRepository
@@ -21,6 +22,7 @@ __all__ = [
     "AuditFilter",
     "AuditRepository",
     "DataPathRepository",
+    "DataTypeRepository",
     "EventRow",
     "GrantRepository",
     "GrantTerms",
@@ -31,4 +33,5 @@ __all__ = [
     "Rewrapped",
     "SealRepository",
     "WrappedKey",
+    "load_registry",
 ]

@@ -41,6 +41,7 @@ class GrantTerms:
     expires_at: datetime | None
     revoked_at: datetime | None
     retired_at: datetime | None
+    reveal: str = "plain"
 
 
 @dataclass(slots=True)
@@ -134,7 +135,7 @@ _ACCESS = f"""
 SELECT k.secret_hash, k.revoked_at AS key_revoked_at, p.id AS principal_id, p.name AS principal_name,
        p.role, p.disabled_at AS principal_disabled_at,
        g.id AS grant_id, g.constraint_kind, g.constraint_context, g.expires_at,
-       g.revoked_at AS grant_revoked_at, g.retired_at AS grant_retired_at,
+       g.revoked_at AS grant_revoked_at, g.retired_at AS grant_retired_at, g.reveal,
        {_RECORD_OF_R}
   FROM api_keys k
   JOIN principals p ON p.id = k.principal_id
@@ -219,6 +220,7 @@ class DataPathRepository:
                 expires_at=row.expires_at,
                 revoked_at=row.grant_revoked_at,
                 retired_at=row.grant_retired_at,
+                reveal=row.reveal,
             )
             for row in rows
             if row.grant_id is not None

@@ -24,6 +24,7 @@ from app.services.limits import Counters, FailedAuthentications, PrincipalLimits
 from app.services.principals import PrincipalService
 from app.services.retention import RetentionSweeper
 from app.services.tokens import TokenService
+from app.services.vault_keys import FINGERPRINT, VaultKeyring
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class Vault:
     retention: RetentionSweeper
     idempotency: IdempotencyService
     console: ConsoleSessions
+    # The key of lookup fingerprints (made on first use, through the key provider).
+    fingerprint_key: VaultKeyring
 
     def close(self) -> None:
         self.auditor.close()
@@ -146,6 +149,7 @@ def build_vault(
     console = ConsoleSessions(
         principals, auditor, idle_s=settings.console_idle_s, absolute_s=settings.console_session_s
     )
+    fingerprint_key = VaultKeyring(database, keys, FINGERPRINT)
     return Vault(
         settings,
         database,
@@ -162,4 +166,5 @@ def build_vault(
         retention,
         idempotency,
         console,
+        fingerprint_key,
     )

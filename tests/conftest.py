@@ -55,6 +55,7 @@ TABLES = (
     "audit_events",
     "audit_chain",
     "audit_keys",
+    "vault_keys",
     "records",
     "grants",
     "approvals",

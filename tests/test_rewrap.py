@@ -26,6 +26,7 @@ from app.main import create_app
 from app.services.audit import AUDIT_KEY_CONTEXT
 from app.services.context import RequestContext
 from app.services.keys import RewrapReport
+from app.services.vault_keys import FINGERPRINT, vault_key_context
 from tests.conftest import (
     ClientFactory,
     assert_error,
@@ -324,8 +325,22 @@ def test_list_keys_counts_what_each_key_wraps_for_admins_and_auditors_only(
     assert listed.status_code == 200, listed.text
     assert listed.json() == {
         "keys": [
-            {"key_id": arn_b, "records": 2, "audit_keys": 0, "current": True, "decrypt_allowed": True},
-            {"key_id": arn_a, "records": 5, "audit_keys": 1, "current": False, "decrypt_allowed": True},
+            {
+                "key_id": arn_b,
+                "records": 2,
+                "audit_keys": 0,
+                "vault_keys": 0,
+                "current": True,
+                "decrypt_allowed": True,
+            },
+            {
+                "key_id": arn_a,
+                "records": 5,
+                "audit_keys": 1,
+                "vault_keys": 0,
+                "current": False,
+                "decrypt_allowed": True,
+            },
         ]
     }
     assert client.get("/v1/keys", headers=bearer(actors.admin)).status_code == 200
@@ -348,8 +363,22 @@ def test_list_keys_counts_what_each_key_wraps_for_admins_and_auditors_only(
     rewrap(vault, key_b)
     keys = client.get("/v1/keys", headers=bearer(auditor)).json()["keys"]
     assert keys == [
-        {"key_id": arn_b, "records": 7, "audit_keys": 1, "current": True, "decrypt_allowed": True},
-        {"key_id": arn_a, "records": 0, "audit_keys": 0, "current": False, "decrypt_allowed": True},
+        {
+            "key_id": arn_b,
+            "records": 7,
+            "audit_keys": 1,
+            "vault_keys": 0,
+            "current": True,
+            "decrypt_allowed": True,
+        },
+        {
+            "key_id": arn_a,
+            "records": 0,
+            "audit_keys": 0,
+            "vault_keys": 0,
+            "current": False,
+            "decrypt_allowed": True,
+        },
     ]
 
 
@@ -503,3 +532,30 @@ def test_new_local_refuses_when_the_vault_uses_kms(
 
     assert refused.exit_code == 2
     assert "local development key only" in refused.output
+
+
+def test_rewrap_moves_the_fingerprint_key_and_keeps_its_bytes(
+    serve: ClientFactory, db: psycopg.Connection[Any]
+) -> None:
+    key_a, arn_a = new_key()
+    key_b, arn_b = new_key()
+    vault, client = serve(key_a)
+    seed(client, vault)
+    before = vault.fingerprint_key.key()  # made under A
+    assert db.execute("SELECT kms_key_id FROM vault_keys").fetchall() == [(arn_a,)]
+    vault, _ = serve(key_b, kms_decrypt_key_ids=key_a)
+
+    report = rewrap(vault, key_b)
+
+    assert (report.rewrapped, report.failed) == (2, 0)  # the audit key and the fingerprint key
+    assert "vault_keys rewrapped=1 skipped=0 failed=0" in [event[2] for event in rewrap_events(db)]
+    ((wrapped, kms_key_id),) = db.execute("SELECT wrapped_key, kms_key_id FROM vault_keys").fetchall()
+    assert kms_key_id == arn_b
+    context = vault_key_context(FINGERPRINT)
+    opened = boto3.client("kms").decrypt(CiphertextBlob=wrapped, KeyId=key_b, EncryptionContext=context)
+    # The same key under a new wrapping: fingerprints made before the rewrap still match.
+    assert opened["Plaintext"] == before
+    with pytest.raises(ClientError):
+        boto3.client("kms").decrypt(CiphertextBlob=wrapped, KeyId=key_b, EncryptionContext=AUDIT_KEY_CONTEXT)
+    vault, _ = serve(key_b)
+    assert vault.fingerprint_key.key() == before

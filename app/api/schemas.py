@@ -799,6 +799,7 @@ class KeyUsageOut(BaseModel):
     key_id: str = Field(description="The master key's ARN (with the local provider, its local id).")
     records: int = Field(description="Records whose data key this key wraps.")
     audit_keys: int = Field(description="The vault's own audit-chain keys this key wraps.")
+    vault_keys: int = Field(description="The vault's other own keys (the fingerprint key) this key wraps.")
     current: bool = Field(description="New records go under this key (PIIVAULT_KMS_KEY_ID).")
     decrypt_allowed: bool = Field(
         description="On the allow-list (the current key or PIIVAULT_KMS_DECRYPT_KEY_IDS): its records "

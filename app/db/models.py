@@ -201,8 +201,14 @@ class Record(Base):
             "(erased_at IS NULL AND format_version IS NOT NULL AND ciphertext IS NOT NULL"
             " AND wrapped_key IS NOT NULL AND kms_key_id IS NOT NULL)"
             " OR (erased_at IS NOT NULL AND ciphertext IS NULL AND wrapped_key IS NULL"
-            " AND kms_key_id IS NULL)",
+            " AND kms_key_id IS NULL AND fingerprint IS NULL)",
             name="records_tombstone_holds_no_secret",
+        ),
+        Index(
+            "ix_records_fingerprint",
+            "data_type",
+            "fingerprint",
+            postgresql_where=text("fingerprint IS NOT NULL"),
         ),
     )
 
@@ -223,6 +229,9 @@ class Record(Base):
     # principal's row (FOR KEY SHARE) on every tokenize, one hot row for all of a service's
     # requests. Principals are never deleted (only disabled), so the reference cannot dangle.
     created_by: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    # HMAC of the normalised value under the fingerprint key (lookup by value); NULL for types
+    # without lookup and for records written before fingerprints (`piivault fingerprints backfill`).
+    fingerprint: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
     def __repr__(self) -> str:
         return f"Record(token={self.token!r}, data_type={self.data_type!r})"
@@ -401,3 +410,18 @@ class ConsoleSession(Base):
 
     def __repr__(self) -> str:
         return f"ConsoleSession(principal_id={self.principal_id})"
+
+
+class VaultKey(Base):
+    """One of the vault's own secret keys (the fingerprint key, ...), one per purpose, wrapped by
+    the key provider under the context {"purpose": "piivault-<purpose>"}."""
+
+    __tablename__ = "vault_keys"
+
+    purpose: Mapped[str] = mapped_column(String(32), primary_key=True)
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    kms_key_id: Mapped[str] = mapped_column(String(2048))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+
+    def __repr__(self) -> str:
+        return f"VaultKey(purpose={self.purpose!r})"

@@ -20,17 +20,18 @@ from typing import Literal, TypeVar
 
 from sqlalchemy.orm import Session
 
-from app.crypto.keys import DataKey, KeyAllowList, KeyProvider
+from app.crypto.keys import DataKey, EncryptionContext, KeyAllowList, KeyProvider
 from app.db.repositories import EventRow, KeyRepository, Rewrapped, WrappedKey
 from app.db.session import Database
 from app.errors import DependencyUnavailable, KeyNotAllowed, VaultError
 from app.services.audit import AUDIT_KEY_CONTEXT, Auditor, Subject, build_event
 from app.services.context import RequestContext, context_of
+from app.services.vault_keys import vault_key_context
 
 log = logging.getLogger(__name__)
 
 REWRAP = "RewrapKeys"
-Kind = Literal["records", "audit_keys"]
+Kind = Literal["records", "audit_keys", "vault_keys"]
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -42,6 +43,7 @@ class KeyUsage:
     key_id: str
     records: int
     audit_keys: int
+    vault_keys: int
     current: bool
     decrypt_allowed: bool
 
@@ -133,11 +135,20 @@ class KeyRotation:
         repository = KeyRepository(session)
         records = repository.records_by_key()
         audit_keys = repository.audit_keys_by_key()
+        vault_keys = repository.vault_keys_by_key()
         current = self._allow_list.key_arn()
         allowed = self._allow_list.allowed_arns()
-        names = sorted(set(records) | set(audit_keys) | allowed, key=lambda key: (key != current, key))
+        wrapping = set(records) | set(audit_keys) | set(vault_keys)
+        names = sorted(wrapping | allowed, key=lambda key: (key != current, key))
         return [
-            KeyUsage(key, records.get(key, 0), audit_keys.get(key, 0), key == current, key in allowed)
+            KeyUsage(
+                key,
+                records.get(key, 0),
+                audit_keys.get(key, 0),
+                vault_keys.get(key, 0),
+                key == current,
+                key in allowed,
+            )
             for key in names
         ]
 
@@ -157,8 +168,10 @@ class KeyRotation:
         """How many wrapped keys (records and vault keys) a rewrap to `to_key` would move."""
         with self._database.transaction() as session:
             repository = KeyRepository(session)
-            return repository.records_left(to=to_key, from_=from_key) + len(
-                repository.audit_keys(to=to_key, from_=from_key)
+            return (
+                repository.records_left(to=to_key, from_=from_key)
+                + len(repository.audit_keys(to=to_key, from_=from_key))
+                + len(repository.vault_keys(to=to_key, from_=from_key))
             )
 
     def run(
@@ -198,9 +211,10 @@ class KeyRotation:
         if on_progress is not None:
             on_progress(report)
         # The vault's own keys first: then a key that wraps no record wraps nothing.
-        audit_keys = await asyncio.to_thread(self._read, "audit_keys", "", batch, to_key, from_key)
-        if audit_keys:
-            await self._batch("audit_keys", audit_keys, report, ctx, on_progress)
+        for kind in ("audit_keys", "vault_keys"):
+            own = await asyncio.to_thread(self._read, kind, "", batch, to_key, from_key)
+            if own:
+                await self._batch(kind, own, report, ctx, on_progress)
         after = ""
         while page := await asyncio.to_thread(self._read, "records", after, batch, to_key, from_key):
             await self._batch("records", page, report, ctx, on_progress)
@@ -214,6 +228,8 @@ class KeyRotation:
             repository = KeyRepository(session)
             if kind == "audit_keys":
                 return repository.audit_keys(to=to, from_=from_)
+            if kind == "vault_keys":
+                return repository.vault_keys(to=to, from_=from_)
             return repository.records_page(after, limit, to=to, from_=from_)
 
     async def _batch(
@@ -227,8 +243,11 @@ class KeyRotation:
         to = report.to_key
 
         async def reencrypt(item: WrappedKey) -> DataKey:
+            context: EncryptionContext
             if kind == "audit_keys":
                 context = AUDIT_KEY_CONTEXT
+            elif kind == "vault_keys":
+                context = vault_key_context(item.ref)
             else:
                 assert item.customer_id is not None and item.data_type is not None  # noqa: S101
                 context = context_of(item.customer_id, item.data_type)
@@ -268,6 +287,8 @@ class KeyRotation:
             repository = KeyRepository(session)
             if kind == "audit_keys":
                 count = repository.move_audit_keys(moved, to)
+            elif kind == "vault_keys":
+                count = repository.move_vault_keys(moved, to)
             else:
                 count = repository.move_records(moved, to)
             counts = f"{kind} rewrapped={count} skipped={len(moved) - count} failed={len(failures)}"

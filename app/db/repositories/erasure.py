@@ -51,6 +51,7 @@ class ReportRecord:
 # waits, then finds them erased and leaves them).
 _TOMBSTONE = """
 UPDATE records SET format_version = NULL, ciphertext = NULL, wrapped_key = NULL, kms_key_id = NULL,
+       fingerprint = NULL,
        erased_at = %(now)s, erasure_reason = %(why)s
  WHERE token = ANY(%(tokens)s::varchar[]) AND erased_at IS NULL
 """

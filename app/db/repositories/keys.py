@@ -1,5 +1,5 @@
 """Which master key wraps what: the wrapped data keys of records and of the vault's own keys
-(audit_keys), read a page at a time and moved to another key, in the caller's session."""
+(audit_keys, vault_keys), read a page at a time and moved to another key, in the caller's session."""
 
 from __future__ import annotations
 
@@ -65,6 +65,17 @@ _MOVE_AUDIT_KEYS = text(
     " AS u(ref, old, new)"
     " WHERE a.version = u.ref AND a.wrapped_key = u.old"
 )
+_VAULT_KEYS = text(
+    "SELECT purpose, wrapped_key, kms_key_id FROM vault_keys WHERE kms_key_id <> :to"
+    " AND (CAST(:from_ AS varchar) IS NULL OR kms_key_id = :from_) ORDER BY purpose"
+)
+_MOVE_VAULT_KEYS = text(
+    "UPDATE vault_keys v SET wrapped_key = u.new, kms_key_id = :to"
+    " FROM unnest(CAST(:refs AS varchar[]), CAST(:olds AS bytea[]), CAST(:news AS bytea[]))"
+    " AS u(ref, old, new)"
+    " WHERE v.purpose = u.ref AND v.wrapped_key = u.old"
+)
+_VAULT_KEYS_BY_KEY = text("SELECT kms_key_id, count(*) FROM vault_keys GROUP BY kms_key_id")
 # Tombstones (erased records) wrap nothing: no key id, not counted.
 _RECORDS_BY_KEY = text(
     "SELECT kms_key_id, count(*) FROM records WHERE kms_key_id IS NOT NULL GROUP BY kms_key_id"
@@ -96,6 +107,13 @@ class KeyRepository:
     def move_audit_keys(self, moved: Sequence[Rewrapped], to: str) -> int:
         return self._move(_MOVE_AUDIT_KEYS, [int(m.ref) for m in moved], moved, to)
 
+    def vault_keys(self, *, to: str, from_: str | None) -> list[WrappedKey]:
+        rows = self.session.execute(_VAULT_KEYS, {"to": to, "from_": from_}).all()
+        return [WrappedKey(r.purpose, r.wrapped_key, r.kms_key_id) for r in rows]
+
+    def move_vault_keys(self, moved: Sequence[Rewrapped], to: str) -> int:
+        return self._move(_MOVE_VAULT_KEYS, [m.ref for m in moved], moved, to)
+
     def _move(
         self, statement: TextClause, refs: Sequence[object], moved: Sequence[Rewrapped], to: str
     ) -> int:
@@ -110,3 +128,6 @@ class KeyRepository:
 
     def audit_keys_by_key(self) -> dict[str, int]:
         return {key: int(count) for key, count in self.session.execute(_AUDIT_KEYS_BY_KEY).all()}
+
+    def vault_keys_by_key(self) -> dict[str, int]:
+        return {key: int(count) for key, count in self.session.execute(_VAULT_KEYS_BY_KEY).all()}

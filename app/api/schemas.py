@@ -817,6 +817,7 @@ class KeyList(BaseModel):
                     "key_id": "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
                     "records": 1204,
                     "audit_keys": 1,
+                    "vault_keys": 1,
                     "current": True,
                     "decrypt_allowed": True,
                 }

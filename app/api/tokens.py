@@ -116,7 +116,7 @@ def _one_answer(request_id: str | None) -> Callable[[Sequence[Tokenized | ItemEr
         (result,) = results
         if isinstance(result, ItemError):
             return error_answer(result.error, request_id)
-        return model_answer(status.HTTP_201_CREATED, _token_out(result), exclude_none=True)
+        return model_answer(status.HTTP_201_CREATED, _token_out(result))
 
     return render
 
@@ -134,7 +134,6 @@ def _batch_answer(request_id: str | None) -> Callable[[Sequence[Tokenized | Item
     "",
     status_code=status.HTTP_201_CREATED,
     name="Tokenize",
-    response_model_exclude_none=True,
     **documented(
         "tokenize",
         "Tokenize one value",

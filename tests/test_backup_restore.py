@@ -26,10 +26,13 @@ from typer.testing import CliRunner
 from app import cli
 from app.container import build_vault
 from app.main import create_app
+from app.migrate import upgrade
+from tests import test_database_roles
 from tests.conftest import (
     Actors,
     bearer,
     build_seed,
+    create_admin,
     create_kms_key,
     make_settings,
     migrated_database,
@@ -43,6 +46,10 @@ pytestmark = pytest.mark.skipif(
     PG_DUMP is None or PG_RESTORE is None,
     reason="pg_dump / pg_restore not installed (Debian: apt-get install postgresql-client)",
 )
+
+
+# A fresh database with deploy/postgres/roles.sql applied, under role names of the test's own.
+roles = test_database_roles.roles
 
 
 @dataclass(frozen=True)
@@ -230,3 +237,49 @@ def test_a_restore_needs_its_kms_key_on_the_allow_list(backup: Backup) -> None:
             restored, other_key, "--anchor", backup.anchor, kms_decrypt_key_ids=backup.kms_key_id
         )
         assert status == 0 and report["ok"] is True, report
+
+
+def test_a_restore_by_the_superuser_keeps_the_roles_grants_and_the_append_only_trail(
+    roles: test_database_roles.Roles, kms_key_id: str, tmp_path: Path
+) -> None:
+    """The README's procedure with the two roles: the migration role takes the dump (it owns every
+    table), the roles exist on the target, a superuser restores; the serving role then serves the
+    restored database and still cannot rewrite the trail."""
+    upgrade(roles.migrator_url)
+    vault = build_vault(make_settings(roles.app_url, kms_key_id))
+    try:
+        create_admin(vault)
+        assert vault.auditor.seal() >= 1
+    finally:
+        vault.close()
+    dump = tmp_path / "roles.dump"
+    assert PG_DUMP is not None and PG_RESTORE is not None
+    run_tool(PG_DUMP, "--format=custom", "--file", str(dump), "--dbname", roles.migrator_url)
+
+    server = make_url(roles.superuser_url).set(database="postgres").render_as_string(hide_password=False)
+    with empty_database(server, "piivault_roles_restored") as restored:
+        run_tool(PG_RESTORE, "--exit-on-error", "--dbname", restored, str(dump))
+        name = make_url(restored).database
+        migrator, app_role = make_url(roles.migrator_url).username, make_url(roles.app_url).username
+        with psycopg.connect(restored, autocommit=True) as connection:
+            # Database-level privileges are not in a dump of the database's contents.
+            for role in (migrator, app_role):
+                connection.execute(
+                    sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+                        sql.Identifier(str(name)), sql.Identifier(str(role))
+                    )
+                )
+        app_url = make_url(roles.app_url).set(database=name).render_as_string(hide_password=False)
+
+        vault = build_vault(make_settings(app_url, kms_key_id))
+        try:
+            create_admin(vault, "after-restore")
+            assert vault.auditor.seal() >= 1
+            assert vault.auditor.verify(None, None, None).ok
+        finally:
+            vault.close()
+        with psycopg.connect(app_url, autocommit=True) as connection:
+            connection.execute("UPDATE principals SET name = name")
+            for statement in ("UPDATE audit_events SET reason = 'x'", "DELETE FROM audit_chain"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    connection.execute(statement)

@@ -10,8 +10,18 @@
 # not) and any compose implementation can build it.
 
 # Both stages must share one interpreter: the virtualenv's python is a symlink
-# to the base image's. Override to pin a digest: --build-arg PYTHON_IMAGE=python:3.11-slim@sha256:...
-ARG PYTHON_IMAGE=python:3.11-slim
+# to the base image's. Pinned to an exact Python release and Debian release (bookworm, which
+# the suite runs on), so a rebuild does not move to another interpreter or distribution.
+# Bump the patch release deliberately, with the suite.
+#
+# A tag can still be re-pushed; a digest cannot. Where the registry is reachable, pin the
+# digest too (never one copied from memory or another project):
+#   docker buildx imagetools inspect python:3.11.14-slim-bookworm   # "Digest: sha256:..."
+#   (or: docker pull python:3.11.14-slim-bookworm &&
+#        docker inspect --format '{{index .RepoDigests 0}}' python:3.11.14-slim-bookworm)
+# then build with --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:<that digest>,
+# or write it below. The digest is of the multi-arch index, so amd64 and arm64 both resolve.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
@@ -73,11 +83,20 @@ USER 10001:10001
 
 EXPOSE 8000
 
-# The slim image has no curl: probe with the stdlib. urlopen raises on any
-# non-2xx status or connection error, which exits non-zero (unhealthy).
+# Readiness, not liveness: Docker's health status is what compose's `service_healthy`, Swarm's
+# rolling updates and proxies that read it (Traefik and the like) use to decide whether this
+# container should get requests, and a vault that cannot reach its database or KMS cannot serve
+# one. /healthz only says the process is up, so a vault cut off from KMS counted as healthy.
+# Plain Docker never restarts an unhealthy container, so an outage of KMS or the database marks
+# every replica unhealthy without killing them; they become healthy again by themselves.
+# (Under Swarm, which does replace unhealthy tasks, an outage would recycle the replicas: there,
+# point this at /healthz.) Kubernetes ignores HEALTHCHECK: deploy/k8s/ uses both probes, each
+# for its own purpose. /readyz checks the database and KMS at most every PIIVAULT_READY_CACHE_S.
+# The slim image has no curl: probe with the stdlib. urlopen raises on any non-2xx status
+# (503 while not ready) or connection error, which exits non-zero (unhealthy).
 # start-period covers the migrations that run before the server listens.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
 
 # Migrate, then replace the shell with the server so it is PID 1 and gets SIGTERM.
 # Alembic takes a Postgres advisory lock, so replicas starting together are safe.

@@ -332,9 +332,15 @@ def audit_verify(
             anchored = (int(seq), bytes.fromhex(mac))
         except ValueError:
             raise typer.BadParameter("--anchor takes SEQ:MAC (hex)") from None
+    from app.errors import VaultError
+
     vault = _vault_for_cli()
     try:
         report = vault.auditor.verify(_aware(since), _aware(until), anchored)
+    except VaultError as err:
+        # Not a verdict on the trail: the chain's MAC key cannot be unwrapped (a restore served
+        # with another KMS key, or without the old one on the allow-list) or a dependency is down.
+        _fail(err.message, EXIT_UNREACHABLE if err.retryable else EXIT_CONFIG)
     finally:
         vault.close()
     typer.echo(json.dumps(dataclasses.asdict(report), default=str))

@@ -16,6 +16,7 @@ from app.container import Vault
 from app.services.context import RequestContext
 from app.services.grants import MIRROR_GRANT
 from tests.conftest import GRANTEE_ARN, Actors, ClientFactory, bearer, create_grant, tokenize
+from tests.test_grants import kms_error
 from tests.test_key_boundary import new_key, seed
 from tests.test_rewrap import rewrap
 
@@ -167,3 +168,43 @@ def test_a_mirror_from_before_keys_were_recorded_is_still_found_and_revoked(
 
     assert f"piivault-{reader}" not in kms_grants(key_a)
     assert mirrors(db, reader)[None][1] is True
+
+
+def test_a_mirror_kms_cannot_revoke_now_is_revoked_by_the_sweep_and_the_others_at_once(
+    make_client: ClientFactory, db: psycopg.Connection[Any]
+) -> None:
+    keys = under_two_keys(make_client)
+    vault, client, actors = keys.vault, keys.client, keys.actors
+    rewrap(vault, keys.key_b)
+    row = db.execute("SELECT id::text FROM grants WHERE operations = '{Decrypt}'").fetchone()
+    assert row is not None
+    reader = str(row[0])
+    unavailable = kms_error(503, "KMSInternalException")
+
+    def on_b_only(model: Any, params: dict[str, Any], **rest: Any) -> Any:
+        body = params.get("body")
+        if isinstance(body, bytes) and keys.arn_b.encode() in body:
+            return unavailable(model)
+        return None
+
+    events = vault.keys.client.meta.events  # type: ignore[attr-defined]
+    events.register("before-call.kms.RevokeGrant", on_b_only)
+    try:
+        # The vault's revocation does not wait for KMS: effective now, A's mirror revoked.
+        assert client.delete(f"/v1/grants/{reader}", headers=bearer(actors.admin)).status_code == 200
+    finally:
+        events.unregister("before-call.kms.RevokeGrant", on_b_only)
+    assert mirrors(db, reader) == {
+        keys.arn_a: (mirrors(db, reader)[keys.arn_a][0], True),
+        keys.arn_b: (mirrors(db, reader)[keys.arn_b][0], False),
+    }
+    assert f"piivault-{reader}" in kms_grants(keys.key_b)
+    assert db.execute("SELECT kms_revoked_at FROM grants WHERE id = %s", (reader,)).fetchone() == (None,)
+
+    vault.grants.sweep(RequestContext("test-sweep"))
+
+    assert f"piivault-{reader}" not in kms_grants(keys.key_b)
+    assert all(revoked for _, revoked in mirrors(db, reader).values())
+    assert db.execute(
+        "SELECT kms_revoked_at IS NOT NULL FROM grants WHERE id = %s", (reader,)
+    ).fetchone() == (True,)

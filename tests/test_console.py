@@ -266,6 +266,13 @@ def test_the_data_types_page_lists_the_registry_and_admins_change_it_under_the_a
     ).fetchone()
     assert row == ("[A-Z]{2}[0-9]{6}", "none", "last4", True, None)
     assert ("allowed", None, "root-admin") in events(db, "CreateDataType")
+    # Edit: the form comes filled with its rules; a built-in has no such form.
+    editing = client.get("/console/data-types", params={"edit": "LoyaltyNumber"}).text
+    assert "Change LoyaltyNumber" in editing and 'value="[A-Z]{2}[0-9]{6}"' in editing
+    assert '<option value="last4" selected>' in editing and "checked" in editing
+    assert (
+        "Change DriverLicense" not in client.get("/console/data-types", params={"edit": "DriverLicense"}).text
+    )
     # The API sees it: the same registry.
     api = client.get("/v1/data-types/LoyaltyNumber", headers=bearer(actors.admin)).json()
     assert api["mask"] == "last4" and api["lookup"] is True

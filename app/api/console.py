@@ -724,13 +724,22 @@ _CUSTOMER_ID = re.compile(CUSTOMER_ID_PATTERN)
 
 
 def _data_types_page(
-    request: Request, vault: Vault, session: Session, login: ConsoleLogin, **extra: Any
+    request: Request,
+    vault: Vault,
+    session: Session,
+    login: ConsoleLogin,
+    edit: str | None = None,
+    **extra: Any,
 ) -> HTMLResponse:
+    rows = vault.data_types.list(session)
+    # The form filled with a custom type's rules, to change some and keep the rest.
+    editing = next((row for row in rows if row.name == edit and not row.builtin), None)
     return _render(
         request,
         "data_types.html",
         login,
-        data_types=vault.data_types.list(session),
+        data_types=rows,
+        editing=editing,
         normalizers=get_args(Normalize),
         masks=get_args(Mask),
         **extra,
@@ -739,10 +748,14 @@ def _data_types_page(
 
 @router.get("/data-types", response_class=HTMLResponse)
 def data_types(
-    request: Request, vault: VaultDep, session: SessionDep, login: LoginDep, ctx: ContextDep
+    request: Request,
+    vault: VaultDep,
+    session: SessionDep,
+    login: LoginDep,
+    edit: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Response:
     # The registry holds no personal data: every console user reads it, as every API caller can.
-    return _attempt(request, session, login, lambda: _data_types_page(request, vault, session, login))
+    return _attempt(request, session, login, lambda: _data_types_page(request, vault, session, login, edit))
 
 
 def _form_days(text: str) -> int | str | None:

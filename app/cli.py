@@ -467,6 +467,8 @@ def keys_rewrap(
         progress.stop()
         vault.close()
     summary = f"rewrapped {report.rewrapped} data keys to {to_arn}"
+    if report.mirrors:
+        summary += f"; mirrored {report.mirrors} active grants there (KMS grants)"
     if report.skipped:
         summary += f"; {report.skipped} changed meanwhile (erased or moved) and were left as they are"
     if report.failed:

@@ -137,7 +137,7 @@ def build_vault(
         require_access_reason=settings.require_access_reason,
         idempotency=idempotency,
     )
-    rotation = KeyRotation(database, auditor, keys, allow_list_of(keys))
+    rotation = KeyRotation(database, auditor, keys, allow_list_of(keys), grants=grants)
     erasure = ErasureService(
         database=database,
         tokens=tokens,

@@ -57,6 +57,7 @@ TABLES = (
     "audit_keys",
     "vault_keys",
     "records",
+    "grant_mirrors",
     "grants",
     "approvals",
     "console_sessions",
@@ -427,7 +428,12 @@ def restore_seed(db: psycopg.Connection[Any], vault: Vault, snapshot: SeedSnapsh
                 mirror = vault.keys.create_grant(
                     name=f"piivault-{grant_id}", operations=list(operations), constraints=constraints
                 )
-                db.execute("UPDATE grants SET kms_grant_id = %s WHERE id = %s", (mirror, grant_id))
+                assert mirror is not None
+                db.execute("UPDATE grants SET kms_grant_id = %s WHERE id = %s", (mirror.grant_id, grant_id))
+                db.execute(
+                    "UPDATE grant_mirrors SET kms_grant_id = %s, kms_key_arn = %s WHERE grant_id = %s",
+                    (mirror.grant_id, mirror.key_arn, grant_id),
+                )
     # build_seed leaves the vault with its audit key loaded: tests count KMS calls from there on.
     vault.auditor._keyring.current()
     return snapshot.actors

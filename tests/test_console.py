@@ -12,7 +12,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api.console import CONSOLE_CSP, COOKIE, SIGN_IN_COOKIE
-from tests.conftest import GRANTEE_ARN, Actors, ClientFactory, bearer, create_admin, create_principal
+from tests.conftest import (
+    GRANTEE_ARN,
+    Actors,
+    ClientFactory,
+    bearer,
+    create_admin,
+    create_principal,
+    tokenize,
+)
 
 TOKEN_FIELD = re.compile(r'name="(csrf_token|sign_in_token)" value="([^"]+)"')
 
@@ -235,3 +243,158 @@ def test_outside_development_the_cookies_are_secure(
     )
     cookie = next(c for c in response.headers.get_list("set-cookie") if c.startswith(f"{COOKIE}="))
     assert "secure" in [part.strip().lower() for part in cookie.split(";")]
+
+
+def test_the_data_types_page_lists_the_registry_and_admins_change_it_under_the_apis_rules(
+    client: TestClient, actors: Actors, db: psycopg.Connection[Any]
+) -> None:
+    auditor = create_principal(client, actors.admin, "auditor-dt", role="auditor")
+    csrf = signed_in(client, actors.admin)
+    page = client.get("/console/data-types")
+    assert page.status_code == 200
+    assert "DriverLicense" in page.text and "strip_separators" in page.text and "last4" in page.text
+    form = {"name": "LoyaltyNumber", "pattern": "[A-Z]{2}[0-9]{6}", "normalize": "none", "mask": "last4"}
+
+    # No CSRF token, no change.
+    assert client.post("/console/data-types", data=form).status_code == 422
+    registered = client.post("/console/data-types", data=form | {"lookup": "on", "csrf_token": csrf})
+
+    assert registered.status_code == 200 and "Registered LoyaltyNumber." in registered.text
+    row = db.execute(
+        "SELECT pattern, normalize, mask, lookup, max_retention_days FROM data_types WHERE name = %s",
+        ("LoyaltyNumber",),
+    ).fetchone()
+    assert row == ("[A-Z]{2}[0-9]{6}", "none", "last4", True, None)
+    assert ("allowed", None, "root-admin") in events(db, "CreateDataType")
+    # Edit: the form comes filled with its rules; a built-in has no such form.
+    editing = client.get("/console/data-types", params={"edit": "LoyaltyNumber"}).text
+    assert "Change LoyaltyNumber" in editing and 'value="[A-Z]{2}[0-9]{6}"' in editing
+    assert '<option value="last4" selected>' in editing and "checked" in editing
+    assert (
+        "Change DriverLicense" not in client.get("/console/data-types", params={"edit": "DriverLicense"}).text
+    )
+    # The API sees it: the same registry.
+    api = client.get("/v1/data-types/LoyaltyNumber", headers=bearer(actors.admin)).json()
+    assert api["mask"] == "last4" and api["lookup"] is True
+
+    # A built-in changes in retention only: the API's message, and nothing written.
+    builtin = client.post(
+        "/console/data-types",
+        data={"name": "DriverLicense", "normalize": "none", "csrf_token": csrf},
+    )
+    assert builtin.status_code == 409 and "only max_retention_days can change" in builtin.text
+    retention = client.post(
+        "/console/data-types",
+        data={"name": "DriverLicense", "retention_only": "1", "max_retention_days": "30", "csrf_token": csrf},
+    )
+    assert retention.status_code == 200 and "Changed DriverLicense." in retention.text
+    assert db.execute(
+        "SELECT normalize, max_retention_days FROM data_types WHERE name = 'DriverLicense'"
+    ).fetchone() == ("strip_separators", 30)
+
+    # The body model's own rules: a retention of 0 days, a pattern RE2 refuses, a bad name.
+    for data, field in (
+        ({"name": "DriverLicense", "retention_only": "1", "max_retention_days": "0"}, "max_retention_days"),
+        ({"name": "DriverLicense", "retention_only": "1", "max_retention_days": "ten"}, "max_retention_days"),
+        (form | {"pattern": "(a"}, "pattern"),
+        (form | {"mask": "rot13"}, "mask"),
+        (form | {"name": "<b>x</b>"}, "name"),
+    ):
+        refused = client.post("/console/data-types", data=data | {"csrf_token": csrf})
+        assert refused.status_code == 422 and f"field: {field}" in refused.text, (data, refused.text)
+        assert "<b>x</b>" not in refused.text
+    assert db.execute(
+        "SELECT max_retention_days FROM data_types WHERE name = 'DriverLicense'"
+    ).fetchone() == (30,)
+
+    # An auditor reads the registry but has no form, and a post is refused and audited.
+    client.cookies.clear()
+    auditor_csrf = signed_in(client, auditor["api_key"])
+    seen = client.get("/console/data-types")
+    assert seen.status_code == 200 and "LoyaltyNumber" in seen.text and "Save data type" not in seen.text
+    denied = client.post("/console/data-types", data=form | {"name": "Other", "csrf_token": auditor_csrf})
+    assert denied.status_code == 403
+    assert ("denied", "role_required", "auditor-dt") in events(db, "Console:PutDataType")
+    assert db.execute("SELECT count(*) FROM data_types WHERE name = 'Other'").fetchone() == (0,)
+
+
+def test_the_subject_access_report_shows_records_and_accesses_never_a_value(
+    client: TestClient, actors: Actors, db: psycopg.Connection[Any]
+) -> None:
+    value = "D9876-54321-99999"
+    token = tokenize(
+        client, actors.onboarding, {"customer_id": "c-77", "data_type": "DriverLicense", "value": value}
+    )
+    read = client.get(
+        f"/v1/tokens/{token}", headers=bearer(actors.kyc) | {"X-Access-Reason": "loan application 5"}
+    )
+    assert read.status_code == 200 and read.json()["value"] == value
+    auditor = create_principal(client, actors.admin, "auditor-sar", role="auditor")
+    signed_in(client, auditor["api_key"])
+
+    found = client.get("/console/customers/report", params={"customer_id": " c-77 "}, follow_redirects=False)
+    assert found.status_code == 303 and found.headers["location"] == "/console/customers/c-77/report"
+    report = client.get("/console/customers/c-77/report")
+
+    assert report.status_code == 200
+    assert token in report.text and "DriverLicense" in report.text
+    assert "kyc-app" in report.text and "loan application 5" in report.text and "Detokenize" in report.text
+    assert value not in report.text and value.replace("-", "") not in report.text
+    # Audited as the API audits it: a CustomerReport event about the customer, by the auditor.
+    assert db.execute(
+        "SELECT outcome, principal_name, customer_id FROM audit_events WHERE action = 'CustomerReport'"
+    ).fetchall() == [("allowed", "auditor-sar", "c-77")]
+    # The same report as the API's.
+    api = client.get("/v1/customers/c-77/report", headers=bearer(auditor["api_key"])).json()
+    assert [r["token"] for r in api["records"]] == [token]
+
+    # A customer id the API would refuse is refused with its message; nothing is reported.
+    bad = client.get("/console/customers/c%20%3Cb%3E/report")
+    assert bad.status_code == 422 and "customer_id" in bad.text and "<b>" not in bad.text
+    # The audit page carries the form.
+    assert 'action="/console/customers/report"' in client.get("/console/audit").text
+
+
+def test_the_report_is_for_admins_and_auditors_only(
+    client: TestClient, actors: Actors, db: psycopg.Connection[Any]
+) -> None:
+    signed_in(client, actors.admin)
+    assert client.get("/console/customers/c-1/report").status_code == 200
+    client.cookies.clear()
+    # A service cannot sign in, so cannot reach the page at all.
+    assert sign_in(client, actors.kyc).status_code == 403
+    assert client.get("/console/customers/c-1/report", follow_redirects=False).status_code == 303
+
+
+def test_failed_sign_ins_block_the_source_like_api_authentication_and_are_audited_in_aggregate(
+    make_client: ClientFactory, kms_key_id: str, db: psycopg.Connection[Any]
+) -> None:
+    vault, client = make_client(kms_key_id, auth_failure_limit=3, auth_failure_window_s=60)
+    admin = create_admin(vault)
+    bad_key = "pv_0123456789abcdef_" + "z" * 43
+    answers = [sign_in(client, bad_key).status_code for _ in range(6)]
+    # 401s until the failures pass the limit, then the source is refused before any lookup.
+    assert answers == [401, 401, 401, 401, 429, 429]
+
+    blocked = sign_in(client, admin)
+
+    assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
+    assert "too many failed authentications" in blocked.text
+    assert not any(c.startswith(f"{COOKIE}=") for c in blocked.headers.get_list("set-cookie"))
+    assert db.execute("SELECT count(*) FROM console_sessions").fetchone() == (0,)
+    # Blocked for the console and the API alike: the same screen.
+    assert client.get("/v1/principals", headers=bearer(admin)).status_code == 429
+    # Another source signs in.
+    other = TestClient(client.app, client=("192.0.2.9", 40000))
+    assert sign_in(other, admin).status_code == 303
+
+    # Audited as the API does it: the first failure of each kind now, the repeats in one
+    # aggregate event with their count once the window is flushed.
+    vault.principals.flush_failed_authentications(everything=True)
+    rows = db.execute(
+        "SELECT reason, repeat_count FROM audit_events WHERE action = 'Authenticate' AND outcome = 'denied'"
+        " AND source_ip = 'testclient' ORDER BY id"
+    ).fetchall()
+    assert sum(count or 1 for _, count in rows) == 6 + 2  # six sign-ins, the blocked one, the API call
+    assert {reason for reason, _ in rows} == {"unknown_key", "rate_limited"}
+    assert len(rows) < 8 and any(count for _, count in rows)

@@ -254,6 +254,9 @@ def test_two_admins_hand_a_service_its_key_and_grant_it_decrypt_in_chromium(
         page.screenshot(path=str(shots / "audit-verify.png"), full_page=True)
         page.goto("/console/keys")
         page.screenshot(path=str(shots / "keys.png"), full_page=True)
+        page.goto("/console/data-types")
+        assert page.locator("td", has_text=re.compile("^DriverLicense$")).count() == 1
+        page.screenshot(path=str(shots / "data-types.png"), full_page=True)
 
         # Phone-sized: every page fits the screen's width.
         phone = context.new_page()
@@ -264,6 +267,7 @@ def test_two_admins_hand_a_service_its_key_and_grant_it_decrypt_in_chromium(
             "/console/grants",
             "/console/audit",
             "/console/keys",
+            "/console/data-types",
         ):
             phone.goto(path)
             assert fits(phone), path

@@ -83,3 +83,31 @@ def test_an_audit_chain_moves_to_its_own_table_and_back_and_still_verifies(
         assert report.first_bad_event["chain_seq"] == 3
     finally:
         tampered.close()
+
+
+def test_existing_grant_mirrors_move_into_grant_mirrors_with_no_key_recorded(own_database: str) -> None:
+    """0011: each grant's one mirror (grants.kms_grant_id) becomes a grant_mirrors row whose key
+    is unknown (revocation looks for it on every allowed key), revoked if it was."""
+    command.downgrade(alembic_config(own_database), "0010")
+    with psycopg.connect(own_database) as connection:
+        connection.execute(
+            "INSERT INTO principals (id, name, role) VALUES (gen_random_uuid(), 'app', 'service')"
+        )
+        for name, mirror, revoked in (
+            ("live", "kms-1", False),
+            ("gone", "kms-2", True),
+            ("bare", None, False),
+        ):
+            connection.execute(
+                "INSERT INTO grants (id, name, grantee_id, operations, kms_grant_id, kms_revoked_at)"
+                " SELECT gen_random_uuid(), %s, id, '{Decrypt}', %s, CASE WHEN %s THEN now() END"
+                " FROM principals",
+                (name, mirror, revoked),
+            )
+    upgrade(own_database)
+    with psycopg.connect(own_database) as connection:
+        rows = connection.execute(
+            "SELECT g.name, m.kms_grant_id, m.kms_key_arn, m.revoked_at IS NOT NULL"
+            " FROM grant_mirrors m JOIN grants g ON g.id = m.grant_id ORDER BY g.name"
+        ).fetchall()
+    assert rows == [("gone", "kms-2", None, True), ("live", "kms-1", None, False)]

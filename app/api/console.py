@@ -10,12 +10,14 @@ sign-in form a double-submit token of its own).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi import Path as FastApiPath
@@ -29,14 +31,22 @@ from app.api.deps import ContextDep, SessionDep, VaultDep
 from app.api.errors import status_of
 from app.api.grants import grant_request
 from app.api.paging import decode_cursor, split_page
-from app.api.schemas import GrantCreate, PrincipalCreate
+from app.api.schemas import (
+    CUSTOMER_ID_PATTERN,
+    DATA_TYPE_PATTERN,
+    DataTypePut,
+    GrantCreate,
+    PrincipalCreate,
+)
 from app.container import Vault
+from app.datatypes import Mask, Normalize
 from app.db.models import Approval, Grant
 from app.db.repositories import AuditFilter
-from app.errors import InvalidInput, VaultError
+from app.errors import InvalidInput, RateLimited, VaultError
 from app.services.alerts import event_fields
 from app.services.console import ConsoleLogin
 from app.services.context import OPERATIONS, RequestContext, utcnow
+from app.services.data_types import FIELDS, DataTypeChanges
 
 ASSETS = Path(__file__).resolve().parent.parent / "console"
 COOKIE = "piivault_console"
@@ -93,11 +103,20 @@ def _render(
     return templates.TemplateResponse(request, name, values, status_code=status_code)
 
 
+def _retry_after(response: Response, err: VaultError) -> Response:
+    """Retry-After on a rate-limit refusal, as the API sends it."""
+    if isinstance(err, RateLimited):
+        response.headers["Retry-After"] = str(err.retry_after_s)
+    return response
+
+
 def _refused(request: Request, session: Session, login: ConsoleLogin | None, err: VaultError) -> HTMLResponse:
     """The error page: the same message and status the API gives (messages never hold a value).
     Whatever the failed action wrote is rolled back, as in the API."""
     session.rollback()
-    return _render(request, "error.html", login, status_of(err), error=err, status=status_of(err))
+    page = _render(request, "error.html", login, status_of(err), error=err, status=status_of(err))
+    _retry_after(page, err)
+    return page
 
 
 def _attempt(
@@ -184,12 +203,15 @@ def sign_in(
         err = InvalidInput("the sign-in form is stale; reload it and sign in again", field="csrf_token")
         return _refused(request, session, None, err)
     try:
+        # The API's screen first: a source blocked for failed authentications is refused (429,
+        # Retry-After) before the key is looked at, and its failures are counted as the API's.
         secret, _ = vault.console.sign_in(session, api_key.strip(), ctx)
     except VaultError as err:
         session.rollback()
         token = secrets.token_urlsafe(32)
         refused = _render(request, "sign_in.html", None, status_of(err), sign_in_token=token, error=err)
         _set_cookie(request, refused, SIGN_IN_COOKIE, token, max_age=600)
+        _retry_after(refused, err)
         return refused
     signed_in = RedirectResponse("/console", status_code=303)
     _set_cookie(request, signed_in, COOKIE, secret, max_age=vault.settings.console_session_s)
@@ -690,5 +712,133 @@ def keys(
     def show() -> HTMLResponse:
         _require(vault, login, AUDIT_READERS, "ListKeys", ctx)
         return _render(request, "keys.html", login, keys=vault.rotation.inventory(session))
+
+    return _attempt(request, session, login, show)
+
+
+# Data types
+
+
+_TYPE_NAME = re.compile(DATA_TYPE_PATTERN)
+_CUSTOMER_ID = re.compile(CUSTOMER_ID_PATTERN)
+
+
+def _data_types_page(
+    request: Request,
+    vault: Vault,
+    session: Session,
+    login: ConsoleLogin,
+    edit: str | None = None,
+    **extra: Any,
+) -> HTMLResponse:
+    rows = vault.data_types.list(session)
+    # The form filled with a custom type's rules, to change some and keep the rest.
+    editing = next((row for row in rows if row.name == edit and not row.builtin), None)
+    return _render(
+        request,
+        "data_types.html",
+        login,
+        data_types=rows,
+        editing=editing,
+        normalizers=get_args(Normalize),
+        masks=get_args(Mask),
+        **extra,
+    )
+
+
+@router.get("/data-types", response_class=HTMLResponse)
+def data_types(
+    request: Request,
+    vault: VaultDep,
+    session: SessionDep,
+    login: LoginDep,
+    edit: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    # The registry holds no personal data: every console user reads it, as every API caller can.
+    return _attempt(request, session, login, lambda: _data_types_page(request, vault, session, login, edit))
+
+
+def _form_days(text: str) -> int | str | None:
+    """Days from a form field: empty is None (no limit); anything else goes to the body model."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else (text or None)
+
+
+@router.post("/data-types", response_class=HTMLResponse)
+def put_data_type(
+    request: Request,
+    vault: VaultDep,
+    session: SessionDep,
+    login: LoginDep,
+    ctx: ContextDep,
+    name: Annotated[str, Form(max_length=64)],
+    max_retention_days: Annotated[str, Form(max_length=16)] = "",
+    pattern: Annotated[str | None, Form(max_length=1024)] = None,
+    normalize: Annotated[str | None, Form(max_length=32)] = None,
+    mask: Annotated[str | None, Form(max_length=32)] = None,
+    lookup: Annotated[str | None, Form(max_length=8)] = None,
+    retention_only: Annotated[str | None, Form(max_length=8)] = None,
+    csrf: CsrfField = None,
+) -> Response:
+    """PUT /v1/data-types/{name} from a form: the whole type (register or change a custom one),
+    or its retention alone (any type, built-ins too). The same body model and service."""
+
+    def put() -> Response:
+        _check_csrf(login, csrf)
+        _require(vault, login, ADMINS, "PutDataType", ctx)
+        type_name = name.strip()
+        if not _TYPE_NAME.fullmatch(type_name):
+            raise InvalidInput(f"name: must match {DATA_TYPE_PATTERN}", field="name")
+        fields: dict[str, Any] = {"max_retention_days": _form_days(max_retention_days)}
+        if not retention_only:
+            fields.update(
+                pattern=(pattern or "").strip() or None,
+                normalize=normalize or "none",
+                mask=mask or "none",
+                lookup=lookup == "on",
+            )
+        body = _validated(DataTypePut, **fields)
+        given = frozenset(body.model_fields_set) & frozenset(FIELDS)
+        row, created = vault.data_types.put(
+            session, login.caller, type_name, DataTypeChanges(given=given, **body.model_dump()), ctx
+        )
+        notice = f"{'Registered' if created else 'Changed'} {row.name}."
+        return _data_types_page(request, vault, session, login, notice=notice)
+
+    return _attempt(request, session, login, put)
+
+
+# Subject-access report
+
+
+@router.get("/customers/report")
+def find_customer_report(
+    login: LoginDep, customer_id: Annotated[str, Query(max_length=128)] = ""
+) -> Response:
+    """The audit page's small form: to the report's own address (which checks the id)."""
+    wanted = customer_id.strip()
+    if not wanted:
+        return RedirectResponse("/console/audit", 303)
+    return RedirectResponse(f"/console/customers/{quote(wanted, safe='')}/report", 303)
+
+
+@router.get("/customers/{customer_id}/report", response_class=HTMLResponse)
+def customer_report(
+    request: Request,
+    customer_id: Annotated[str, FastApiPath(max_length=256)],
+    vault: VaultDep,
+    session: SessionDep,
+    login: LoginDep,
+    ctx: ContextDep,
+) -> Response:
+    """GET /v1/customers/{id}/report as a page: records and accesses, never a value; admins and
+    auditors; audited (CustomerReport) by the same service."""
+
+    def show() -> HTMLResponse:
+        _require(vault, login, AUDIT_READERS, "CustomerReport", ctx)
+        if not _CUSTOMER_ID.fullmatch(customer_id):
+            raise InvalidInput(f"customer_id: must match {CUSTOMER_ID_PATTERN}", field="customer_id")
+        report = vault.reports.customer_report(session, login.caller, customer_id, ctx)
+        return _render(request, "report.html", login, report=report)
 
     return _attempt(request, session, login, show)

@@ -100,23 +100,48 @@ class GrantConstraints:
     equals: Mapping[str, str] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class KmsGrant:
+    """A KMS grant a mirror made: its id, and the master key (ARN) that holds it."""
+
+    key_arn: str
+    grant_id: str
+
+
 class GrantMirror(Protocol):
     """Mirrors vault grants as grants on the master key, so KMS itself refuses what no grant covers."""
 
     def create_grant(
-        self, *, name: str, operations: list[str], constraints: GrantConstraints
-    ) -> str | None: ...
+        self,
+        *,
+        name: str,
+        operations: list[str],
+        constraints: GrantConstraints,
+        key_arn: str | None = None,
+    ) -> KmsGrant | None:
+        """A KMS grant on `key_arn` (default: the current key); None if nothing is to be mirrored."""
+        ...
 
-    def revoke_grant(self, kms_grant_id: str) -> None: ...
+    def revoke_grant(self, kms_grant_id: str, key_arn: str | None = None) -> None:
+        """Revoke it on `key_arn`; None (a mirror whose key was not recorded): on whichever
+        allowed key holds it. One already gone is not an error."""
+        ...
 
 
 class NoGrantMirror:
     """For providers (or settings) without KMS grants: nothing to mirror."""
 
-    def create_grant(self, *, name: str, operations: list[str], constraints: GrantConstraints) -> str | None:
+    def create_grant(
+        self,
+        *,
+        name: str,
+        operations: list[str],
+        constraints: GrantConstraints,
+        key_arn: str | None = None,
+    ) -> KmsGrant | None:
         return None
 
-    def revoke_grant(self, kms_grant_id: str) -> None:
+    def revoke_grant(self, kms_grant_id: str, key_arn: str | None = None) -> None:
         return None
 
 

@@ -32,7 +32,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from app.crypto.envelope import DATA_KEY_BYTES
-from app.crypto.keys import DataKey, EncryptionContext, GrantConstraints, called_outside_loop
+from app.crypto.keys import DataKey, EncryptionContext, GrantConstraints, KmsGrant, called_outside_loop
 from app.crypto.kms_transport import Boto3Transport, KmsTransport, TransportKind, build_transport
 from app.crypto.kms_wire import resolved_verify
 from app.errors import (
@@ -424,7 +424,14 @@ class KmsKeyProvider:
         return disabled
 
     # GrantMirror
-    def create_grant(self, *, name: str, operations: list[str], constraints: GrantConstraints) -> str | None:
+    def create_grant(
+        self,
+        *,
+        name: str,
+        operations: list[str],
+        constraints: GrantConstraints,
+        key_arn: str | None = None,
+    ) -> KmsGrant | None:
         # Only operations that make a KMS call are mirrored (Erase makes none): nothing to mirror,
         # no grant.
         mirrored = sorted({_OPERATIONS[op] for op in operations if op in _OPERATIONS})
@@ -437,8 +444,10 @@ class KmsKeyProvider:
             kms_constraints["EncryptionContextSubset"] = dict(constraints.subset)
         if constraints.equals is not None:
             kms_constraints["EncryptionContextEquals"] = dict(constraints.equals)
+        # Another key than the current one: a rewrap's target, which rotation checked is allowed.
+        key = key_arn or self.key_arn()
         arguments: dict[str, Any] = {
-            "KeyId": self.key_arn(),
+            "KeyId": key,
             "GranteePrincipal": self._grantee_principal,
             "Operations": mirrored,
             "Name": name,
@@ -446,18 +455,23 @@ class KmsKeyProvider:
         if kms_constraints:
             arguments["Constraints"] = kms_constraints
         response = self._call("CreateGrant", lambda: self.client.create_grant(**arguments))
-        return response["GrantId"]
+        return KmsGrant(key_arn=key, grant_id=response["GrantId"])
 
-    def revoke_grant(self, kms_grant_id: str) -> None:
-        """Revoke a mirror on whichever allowed key holds it: the current key, or an older one
-        that was current when the grant was made. KMS answers NotFound on any other key; not
-        found on any of them is gone already, the state we want."""
-        current = self.key_arn()
-        for key_arn in (current, *sorted(self.allowed_arns() - {current})):
+    def revoke_grant(self, kms_grant_id: str, key_arn: str | None = None) -> None:
+        """Revoke a mirror on the key that holds it, or, its key not recorded (a mirror made
+        before keys were), on whichever allowed key does: the current key, or an older one that
+        was current when the grant was made. KMS answers NotFound on any other key; not found is
+        gone already, the state we want."""
+        if key_arn is not None:
+            keys: tuple[str, ...] = (key_arn,)
+        else:
+            current = self.key_arn()
+            keys = (current, *sorted(self.allowed_arns() - {current}))
+        for key in keys:
             started = time.perf_counter()
             try:
                 self._bounded(
-                    "RevokeGrant", partial(self.client.revoke_grant, KeyId=key_arn, GrantId=kms_grant_id)
+                    "RevokeGrant", partial(self.client.revoke_grant, KeyId=key, GrantId=kms_grant_id)
                 )
                 observe_kms_call("RevokeGrant", "ok", time.perf_counter() - started)
                 return

@@ -184,6 +184,34 @@ class Grant(Base):
         return f"Grant(id={self.id}, grantee_id={self.grantee_id}, operations={self.operations})"
 
 
+class KmsGrantMirror(Base):
+    """One KMS grant mirroring a vault grant, on one master key: made on the current key when the
+    grant becomes active, and on a rewrap's target key (a grant has one per key it covers). Revoked
+    with the grant, on the key that holds it. `kms_key_arn` is None for mirrors made before keys
+    were recorded (migration 0011): those are looked for on every allowed key."""
+
+    __tablename__ = "grant_mirrors"
+    __table_args__ = (
+        # One mirror per grant and key: a rewrap run again finds it and makes no second one.
+        Index(
+            "uq_grant_mirrors_grant_key",
+            "grant_id",
+            "kms_key_arn",
+            unique=True,
+            postgresql_where=text("kms_key_arn IS NOT NULL"),
+        ),
+    )
+
+    grant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("grants.id", ondelete="CASCADE"), primary_key=True)
+    kms_grant_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    kms_key_arn: Mapped[str | None] = mapped_column(String(2048))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    def __repr__(self) -> str:
+        return f"KmsGrantMirror(grant_id={self.grant_id}, kms_key_arn={self.kms_key_arn!r})"
+
+
 class Record(Base):
     """A stored value, or once erased its tombstone: the secret columns are NULL then (a CHECK
     holds both ways), and erased_at and erasure_reason say when and why."""

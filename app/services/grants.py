@@ -17,9 +17,9 @@ from app.access import (
     may_receive_grant,
     may_retire_grant,
 )
-from app.crypto.keys import GrantConstraints, GrantMirror
+from app.crypto.keys import GrantConstraints, GrantMirror, KmsGrant
 from app.db.models import Grant
-from app.db.repositories import ApprovalRepository, GrantRepository
+from app.db.repositories import ApprovalRepository, GrantMirrorRepository, GrantRepository
 from app.db.session import Database, on_rollback
 from app.errors import Conflict, DependencyUnavailable, InvalidInput, Misconfigured, NotFound
 from app.services.approvals import ApprovalQueue
@@ -29,6 +29,9 @@ from app.services.data_types import DataTypeService
 from app.services.principals import PrincipalService
 
 log = logging.getLogger(__name__)
+
+# A grant's KMS mirror made on another key than the current one (a rewrap's target).
+MIRROR_GRANT = "MirrorGrant"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,17 +139,48 @@ class GrantService:
         grant.approved_at = now
 
     def _mirror_now(self, session: Session, grant: Grant) -> None:
+        made = self.mirror_on(session, grant, None)
+        if made is not None:
+            grant.kms_grant_id = made.grant_id  # the first mirror: the one the API shows
+
+    def mirror_on(self, session: Session, grant: Grant, key_arn: str | None) -> KmsGrant | None:
+        """Mirror the grant on `key_arn` (None: the current key), with its operations and
+        constraints, and record the mirror; None if it has nothing KMS would check. A failed
+        mirror fails the caller; a mirror made before a failed commit is revoked."""
         constraints = GrantConstraints(
             subset=grant.constraint_context if grant.constraint_kind == SUBSET else None,
             equals=grant.constraint_context if grant.constraint_kind == EQUALS else None,
         )
-        # A failed mirror fails the request; a mirror made before a failed commit is revoked.
-        kms_grant_id = self._mirror.create_grant(
-            name=f"piivault-{grant.id}", operations=grant.operations, constraints=constraints
+        made = self._mirror.create_grant(
+            name=f"piivault-{grant.id}", operations=grant.operations, constraints=constraints, key_arn=key_arn
         )
-        if kms_grant_id is not None:
-            grant.kms_grant_id = kms_grant_id
-            on_rollback(session, lambda: self._mirror.revoke_grant(kms_grant_id))
+        if made is None:
+            return None
+        on_rollback(session, lambda: self._mirror.revoke_grant(made.grant_id, made.key_arn))
+        GrantMirrorRepository(session).add(grant.id, made.grant_id, made.key_arn)
+        return made
+
+    def mirror_active_on(self, key_arn: str, ctx: RequestContext, batch: int = 100) -> int:
+        """For a rewrap to `key_arn`: mirror there every active grant that has a mirror elsewhere
+        and none there yet (pending, revoked, Erase-only and unmirrored grants are left alone),
+        with the same operations and constraints, each audited (MirrorGrant), a batch per
+        transaction. Idempotent: run again, it finds nothing left. Returns how many were made."""
+        made = 0
+        while True:
+            with self._database.transaction() as session:
+                grants = GrantMirrorRepository(session).to_mirror_on(key_arn, utcnow(), batch)
+                events = [
+                    build_event(
+                        MIRROR_GRANT, "allowed", ctx, None, Subject(grant_id=grant.id, target_id=key_arn)
+                    )
+                    for grant in grants
+                    if self.mirror_on(session, grant, key_arn) is not None
+                ]
+                self._auditor.record(session, events)
+            made += len(events)
+            # (No mirror made from a full page: nothing here mirrors, so nothing more will.)
+            if len(grants) < batch or not events:
+                return made
 
     def _withdraw_request(self, session: Session, actor: Caller, grant: Grant, now: datetime) -> None:
         """A pending grant revoked or retired: its request is closed as withdrawn. (The grant's
@@ -187,7 +221,7 @@ class GrantService:
             raise Conflict("the grant is already revoked or retired", field="id")
         grant.revoked_at = utcnow()
         self._withdraw_request(session, actor, grant, grant.revoked_at)
-        self._revoke_mirror(grant)
+        self._revoke_mirrors(session, grant)
         self._auditor.record(
             session, [build_event("RevokeGrant", "allowed", ctx, actor, Subject(grant_id=grant.id))]
         )
@@ -206,23 +240,36 @@ class GrantService:
             raise Conflict("the grant is already revoked or retired", field="id")
         grant.retired_at = utcnow()
         self._withdraw_request(session, caller, grant, grant.retired_at)
-        self._revoke_mirror(grant)
+        self._revoke_mirrors(session, grant)
         self._auditor.record(
             session, [build_event("RetireGrant", "allowed", ctx, caller, Subject(grant_id=grant.id))]
         )
         return grant
 
-    def _revoke_mirror(self, grant: Grant) -> None:
-        """Revoke the KMS mirror now if KMS answers; else the sweep retries. The vault's own
-        revocation never waits on KMS: it is effective at commit."""
-        if grant.kms_grant_id is None:
+    def _revoke_mirrors(self, session: Session, grant: Grant) -> None:
+        """Revoke every KMS mirror of the grant, each on the key that holds it, now if KMS answers;
+        else the sweep retries. The vault's own revocation never waits on KMS: it is effective at
+        commit. kms_revoked_at is set once none is left standing."""
+        mirrors = GrantMirrorRepository(session).of(grant.id)
+        if not mirrors:
+            # A grant row mirrored without a grant_mirrors row (none such after migration 0011):
+            # its one mirror is looked for on every allowed key.
+            if grant.kms_grant_id is not None and self._revoked(grant, grant.kms_grant_id, None):
+                grant.kms_revoked_at = utcnow()
             return
+        for mirror in mirrors:
+            if mirror.revoked_at is None and self._revoked(grant, mirror.kms_grant_id, mirror.kms_key_arn):
+                mirror.revoked_at = utcnow()
+        if all(mirror.revoked_at is not None for mirror in mirrors):
+            grant.kms_revoked_at = utcnow()
+
+    def _revoked(self, grant: Grant, kms_grant_id: str, key_arn: str | None) -> bool:
         try:
-            self._mirror.revoke_grant(grant.kms_grant_id)
+            self._mirror.revoke_grant(kms_grant_id, key_arn)
         except (DependencyUnavailable, Misconfigured):
             log.warning("KMS mirror of grant %s not revoked yet; the sweep will retry", grant.id)
-            return
-        grant.kms_revoked_at = utcnow()
+            return False
+        return True
 
     def sweep(self, ctx: RequestContext, limit: int = 100) -> int:
         """Record each expiry once, and revoke the KMS mirrors of grants that are no longer active
@@ -239,6 +286,6 @@ class GrantService:
                 [build_event("ExpireGrant", "allowed", ctx, None, Subject(grant_id=g.id)) for g in expired],
             )
             for grant in repository.mirrors_to_revoke(now, limit):
-                self._revoke_mirror(grant)
+                self._revoke_mirrors(session, grant)
                 revoked += grant.kms_revoked_at is not None
         return revoked

@@ -26,6 +26,7 @@ from app.db.session import Database
 from app.errors import DependencyUnavailable, KeyNotAllowed, VaultError
 from app.services.audit import AUDIT_KEY_CONTEXT, Auditor, Subject, build_event
 from app.services.context import RequestContext, context_of
+from app.services.grants import GrantService
 from app.services.vault_keys import vault_key_context
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class RewrapReport:
     # Refused by the key service (each has an error event); a rerun tries them again.
     failed: int = 0
     batches: int = 0
+    # Active grants' KMS mirrors made on the target key (before any record moved there).
+    mirrors: int = 0
 
     @property
     def done(self) -> int:
@@ -120,8 +123,10 @@ class KeyRotation:
         keys: KeyProvider,
         allow_list: KeyAllowList,
         *,
+        grants: GrantService | None = None,
         concurrency: int = 32,
     ) -> None:
+        self._grants = grants
         self._database = database
         self._auditor = auditor
         self._keys = keys
@@ -208,6 +213,9 @@ class KeyRotation:
         service or the database down), once that batch's successes are committed, by raising it."""
         report = RewrapReport(to_key=to_key)
         report.total = await asyncio.to_thread(self.left, to_key, from_key)
+        if self._grants is not None:
+            # First the grants: KMS lets a grantee at a record under the target key from its move on.
+            report.mirrors = await asyncio.to_thread(self._grants.mirror_active_on, to_key, ctx)
         if on_progress is not None:
             on_progress(report)
         # The vault's own keys first: then a key that wraps no record wraps nothing.

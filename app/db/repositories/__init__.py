@@ -16,7 +16,7 @@ from app.db.repositories.data_path import (
 )
 from app.db.repositories.data_types import DataTypeRepository, load_registry
 from app.db.repositories.erasure import ErasedRow, ErasureRepository, ReportRecord, ReportRepository
-from app.db.repositories.grants import GrantRepository
+from app.db.repositories.grants import GrantMirrorRepository, GrantRepository
 from app.db.repositories.keys import KeyRepository, Rewrapped, WrappedKey
 from app.db.repositories.principals import ApiKeyRepository, PrincipalRepository
 from app.db.repositories.seal import SealRepository
@@ -32,6 +32,7 @@ __all__ = [
     "ErasedRow",
     "ErasureRepository",
     "EventRow",
+    "GrantMirrorRepository",
     "GrantRepository",
     "GrantTerms",
     "KeyCredentials",

@@ -6,10 +6,10 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select, text, tuple_
+from sqlalchemy import and_, exists, or_, select, text, tuple_
 from sqlalchemy.orm import Session
 
-from app.db.models import Approval, Grant
+from app.db.models import Approval, Grant, KmsGrantMirror
 
 # Revocation against work in flight: a detokenize's release holds each grant it rests on in a
 # shared transaction-level advisory lock (data_path.py), a revoke or retire holds the grant's
@@ -100,16 +100,49 @@ class GrantRepository:
         return self.session.scalars(query).all()
 
     def mirrors_to_revoke(self, now: datetime, limit: int) -> Sequence[Grant]:
-        """Inactive grants whose KMS mirror still stands; locked so that one replica handles each."""
+        """Inactive grants whose KMS mirrors (one or more) still stand; locked so that one replica
+        handles each."""
+        standing = exists().where(KmsGrantMirror.grant_id == Grant.id, KmsGrantMirror.revoked_at.is_(None))
         query = (
             select(Grant)
             .where(
-                Grant.kms_grant_id.is_not(None),
+                or_(Grant.kms_grant_id.is_not(None), standing),
                 Grant.kms_revoked_at.is_(None),
                 ~Grant.active_at(now),
             )
             .order_by(Grant.created_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
+        )
+        return self.session.scalars(query).all()
+
+
+class GrantMirrorRepository:
+    """A grant's KMS mirrors, one per master key (grant_mirrors)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, grant_id: uuid.UUID, kms_grant_id: str, key_arn: str) -> KmsGrantMirror:
+        mirror = KmsGrantMirror(grant_id=grant_id, kms_grant_id=kms_grant_id, kms_key_arn=key_arn)
+        self.session.add(mirror)
+        self.session.flush()
+        return mirror
+
+    def of(self, grant_id: uuid.UUID) -> Sequence[KmsGrantMirror]:
+        query = select(KmsGrantMirror).where(KmsGrantMirror.grant_id == grant_id)
+        return self.session.scalars(query.order_by(KmsGrantMirror.created_at)).all()
+
+    def to_mirror_on(self, key_arn: str, now: datetime, limit: int) -> Sequence[Grant]:
+        """Active grants that are mirrored (on some key) but not yet on `key_arn`: for a rewrap to
+        that key. Locked (a revoke waits, or has already made the grant drop out)."""
+        mirrored = exists().where(KmsGrantMirror.grant_id == Grant.id)
+        on_key = exists().where(KmsGrantMirror.grant_id == Grant.id, KmsGrantMirror.kms_key_arn == key_arn)
+        query = (
+            select(Grant)
+            .where(Grant.active_at(now), mirrored, ~on_key)
+            .order_by(Grant.created_at, Grant.id)
+            .limit(limit)
+            .with_for_update(of=Grant)
         )
         return self.session.scalars(query).all()

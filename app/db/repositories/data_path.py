@@ -19,6 +19,7 @@ from operator import attrgetter
 from typing import Any, Literal
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import namedtuple_row
 
 from app.db.repositories.grants import GRANT_LOCK_NAMESPACE
@@ -185,15 +186,18 @@ SELECT k.secret_hash, k.revoked_at AS key_revoked_at, p.id AS principal_id, p.na
 # exclusively), then read as they stand, in a statement (and snapshot) of its own taken once the
 # locks are held. A revoke that committed first is seen; one that comes later waits until the
 # values are on record as released.
-_HOLD_GRANTS = """
-SELECT pg_advisory_xact_lock_shared(%(namespace)s, hashtext(id::text))
-  FROM (SELECT DISTINCT unnest(%(ids)s::uuid[]) AS id ORDER BY 1) AS held
-"""
-_GRANTS_NOW = """
+# Sent as one simple-protocol message (BEGIN; the locks; the read), so a statement each, one
+# round trip, and no pipeline (whose wait for results spins on a writable socket: a detokenize's
+# CPU doubled with it). The ids are literals (uuids, quoted by psycopg): the simple protocol takes
+# no parameters.
+_BEGIN_HOLD_AND_READ_GRANTS = sql.SQL("""
+BEGIN;
+SELECT pg_advisory_xact_lock_shared({namespace}, hashtext(id::text))
+  FROM (SELECT DISTINCT unnest({ids}::uuid[]) AS id ORDER BY 1) AS held;
 SELECT id, constraint_kind, constraint_context, expires_at, revoked_at, retired_at, reveal,
        awaiting_approval, operations
-  FROM grants WHERE id = ANY(%(ids)s::uuid[])
-"""
+  FROM grants WHERE id = ANY({ids}::uuid[])
+""")
 _RECORDS = f"SELECT {', '.join(RECORD_COLUMNS)} FROM records WHERE token = ANY(%(tokens)s::varchar[])"  # noqa: S608
 
 
@@ -310,33 +314,38 @@ class DataPathRepository:
     async def release(self, grant_ids: Sequence[uuid.UUID]) -> AsyncIterator[Release]:
         """One transaction for a detokenize's release: the grants it rests on are held (shared)
         and read first, the events written in the block commit with it when the block ends.
-        Pipelined: BEGIN, the locks and the read are one round trip, the events and COMMIT
-        another."""
-        async with (
-            self._database.data_connection() as connection,
-            connection.pipeline(),
-            connection.transaction(),
-        ):
-            ids = list(grant_ids)
-            await connection.execute(_HOLD_GRANTS, {"namespace": GRANT_LOCK_NAMESPACE, "ids": ids})
-            cursor = connection.cursor(binary=True, row_factory=namedtuple_row)
-            await cursor.execute(_GRANTS_NOW, {"ids": ids})
-            rows: list[Any] = await cursor.fetchall()
-            grants = [
-                GrantTerms(
-                    id=row.id,
-                    constraint_kind=row.constraint_kind,
-                    constraint_context=row.constraint_context,
-                    expires_at=row.expires_at,
-                    revoked_at=row.revoked_at,
-                    retired_at=row.retired_at,
-                    reveal=row.reveal,
-                    awaiting_approval=row.awaiting_approval,
-                    operations=tuple(row.operations),
-                )
-                for row in rows
-            ]
-            yield Release(connection, grants)
+        BEGIN, the locks and the read are one round trip; the events, then COMMIT, two more."""
+        async with self._database.data_connection() as connection:
+            query = _BEGIN_HOLD_AND_READ_GRANTS.format(
+                namespace=sql.Literal(GRANT_LOCK_NAMESPACE),
+                ids=sql.Literal([str(grant_id) for grant_id in grant_ids]),
+            )
+            cursor = connection.cursor(row_factory=namedtuple_row)
+            try:
+                await cursor.execute(query)
+                while cursor.nextset():  # to the last statement's rows: the grants as they stand
+                    pass
+                rows: list[Any] = await cursor.fetchall()
+                grants = [
+                    GrantTerms(
+                        id=row.id,
+                        constraint_kind=row.constraint_kind,
+                        constraint_context=row.constraint_context,
+                        expires_at=row.expires_at,
+                        revoked_at=row.revoked_at,
+                        retired_at=row.retired_at,
+                        reveal=row.reveal,
+                        awaiting_approval=row.awaiting_approval,
+                        operations=tuple(row.operations),
+                    )
+                    for row in rows
+                ]
+                yield Release(connection, grants)
+            except BaseException:
+                if not connection.broken:
+                    await connection.execute("ROLLBACK")
+                raise
+            await connection.execute("COMMIT")
 
     async def add_events(self, events: Sequence[EventRow]) -> None:
         if not events:

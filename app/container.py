@@ -20,7 +20,7 @@ from app.services.erasure import ErasureService, ReportService
 from app.services.grants import GrantService
 from app.services.idempotency import IdempotencyService
 from app.services.keys import KeyRotation, allow_list_of
-from app.services.limits import Counters, FailedAuthentications, PrincipalLimits
+from app.services.limits import Counters, FailedAuthentications, LookupLimits, PrincipalLimits
 from app.services.principals import PrincipalService
 from app.services.retention import RetentionSweeper
 from app.services.tokens import TokenService
@@ -127,6 +127,7 @@ def build_vault(
     data_types = DataTypeService(database, auditor)
     grants = GrantService(database, auditor, principals, mirror or NoGrantMirror(), queue, data_types)
     approvals = ApprovalService(database, auditor, queue, principals, grants)
+    fingerprint_key = VaultKeyring(database, keys, FINGERPRINT)
     tokens = TokenService(
         keys=keys,
         database=database,
@@ -136,6 +137,8 @@ def build_vault(
         max_value_bytes=settings.max_value_bytes,
         require_access_reason=settings.require_access_reason,
         idempotency=idempotency,
+        fingerprint_key=fingerprint_key.key,
+        lookup_limits=LookupLimits(counters, settings.lookup_rate_per_s),
     )
     rotation = KeyRotation(database, auditor, keys, allow_list_of(keys))
     erasure = ErasureService(
@@ -149,7 +152,6 @@ def build_vault(
     console = ConsoleSessions(
         principals, auditor, idle_s=settings.console_idle_s, absolute_s=settings.console_session_s
     )
-    fingerprint_key = VaultKeyring(database, keys, FINGERPRINT)
     return Vault(
         settings,
         database,

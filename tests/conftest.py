@@ -215,6 +215,7 @@ def make_settings(database_url: str, kms_key_id: str | None, **overrides: Any) -
         "rate_limit_rps": 100_000,
         "rate_limit_burst": 1_000_000,
         "auth_failure_limit": 100_000,
+        "lookup_rate_per_s": 100_000,  # tested in test_lookup.py
     }
     values.update(overrides)
     return Settings(**values)

@@ -425,7 +425,7 @@ class KmsKeyProvider:
 
     # GrantMirror
     def create_grant(self, *, name: str, operations: list[str], constraints: GrantConstraints) -> str | None:
-        # Only operations that make a KMS call are mirrored (Erase makes none): nothing to mirror,
+        # Only operations that make a KMS call are mirrored (Lookup and Erase make none): nothing to mirror,
         # no grant.
         mirrored = sorted({_OPERATIONS[op] for op in operations if op in _OPERATIONS})
         if not mirrored:

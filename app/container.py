@@ -17,6 +17,7 @@ from app.services.console import ConsoleSessions
 from app.services.context import RequestContext
 from app.services.data_types import DataTypeService
 from app.services.erasure import ErasureService, ReportService
+from app.services.fingerprints import FingerprintBackfill
 from app.services.grants import GrantService
 from app.services.idempotency import IdempotencyService
 from app.services.keys import KeyRotation, allow_list_of
@@ -55,6 +56,8 @@ class Vault:
     console: ConsoleSessions
     # The key of lookup fingerprints (made on first use, through the key provider).
     fingerprint_key: VaultKeyring
+    # `piivault fingerprints backfill`: fingerprints of records stored without one.
+    fingerprints: FingerprintBackfill
 
     def close(self) -> None:
         self.auditor.close()
@@ -169,4 +172,5 @@ def build_vault(
         idempotency,
         console,
         fingerprint_key,
+        FingerprintBackfill(database, auditor, keys, fingerprint_key.key),
     )

@@ -4,14 +4,19 @@ grant (only covered records, rate-limited, audited), and deduplicating tokenize.
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
 
 import boto3
 import psycopg
+import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
-from app.container import Vault
+from app import cli
+from app.container import Vault, build_vault
 from app.crypto.fingerprint import fingerprint
+from app.db.repositories.fingerprints import FingerprintRepository
 from tests.conftest import (
     Actors,
     ClientFactory,
@@ -318,3 +323,80 @@ def test_deduplicate_without_a_lookup_grant_is_refused_whether_or_not_a_duplicat
     dob = {"customer_id": "12345", "data_type": "DateOfBirth", "value": "1984-05-12", "deduplicate": True}
     writer = service(client, actors.admin, "writer", {"operations": ["Encrypt", "Lookup"]})
     assert_error(client.post("/v1/tokens", json=dob, headers=bearer(writer)), 422, "lookup_not_enabled")
+
+
+# `piivault fingerprints backfill`.
+
+
+def test_the_backfill_fills_old_records_resumably_audited_and_they_then_match(
+    client: TestClient,
+    actors: Actors,
+    vault: Vault,
+    db: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    writer = service(client, actors.admin, "writer", {"operations": ["Encrypt"]})
+    old = [tokenize(client, writer, licence(f"c{n}", f"D{n:04d}-OLD")) for n in range(7)]
+    dob = tokenize(client, writer, {"customer_id": "c1", "data_type": "DateOfBirth", "value": "1984-05-12"})
+    erased = tokenize(client, writer, licence("c9", "D9999-OLD"))
+    eraser = service(client, actors.admin, "eraser", {"operations": ["Erase"]})
+    assert (
+        client.delete(f"/v1/tokens/{erased}", headers={**bearer(eraser), "X-Access-Reason": "x"}).status_code
+        == 204
+    )
+    expected = dict(
+        db.execute("SELECT token, fingerprint FROM records WHERE fingerprint IS NOT NULL").fetchall()
+    )
+    # As they were before lookup existed: no fingerprint.
+    db.execute("UPDATE records SET fingerprint = NULL")
+    finder = service(client, actors.admin, "finder", {"operations": ["Lookup"]})
+    assert tokens_of(lookup(client, finder, value="D0003 OLD")) == []
+    monkeypatch.setattr(cli, "_vault_for_cli", lambda: build_vault(vault.settings))
+    runner = CliRunner()
+    caplog.set_level(logging.DEBUG)
+
+    filled = runner.invoke(cli.cli, ["fingerprints", "backfill", "--batch", "3"])
+
+    assert filled.exit_code == 0, filled.output
+    lines = filled.stdout.splitlines()
+    progress = [line.split()[1] for line in lines if line.startswith("backfill: ")]
+    assert progress == ["3/7", "6/7", "7/7"]
+    assert lines[-1] == "filled 7 fingerprints; 0 left"
+    now = dict(db.execute("SELECT token, fingerprint FROM records").fetchall())
+    assert {token: now[token] for token in old} == {token: expected[token] for token in old}
+    assert now[dob] is None and now[erased] is None
+    assert tokens_of(lookup(client, finder, value="D0003 OLD")) == [old[3]]
+    events = db.execute(
+        "SELECT outcome, reason FROM audit_events WHERE action = 'BackfillFingerprints' ORDER BY id"
+    ).fetchall()
+    assert events == [
+        ("allowed", "filled=3 skipped=0 failed=0"),
+        ("allowed", "filled=3 skipped=0 failed=0"),
+        ("allowed", "filled=1 skipped=0 failed=0"),
+    ]
+    # The values never left the process: not printed, not logged.
+    for n in range(7):
+        assert f"D{n:04d}" not in filled.output and f"D{n:04d}" not in caplog.text
+
+    again = runner.invoke(cli.cli, ["fingerprints", "backfill"])
+
+    assert again.exit_code == 0, again.output
+    assert again.stdout.splitlines() == ["filled 0 fingerprints; 0 left"]
+
+
+def test_the_backfill_writes_nothing_over_a_record_changed_since_it_was_read(
+    client: TestClient, actors: Actors, vault: Vault, db: psycopg.Connection[Any]
+) -> None:
+    token = tokenize(client, actors.onboarding, licence("12345"))
+    db.execute("UPDATE records SET fingerprint = NULL")
+    row = db.execute("SELECT wrapped_key FROM records WHERE token = %s", (token,)).fetchone()
+    assert row is not None
+    wrapped = row[0]
+    with vault.database.transaction() as session:
+        repository = FingerprintRepository(session)
+        # Rewrapped meanwhile: the wrapped key read is no longer the row's.
+        assert repository.fill([(token, bytes(wrapped) + b"x", b"f" * 32)]) == 0
+        assert repository.fill([(token, bytes(wrapped), b"f" * 32)]) == 1
+        # Filled already: not overwritten.
+        assert repository.fill([(token, bytes(wrapped), b"g" * 32)]) == 0

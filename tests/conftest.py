@@ -355,6 +355,8 @@ def build_seed(client: TestClient, vault: Vault) -> Actors:
     licence_only = {"encryption_context_subset": {"dataType": "DriverLicense"}}
     create_grant(client, admin, grantee="onboarding-app", operations=["Encrypt"], constraints=licence_only)
     create_grant(client, admin, grantee="kyc-app", operations=["Decrypt"], constraints=licence_only)
+    # Made (and loaded) now, as the first licence tokenized would: tests count KMS calls from here.
+    vault.fingerprint_key.key()
     return Actors(admin, onboarding["api_key"], kyc["api_key"], onboarding["id"], kyc["id"])
 
 
@@ -431,6 +433,7 @@ def restore_seed(db: psycopg.Connection[Any], vault: Vault, snapshot: SeedSnapsh
                 db.execute("UPDATE grants SET kms_grant_id = %s WHERE id = %s", (mirror, grant_id))
     # build_seed leaves the vault with its audit key loaded: tests count KMS calls from there on.
     vault.auditor._keyring.current()
+    vault.fingerprint_key.key()  # and its fingerprint key (the seed's, restored with vault_keys)
     return snapshot.actors
 
 

@@ -17,6 +17,7 @@ from app import cli
 from app.container import Vault, build_vault
 from app.crypto.fingerprint import fingerprint
 from app.db.repositories.fingerprints import FingerprintRepository
+from piivault.client import LookupNotEnabled, VaultClient
 from tests.conftest import (
     Actors,
     ClientFactory,
@@ -400,3 +401,20 @@ def test_the_backfill_writes_nothing_over_a_record_changed_since_it_was_read(
         assert repository.fill([(token, bytes(wrapped), b"f" * 32)]) == 1
         # Filled already: not overwritten.
         assert repository.fill([(token, bytes(wrapped), b"g" * 32)]) == 0
+
+
+def test_the_python_client_looks_up_and_deduplicates(
+    client: TestClient, actors: Actors, db: psycopg.Connection[Any]
+) -> None:
+    writer = service(client, actors.admin, "onboarding-2", {"operations": ["Encrypt", "Lookup"]})
+    with VaultClient("http://testserver", api_key=writer, http_client=client) as vault:
+        first = vault.tokenize(customer_id="12345", data_type="DriverLicense", value=LICENCE)
+        again = vault.tokenize(customer_id="12345", data_type="DriverLicense", value=SPACED, deduplicate=True)
+        (match,) = vault.lookup(data_type="DriverLicense", value=SPACED)
+        with pytest.raises(LookupNotEnabled):
+            vault.lookup(data_type="DateOfBirth", value="1984-05-12")
+
+    assert not first.deduplicated
+    assert again.token == first.token and again.deduplicated
+    assert (match.token, match.customer_id) == (first.token, "12345") and match.created_at is not None
+    assert record_count(db) == 1

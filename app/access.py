@@ -111,8 +111,7 @@ def may_retire_grant(actor: Party, grantee_id: uuid.UUID) -> bool:
 
 # Dual control (four eyes): what waits for a second admin, and who may approve it.
 
-# A grant of any of these reads, finds or destroys data, so it waits for a second admin. (Lookup
-# and Erase are named ahead of their operations: a grant holding one will need approval too.)
+# A grant of any of these reads, finds or destroys data, so it waits for a second admin.
 APPROVAL_REQUIRED_OPERATIONS: frozenset[str] = frozenset({"Decrypt", "Lookup", "Erase"})
 
 ApprovalKind = Literal["grant", "create_admin", "disable_admin", "revoke_admin_key"]

@@ -14,7 +14,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn, Protocol
 
 import typer
 from pydantic import ValidationError
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
     from app.container import Vault
-    from app.services.keys import RewrapReport
 
 log = logging.getLogger("piivault")
 
@@ -478,6 +477,50 @@ def keys_rewrap(
         raise typer.Exit(1)
 
 
+fingerprints_cli = typer.Typer(help="Keyed fingerprints for lookup by value.", no_args_is_help=True)
+cli.add_typer(fingerprints_cli, name="fingerprints")
+
+
+@fingerprints_cli.command("backfill")
+def fingerprints_backfill(
+    batch: Annotated[
+        int, typer.Option(min=1, max=10000, help="Records per batch: one transaction, one audit event.")
+    ] = 500,
+) -> None:
+    """Fill in the fingerprint of every live record of a lookup-enabled type that has none
+    (stored before lookup existed, or before its type's lookup flag was turned on).
+
+    One KMS Decrypt per record; the value stays in this process and is never logged. Each batch
+    commits on its own: killed at any point, run it again to finish; run once more, it fills 0."""
+    from app.errors import VaultError
+    from app.services.context import RequestContext
+
+    vault = _vault_for_cli()
+    ctx = RequestContext(request_id=f"backfill-{uuid.uuid4().hex[:16]}", user_agent="piivault-cli")
+    progress = _RewrapProgress("backfill")
+    try:
+        report = vault.fingerprints.run(batch=batch, ctx=ctx, on_progress=progress)
+        left = vault.fingerprints.left()
+    except VaultError as err:
+        progress.stop()
+        typer.echo(f"piivault: {err.message}", err=True)
+        typer.echo(
+            "piivault: every batch done so far is kept; run the same command again to finish", err=True
+        )
+        raise typer.Exit(1) from None
+    finally:
+        progress.stop()
+        vault.close()
+    summary = f"filled {report.filled} fingerprints"
+    if report.skipped:
+        summary += f"; {report.skipped} changed meanwhile (erased, rewrapped or filled) and were left"
+    if report.failed:
+        summary += f"; {report.failed} failed (BackfillFingerprints error events in the audit trail)"
+    typer.echo(f"{summary}; {left} left")
+    if report.failed:
+        raise typer.Exit(1)
+
+
 @keys_cli.command("new-local")
 def keys_new_local() -> None:
     """Add a version to the local development provider's master key (development only).
@@ -498,15 +541,32 @@ def keys_new_local() -> None:
     typer.echo(f"move the existing ones with: piivault keys rewrap --to local:{version}")
 
 
-class _RewrapProgress:
-    """A progress bar (items, rate, ETA) on a terminal; plain lines otherwise (logs, CI)."""
+class _Counts(Protocol):
+    """What a progress line shows: a long job's counts so far."""
 
-    def __init__(self) -> None:
+    @property
+    def total(self) -> int: ...
+
+    @property
+    def done(self) -> int: ...
+
+    @property
+    def batches(self) -> int: ...
+
+    def counts(self) -> str: ...
+
+
+class _RewrapProgress:
+    """A progress bar (items, rate, ETA) on a terminal; plain lines otherwise (logs, CI). For any
+    batched job (rewrap, fingerprint backfill): `label` starts each line."""
+
+    def __init__(self, label: str = "rewrap") -> None:
+        self._label = label
         self._started = time.monotonic()
         self._bar: Progress | None = None
         self._task: TaskID | None = None
 
-    def __call__(self, report: RewrapReport) -> None:
+    def __call__(self, report: _Counts) -> None:
         if report.total == 0:
             return
         if not sys.stdout.isatty():
@@ -515,8 +575,8 @@ class _RewrapProgress:
                 rate = report.done / elapsed
                 eta = (report.total - report.done) / rate if rate else 0.0
                 typer.echo(
-                    f"rewrap: {report.done}/{report.total} (rewrapped {report.rewrapped}, skipped "
-                    f"{report.skipped}, failed {report.failed}; {rate:.0f}/s, eta {eta:.0f}s)"
+                    f"{self._label}: {report.done}/{report.total} ({report.counts()}; "
+                    f"{rate:.0f}/s, eta {eta:.0f}s)"
                 )
             return
         if self._bar is None:
@@ -530,7 +590,7 @@ class _RewrapProgress:
             )
 
             self._bar = Progress(
-                TextColumn("rewrap"),
+                TextColumn(self._label),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TaskProgressColumn(),
@@ -539,7 +599,7 @@ class _RewrapProgress:
                 TimeRemainingColumn(),
             )
             self._bar.start()
-            self._task = self._bar.add_task("rewrap", total=report.total, rate="-")
+            self._task = self._bar.add_task(self._label, total=report.total, rate="-")
         assert self._task is not None  # noqa: S101 (added with the bar)
         elapsed = max(time.monotonic() - self._started, 1e-6)
         self._bar.update(self._task, completed=report.done, rate=f"{report.done / elapsed:.0f}")

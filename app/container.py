@@ -17,10 +17,11 @@ from app.services.console import ConsoleSessions
 from app.services.context import RequestContext
 from app.services.data_types import DataTypeService
 from app.services.erasure import ErasureService, ReportService
+from app.services.fingerprints import FingerprintBackfill
 from app.services.grants import GrantService
 from app.services.idempotency import IdempotencyService
 from app.services.keys import KeyRotation, allow_list_of
-from app.services.limits import Counters, FailedAuthentications, PrincipalLimits
+from app.services.limits import Counters, FailedAuthentications, LookupLimits, PrincipalLimits
 from app.services.principals import PrincipalService
 from app.services.retention import RetentionSweeper
 from app.services.tokens import TokenService
@@ -55,6 +56,8 @@ class Vault:
     console: ConsoleSessions
     # The key of lookup fingerprints (made on first use, through the key provider).
     fingerprint_key: VaultKeyring
+    # `piivault fingerprints backfill`: fingerprints of records stored without one.
+    fingerprints: FingerprintBackfill
 
     def close(self) -> None:
         self.auditor.close()
@@ -127,6 +130,7 @@ def build_vault(
     data_types = DataTypeService(database, auditor)
     grants = GrantService(database, auditor, principals, mirror or NoGrantMirror(), queue, data_types)
     approvals = ApprovalService(database, auditor, queue, principals, grants)
+    fingerprint_key = VaultKeyring(database, keys, FINGERPRINT)
     tokens = TokenService(
         keys=keys,
         database=database,
@@ -136,6 +140,8 @@ def build_vault(
         max_value_bytes=settings.max_value_bytes,
         require_access_reason=settings.require_access_reason,
         idempotency=idempotency,
+        fingerprint_key=fingerprint_key.key,
+        lookup_limits=LookupLimits(counters, settings.lookup_rate_per_s),
     )
     rotation = KeyRotation(database, auditor, keys, allow_list_of(keys), grants=grants)
     erasure = ErasureService(
@@ -149,7 +155,6 @@ def build_vault(
     console = ConsoleSessions(
         principals, auditor, idle_s=settings.console_idle_s, absolute_s=settings.console_session_s
     )
-    fingerprint_key = VaultKeyring(database, keys, FINGERPRINT)
     return Vault(
         settings,
         database,
@@ -167,4 +172,5 @@ def build_vault(
         idempotency,
         console,
         fingerprint_key,
+        FingerprintBackfill(database, auditor, keys, fingerprint_key.key),
     )

@@ -42,6 +42,14 @@ class InvalidValue(InvalidInput):
     default_message = "the value does not match its data type"
 
 
+class LookupNotEnabled(InvalidInput):
+    """A lookup (or a deduplicating tokenize) on a data type whose `lookup` flag is off: its
+    records carry no fingerprint."""
+
+    code = "lookup_not_enabled"
+    default_message = "lookup by value is not enabled for this data type"
+
+
 class PayloadTooLarge(VaultError):
     code = "too_large"
     default_message = "the request is too large"

@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     # burst / rps seconds (whole seconds, rounded up); an admin may set other values per principal.
     rate_limit_rps: int = Field(default=500, ge=1, le=1_000_000)
     rate_limit_burst: int = Field(default=1000, ge=1, le=10_000_000)
+    # Lookups by value (POST /v1/tokens/lookup) per principal per second (429 rate_limited): a
+    # lookup is an equality oracle, so it is held far below the general rate.
+    lookup_rate_per_s: int = Field(default=10, ge=1, le=1_000_000)
     # Failed authentications per source address in auth_failure_window_s before the source is
     # refused (429) without a lookup; repeats of one failure (key id, source, reason) within the
     # window are audited as one event with a count.

@@ -191,6 +191,7 @@ ROUTES = {
     "detokenize": "/v1/tokens/{token}",
     "batch_tokenize": "/v1/tokens/batch",
     "batch_detokenize": "/v1/tokens/detokenize",
+    "lookup": "/v1/tokens/lookup",
 }
 
 
@@ -291,6 +292,8 @@ def vault_env(url: str, kms: KmsStandIn | None, workdir: Path) -> dict[str, str]
         # One principal drives all the load: its rate limit is checked on every request (its cost
         # is measured) but set far above what the machine can do, so no request is refused.
         env.update({"PIIVAULT_RATE_LIMIT_RPS": "1000000", "PIIVAULT_RATE_LIMIT_BURST": "1000000"})
+    if "lookup_rate_per_s" in known:
+        env["PIIVAULT_LOOKUP_RATE_PER_S"] = "1000000"  # the same for lookups (10/s by default)
     if "dual_control" in known:
         # The bench measures the data path: its one admin grants Decrypt without a second admin.
         env["PIIVAULT_DUAL_CONTROL"] = "false"
@@ -345,7 +348,7 @@ def vault(
         with httpx.Client(base_url=base, timeout=60) as http:
             app = http.post("/v1/principals", json={"name": f"app-{port}", "role": "service"}, headers=admin)
             app.raise_for_status()
-            grant = {"grantee": app.json()["id"], "operations": ["Encrypt", "Decrypt"]}
+            grant = {"grantee": app.json()["id"], "operations": ["Encrypt", "Decrypt", "Lookup"]}
             http.post("/v1/grants", json=grant, headers=admin).raise_for_status()
             api_key = app.json()["api_key"]
             tokens = workdir / f"{name}-tokens.txt"
@@ -369,7 +372,9 @@ def make_tokens(http: httpx.Client, api_key: str, count: int) -> list[str]:
 
 
 def add_filler_records(url: str, total: int) -> None:
-    """Pad the records table to `total` rows with well-formed (unreadable) records, fast."""
+    """Pad the records table to `total` rows with well-formed (unreadable) records, fast. Each has a
+    random 32-byte fingerprint, as an HMAC's would be: the lookup index grows as it would with
+    real records, and no filler matches a lookup."""
     with psycopg.connect(url, autocommit=True) as connection:
         row = connection.execute("SELECT count(*) FROM records").fetchone()
         have = row[0] if row else 0
@@ -379,9 +384,9 @@ def add_filler_records(url: str, total: int) -> None:
         assert creator is not None  # noqa: S101
         connection.execute(
             """INSERT INTO records (token, customer_id, data_type, format_version, ciphertext, wrapped_key,
-                                    kms_key_id, created_at, created_by)
+                                    kms_key_id, created_at, created_by, fingerprint)
                SELECT 'tok_filler' || lpad(n::text, 24, '0'), 'filler-' || n, 'DriverLicense', 1,
-                      gen_random_bytes(45), gen_random_bytes(120), 'filler', now(), %s
+                      gen_random_bytes(45), gen_random_bytes(120), 'filler', now(), %s, gen_random_bytes(32)
                FROM generate_series(%s::integer, %s::integer) AS n""",
             (creator[0], have + 1, total),
         )

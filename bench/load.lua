@@ -1,5 +1,5 @@
 -- wrk script for every row of the benchmark. Environment:
---   MODE     tokenize | detokenize | batch_tokenize | batch_detokenize
+--   MODE     tokenize | detokenize | batch_tokenize | batch_detokenize | lookup
 --   API_KEY  the caller's key (empty for the floor)
 --   TOKENS   file with one token per line (detokenize modes)
 --   BATCH    items per batch request (default 100)
@@ -45,6 +45,12 @@ function request()
     return wrk.format("POST", "/v1/tokens", nil, item())
   elseif mode == "detokenize" then
     return wrk.format("GET", "/v1/tokens/" .. next_token(), nil, nil)
+  elseif mode == "lookup" then
+    -- The values make_tokens stored (D-00000 .. D-00499, each for several customers): every
+    -- lookup finds the same number of records, whatever else the table holds.
+    counter = counter + 1
+    return wrk.format("POST", "/v1/tokens/lookup", nil,
+      string.format('{"data_type":"DriverLicense","value":"D-%05d"}', counter % 500))
   elseif mode == "batch_tokenize" then
     local items = {}
     for i = 1, batch do items[i] = item() end

@@ -115,6 +115,10 @@ def evaluate(report: Report, levels: list[int]) -> list[dict[str, Any]]:
             growth = round(large["p50_ms"] / small["p50_ms"] - 1, 3)
             targets.append({"target": "detokenize p50 growth, 10k -> 1M records", "value": growth, "goal": 0.15,
                             "met": growth <= 0.15, "detail": "fraction; at most 0.15"})  # fmt: skip
+            if small.get("lookup_p50_ms") and large.get("lookup_p50_ms"):
+                growth = round(large["lookup_p50_ms"] / small["lookup_p50_ms"] - 1, 3)
+                targets.append({"target": "lookup p50 growth, 10k -> 1M records", "value": growth, "goal": 0.20,
+                                "met": growth <= 0.20, "detail": "fraction; at most 0.20 (issue 12)"})  # fmt: skip
     if report.leak.get("half") and report.leak.get("full"):
         half, full = max(report.leak["half"]["rss_mb"]), max(report.leak["full"]["rss_mb"])
         growth = round(full / half - 1, 3)
@@ -160,10 +164,13 @@ def write(report: Report) -> None:
             lines.append(f"| {op['operation']} | {op['records']} | {op['kms_latency_ms']} ms | {op['items_per_s']} | "
                          f"{op['kms_calls_per_item']} |")  # fmt: skip
     if report.scale:
-        lines += ["", "## Detokenize latency against table size (concurrency 8)", "",
-                  "| records | p50 ms | p99 ms | req/s |", "|---|---|---|---|"]  # fmt: skip
+        lines += ["", "## Detokenize and lookup latency against table size (concurrency 8)", "",
+                  "| records | p50 ms | p99 ms | req/s | lookup p50 ms | lookup p99 ms | lookup req/s |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for s in report.scale.values():
-            lines.append(f"| {s['records']} | {s['p50_ms']} | {s['p99_ms']} | {s['requests_per_s']} |")
+            lines.append(f"| {s['records']} | {s['p50_ms']} | {s['p99_ms']} | {s['requests_per_s']} | "
+                         f"{s.get('lookup_p50_ms', '—')} | {s.get('lookup_p99_ms', '—')} | "
+                         f"{s.get('lookup_requests_per_s', '—')} |")  # fmt: skip
     if report.leak:
         lines += ["", "## Worker RSS under sustained tokenize (concurrency 32)", ""]
         for mark, value in report.leak.items():

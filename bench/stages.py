@@ -83,7 +83,7 @@ def audit_cost(report: Report, levels: list[int], seconds: float, workdir: Path)
 
 
 def scale_stage(url: str, v: Vault, args: argparse.Namespace, seconds: float) -> dict[str, Any]:
-    """Detokenize p50 with 10,000 records stored, then with --scale-records."""
+    """Detokenize and lookup p50 with 10,000 records stored, then with --scale-records."""
     out: dict[str, Any] = {}
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
@@ -94,8 +94,11 @@ def scale_stage(url: str, v: Vault, args: argparse.Namespace, seconds: float) ->
         log(f"scale: {row[0] if row else '?'} records stored")
         measured = measure("vault-local", v.process, v.base_url, "detokenize", 8, seconds, args.workers,
                            api_key=v.api_key, tokens=v.tokens)  # fmt: skip
+        found = measure("vault-local", v.process, v.base_url, "lookup", 8, seconds, args.workers,
+                        api_key=v.api_key)  # fmt: skip
         out[str(total)] = {"records": total, "p50_ms": measured.p50_ms, "p99_ms": measured.p99_ms,
-                           "requests_per_s": measured.requests_per_s}  # fmt: skip
+                           "requests_per_s": measured.requests_per_s, "lookup_p50_ms": found.p50_ms,
+                           "lookup_p99_ms": found.p99_ms, "lookup_requests_per_s": found.requests_per_s}  # fmt: skip
     return out
 
 

@@ -216,6 +216,7 @@ def make_settings(database_url: str, kms_key_id: str | None, **overrides: Any) -
         "rate_limit_rps": 100_000,
         "rate_limit_burst": 1_000_000,
         "auth_failure_limit": 100_000,
+        "lookup_rate_per_s": 100_000,  # tested in test_lookup.py
     }
     values.update(overrides)
     return Settings(**values)
@@ -355,6 +356,8 @@ def build_seed(client: TestClient, vault: Vault) -> Actors:
     licence_only = {"encryption_context_subset": {"dataType": "DriverLicense"}}
     create_grant(client, admin, grantee="onboarding-app", operations=["Encrypt"], constraints=licence_only)
     create_grant(client, admin, grantee="kyc-app", operations=["Decrypt"], constraints=licence_only)
+    # Made (and loaded) now, as the first licence tokenized would: tests count KMS calls from here.
+    vault.fingerprint_key.key()
     return Actors(admin, onboarding["api_key"], kyc["api_key"], onboarding["id"], kyc["id"])
 
 
@@ -436,6 +439,7 @@ def restore_seed(db: psycopg.Connection[Any], vault: Vault, snapshot: SeedSnapsh
                 )
     # build_seed leaves the vault with its audit key loaded: tests count KMS calls from there on.
     vault.auditor._keyring.current()
+    vault.fingerprint_key.key()  # and its fingerprint key (the seed's, restored with vault_keys)
     return snapshot.actors
 
 

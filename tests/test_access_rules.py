@@ -135,7 +135,8 @@ TABLE: list[Case] = [
     Case("RetireGrant", ADMIN, "other", SERVICE, "denied"),
     Case("RetireGrant", AUDITOR, "other", SERVICE, "denied"),
     # POST /v1/tokens(/batch): Encrypt grant; GET /v1/tokens/{token}, POST /v1/tokens/detokenize:
-    # Decrypt grant. The data path reads only the grants naming its operation.
+    # Decrypt grant; POST /v1/tokens/lookup: Lookup grant. The data path reads only the grants
+    # naming its operation.
     *[
         Case(action, SERVICE, relation, None, "allowed" if relation == "active grant" else "denied")
         for action in (
@@ -143,6 +144,7 @@ TABLE: list[Case] = [
             "TokenizeBatch",
             "Detokenize",
             "DetokenizeBatch",
+            "Lookup",
             "EraseToken",
             "EraseCustomer",
         )
@@ -150,7 +152,7 @@ TABLE: list[Case] = [
     ],
     *[
         Case(action, role, "no grant", None, "denied")
-        for action in ("Tokenize", "Detokenize", "EraseToken", "EraseCustomer")
+        for action in ("Tokenize", "Detokenize", "Lookup", "EraseToken", "EraseCustomer")
         for role in (ADMIN, AUDITOR)
     ],
     # GET /v1/customers/{id}/report: admin, auditor (the audit-read rule)
@@ -208,7 +210,15 @@ def outcome(case: Case) -> str:
             verdict = may_receive_grant(target.role)
         case "RetireGrant":
             verdict = may_retire_grant(actor, target.id)
-        case "Tokenize" | "TokenizeBatch" | "Detokenize" | "DetokenizeBatch" | "EraseToken" | "EraseCustomer":
+        case (
+            "Tokenize"
+            | "TokenizeBatch"
+            | "Detokenize"
+            | "DetokenizeBatch"
+            | "Lookup"
+            | "EraseToken"
+            | "EraseCustomer"
+        ):
             context = {"customerID": "12345", "dataType": "DriverLicense"}
             verdict = GrantSet(grant_terms(case.relation), NOW).decide(context).allowed
         case "ListAuditEvents" | "VerifyAuditTrail" | "ListKeys":
@@ -321,6 +331,15 @@ HTTP_ROWS = [
         "forbidden",
     ),
     HttpRow(Case("VerifyAuditTrail", ADMIN, "-", None, "allowed"), "GET", "/v1/audit/verify", "admin", 200),
+    HttpRow(
+        Case("Lookup", SERVICE, "no grant", None, "denied"),
+        "POST",
+        "/v1/tokens/lookup",
+        "kyc",
+        403,
+        "grant_required",
+        {"data_type": "DriverLicense", "value": "D1234-56789-01234"},
+    ),
     HttpRow(
         Case("ReceiveGrant", ADMIN, "other", AUDITOR, "denied"),
         "POST",

@@ -33,7 +33,7 @@ from piivault.client import (
 )
 from tests.conftest import Actors, ClientFactory, build_seed
 
-LICENCE = {"customer_id": "12345", "data_type": "DriverLicense", "value": "D1234-56789-01234"}
+LICENCE: dict[str, Any] = {"customer_id": "12345", "data_type": "DriverLicense", "value": "D1234-56789-01234"}
 
 
 class Recorder:

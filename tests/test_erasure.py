@@ -440,7 +440,8 @@ def test_a_rewrap_leaves_tombstones_alone_and_every_live_record_readable(
 
     report = rewrap(vault_b, key_b)
 
-    assert report.rewrapped == 3 + 1  # the live records and the audit key; never the tombstone
+    # The live records, the audit key and the fingerprint key; never the tombstone.
+    assert report.rewrapped == 3 + 1 + 1
     assert key_of_records(db) == {arn_b: 3, None: 1}
     row = record_row(db, gone)
     assert row["wrapped_key"] is None and row["kms_key_id"] is None and row["ciphertext"] is None

@@ -47,6 +47,8 @@ def seed(client: TestClient, vault: Vault) -> Actors:
     kyc = create_principal(client, admin, "kyc-app")
     create_grant(client, admin, grantee="onboarding-app", operations=["Encrypt"])
     create_grant(client, admin, grantee="kyc-app", operations=["Decrypt"])
+    # The vault's fingerprint key, under this first key (as its first licence would make it).
+    vault.fingerprint_key.key()
     return Actors(admin, onboarding["api_key"], kyc["api_key"], onboarding["id"], kyc["id"])
 
 

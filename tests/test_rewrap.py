@@ -101,9 +101,9 @@ def test_rewrap_moves_every_wrapped_key_so_the_old_key_can_leave_the_allow_list(
 
     report = rewrap(vault, key_b, batch=8)
 
-    # The audit key in a batch of its own, then 30 records in batches of 8.
-    assert (report.total, report.rewrapped, report.skipped, report.failed) == (31, 31, 0, 0)
-    assert report.batches == 1 + 4
+    # The audit key and the fingerprint key in a batch each, then 30 records in batches of 8.
+    assert (report.total, report.rewrapped, report.skipped, report.failed) == (32, 32, 0, 0)
+    assert report.batches == 1 + 1 + 4
     assert key_of_records(db) == {arn_b: 33}
     assert key_of_audit_keys(db) == [arn_b]
     events = rewrap_events(db)
@@ -111,6 +111,7 @@ def test_rewrap_moves_every_wrapped_key_so_the_old_key_can_leave_the_allow_list(
     assert {event[1] for event in events} == {arn_b}
     assert [event[2] for event in events] == [
         "audit_keys rewrapped=1 skipped=0 failed=0",
+        "vault_keys rewrapped=1 skipped=0 failed=0",
         *["records rewrapped=8 skipped=0 failed=0"] * 3,
         "records rewrapped=6 skipped=0 failed=0",
     ]
@@ -149,14 +150,15 @@ def test_a_rewrap_stopped_part_way_loses_nothing_and_finishes_when_run_again(
     actors = seed(client, vault)
     values = fill(client, actors.onboarding, 24)
     vault, client = serve(key_b, kms_decrypt_key_ids=key_a, kms_max_attempts=1)
-    # KMS fails every ReEncrypt after the 10th: the audit key and 9 records get through.
+    # KMS fails every ReEncrypt after the 11th: the audit and fingerprint keys and 9 records get
+    # through.
     calls: list[int] = []
     lock = threading.Lock()
 
     def outage(**_: Any) -> Any:
         with lock:
             calls.append(1)
-            failing = len(calls) > 10
+            failing = len(calls) > 11
         return kms_error_response("KMSInternalException", "injected") if failing else None
 
     kms_events(vault).register("before-send.kms.ReEncrypt", outage)
@@ -169,6 +171,7 @@ def test_a_rewrap_stopped_part_way_loses_nothing_and_finishes_when_run_again(
     assert key_of_audit_keys(db) == [arn_b]
     assert [event[2] for event in rewrap_events(db)] == [
         "audit_keys rewrapped=1 skipped=0 failed=0",
+        "vault_keys rewrapped=1 skipped=0 failed=0",
         "records rewrapped=8 skipped=0 failed=0",
         "records rewrapped=1 skipped=0 failed=7",
     ]
@@ -208,10 +211,11 @@ def test_a_row_changed_while_its_key_is_rewrapped_is_not_overwritten(
     lock = threading.Lock()
 
     def meanwhile(**_: Any) -> None:
-        # The first record's ReEncrypt (the audit key's came first): the page is read by now.
+        # The first record's ReEncrypt (the audit and fingerprint keys' came first): the page is
+        # read by now.
         with lock:
             calls.append(1)
-            first_record = len(calls) == 2
+            first_record = len(calls) == 3
         if first_record:
             db.execute("UPDATE records SET wrapped_key = %s WHERE token = %s", (b"elsewhere", changed))
             db.execute("DELETE FROM records WHERE token = %s", (erased,))
@@ -220,7 +224,7 @@ def test_a_row_changed_while_its_key_is_rewrapped_is_not_overwritten(
 
     report = rewrap(vault, key_b, batch=50)
 
-    assert (report.rewrapped, report.skipped, report.failed) == (1 + 4, 2, 0)
+    assert (report.rewrapped, report.skipped, report.failed) == (1 + 1 + 4, 2, 0)
     row = db.execute("SELECT wrapped_key, kms_key_id FROM records WHERE token = %s", (changed,)).fetchone()
     assert row == (b"elsewhere", arn_a)
     assert db.execute("SELECT count(*) FROM records WHERE token = %s", (erased,)).fetchone() == (0,)
@@ -292,10 +296,11 @@ def test_the_cli_prints_progress_and_a_final_count_and_refuses_a_key_off_the_lis
 
     assert moved.exit_code == 0, moved.output
     lines = moved.stdout.splitlines()
-    # Not a terminal: plain lines, one per batch (the audit key, then 5 + 5 + 2 records).
+    # Not a terminal: plain lines, one per batch (the audit key, the fingerprint key, then
+    # 5 + 5 + 2 records).
     progress = [line for line in lines if line.startswith("rewrap: ")]
-    assert [line.split()[1] for line in progress] == ["1/13", "6/13", "11/13", "13/13"]
-    assert lines[-1] == f"rewrapped 13 data keys to {arn_b}; 0 left under other keys"
+    assert [line.split()[1] for line in progress] == ["1/14", "2/14", "7/14", "12/14", "14/14"]
+    assert lines[-1] == f"rewrapped 14 data keys to {arn_b}; 0 left under other keys"
     assert key_of_records(db) == {arn_b: 12}
 
     again = runner.invoke(cli.cli, ["keys", "rewrap", "--to", key_b])
@@ -337,7 +342,7 @@ def test_list_keys_counts_what_each_key_wraps_for_admins_and_auditors_only(
                 "key_id": arn_a,
                 "records": 5,
                 "audit_keys": 1,
-                "vault_keys": 0,
+                "vault_keys": 1,  # the fingerprint key, made by the first licence tokenized
                 "current": False,
                 "decrypt_allowed": True,
             },
@@ -367,7 +372,7 @@ def test_list_keys_counts_what_each_key_wraps_for_admins_and_auditors_only(
             "key_id": arn_b,
             "records": 7,
             "audit_keys": 1,
-            "vault_keys": 0,
+            "vault_keys": 1,
             "current": True,
             "decrypt_allowed": True,
         },
@@ -510,7 +515,7 @@ def test_the_local_development_key_rotates_with_new_local_then_rewrap(
     moved = runner.invoke(cli.cli, ["keys", "rewrap", "--to", "local:2"])
 
     assert moved.exit_code == 0, moved.output
-    assert moved.stdout.splitlines()[-1] == f"rewrapped 7 data keys to {second}; 0 left under other keys"
+    assert moved.stdout.splitlines()[-1] == f"rewrapped 8 data keys to {second}; 0 left under other keys"
     assert key_of_records(db) == {second: 9}
     assert set(key_of_audit_keys(db)) == {second}
     # Version 1 wraps nothing now: its file can go, and everything still opens.

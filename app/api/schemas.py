@@ -400,10 +400,56 @@ class TokenizeRequest(Strict):
         "applies when this is absent.",
         examples=["2033-01-01T00:00:00Z"],
     )
+    deduplicate: bool = Field(
+        default=False,
+        description="If the customer already has a live record of this type with the same "
+        "(normalised) value, answer its token (200, deduplicated: true) and store nothing. Needs a "
+        "Lookup grant covering the record as well as Encrypt (else grant_required), and a type "
+        "whose lookup flag is on (else lookup_not_enabled).",
+        examples=[True],
+    )
 
     model_config = ConfigDict(
         extra="forbid",
         **examples({"customer_id": "12345", "data_type": "DriverLicense", "value": "D1234-56789-01234"}),
+    )
+
+
+class LookupRequest(Strict):
+    data_type: DataType
+    value: StrictStr = Field(
+        repr=False,
+        min_length=1,
+        description="The value to find, compared after the type's normaliser (D1234 56789 finds "
+        "D1234-56789).",
+        examples=["D1234-56789-01234"],
+    )
+    customer_id: CustomerId | None = Field(default=None, description="Only this customer's records.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        **examples(
+            {"data_type": "DriverLicense", "value": "D1234-56789-01234"},
+            {"data_type": "SSN", "value": "078-05-1120", "customer_id": "12345"},
+        ),
+    )
+
+
+class LookupMatch(BaseModel):
+    """A live record holding the value, covered by one of the caller's Lookup grants."""
+
+    token: str = Field(examples=[_TOK])
+    customer_id: str
+    created_at: datetime
+
+    model_config = examples({"token": _TOK, "customer_id": "12345", "created_at": _TIME})
+
+
+class LookupResponse(BaseModel):
+    matches: list[LookupMatch] = Field(description="Oldest first; at most 1000.")
+
+    model_config = examples(
+        {"matches": [{"token": _TOK, "customer_id": "12345", "created_at": _TIME}]}, {"matches": []}
     )
 
 
@@ -427,6 +473,10 @@ class TokenOut(BaseModel):
     data_type: str
     created_at: datetime
     expires_at: datetime | None = None
+    deduplicated: bool = Field(
+        default=False,
+        description="true (with 200): the customer's existing record (deduplicate); nothing was stored.",
+    )
 
     model_config = examples(_TOKEN_OUT)
 
@@ -473,6 +523,9 @@ class BatchTokenized(BaseModel):
     data_type: str
     created_at: datetime
     expires_at: datetime | None = Field(default=None, description="When the record expires (retention).")
+    deduplicated: bool | None = Field(
+        default=None, description="true: the customer's existing record (deduplicate); nothing was stored."
+    )
 
 
 class BatchTokenizeFailed(BaseModel):

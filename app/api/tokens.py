@@ -28,6 +28,9 @@ from app.api.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
     ItemErrorBody,
+    LookupMatch,
+    LookupRequest,
+    LookupResponse,
     RevealedOut,
     TokenizeRequest,
     TokenOut,
@@ -52,7 +55,7 @@ def _parse_item(index: int, raw: dict[str, object]) -> TokenizeItem | VaultError
     except ValidationError as err:
         field, message, _ = validation_problem(err)
         return InvalidInput(f"items[{index}].{message}", field=f"items[{index}].{field}")
-    return TokenizeItem(item.customer_id, item.data_type, item.value, item.expires_at)
+    return TokenizeItem(item.customer_id, item.data_type, item.value, item.expires_at, item.deduplicate)
 
 
 def _item_error(err: VaultError) -> ItemErrorBody:
@@ -89,7 +92,13 @@ def _token_out(result: Tokenized) -> TokenOut:
         data_type=result.data_type,
         created_at=result.created_at,
         expires_at=result.expires_at,
+        deduplicated=result.deduplicated,
     )
+
+
+def _tokenize_status(result: Tokenized) -> int:
+    """201: a record was stored; 200: the customer's existing one answered (deduplicate)."""
+    return status.HTTP_200_OK if result.deduplicated else status.HTTP_201_CREATED
 
 
 def _batch_out(results: Sequence[Tokenized | ItemError]) -> BatchTokenizeResponse:
@@ -103,6 +112,7 @@ def _batch_out(results: Sequence[Tokenized | ItemError]) -> BatchTokenizeRespons
                 data_type=r.data_type,
                 created_at=r.created_at,
                 expires_at=r.expires_at,
+                deduplicated=r.deduplicated or None,
             )
             for r in results
         ]
@@ -116,7 +126,7 @@ def _one_answer(request_id: str | None) -> Callable[[Sequence[Tokenized | ItemEr
         (result,) = results
         if isinstance(result, ItemError):
             return error_answer(result.error, request_id)
-        return model_answer(status.HTTP_201_CREATED, _token_out(result))
+        return model_answer(_tokenize_status(result), _token_out(result))
 
     return render
 
@@ -130,30 +140,70 @@ def _batch_answer(request_id: str | None) -> Callable[[Sequence[Tokenized | Item
     return render
 
 
+_TOKENIZE_DOC = documented(
+    "tokenize",
+    "Tokenize one value",
+    errors=(*AUTHENTICATED, 409, 413),
+    descriptions=IDEMPOTENCY_409,
+    status=201,
+    headers=REPLAYED_HEADER,
+)
+# With deduplicate: the customer's existing record, nothing stored.
+_TOKENIZE_DOC["responses"][200] = {
+    "model": TokenOut,
+    "description": "deduplicate: the customer already had a live record of this type with this "
+    "value; its token, with deduplicated: true. Nothing was stored.",
+    "headers": dict(REPLAYED_HEADER),
+}
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     name="Tokenize",
-    **documented(
-        "tokenize",
-        "Tokenize one value",
-        errors=(*AUTHENTICATED, 409, 413),
-        descriptions=IDEMPOTENCY_409,
-        status=201,
-        headers=REPLAYED_HEADER,
-    ),
+    **_TOKENIZE_DOC,
 )
-async def tokenize(body: TokenizeRequest, call: KeyedDataCallDep) -> TokenOut:
+async def tokenize(body: TokenizeRequest, call: KeyedDataCallDep, response: Response) -> TokenOut:
     """Store a value and get its token. Needs an active Encrypt grant matching
-    {"customerID": customer_id, "dataType": data_type}. With an Idempotency-Key, a retry gets the
-    first answer again and stores nothing."""
-    item = TokenizeItem(body.customer_id, body.data_type, body.value, body.expires_at)
+    {"customerID": customer_id, "dataType": data_type} (and with deduplicate, a Lookup grant
+    too). With an Idempotency-Key, a retry gets the first answer again and stores nothing."""
+    item = TokenizeItem(body.customer_id, body.data_type, body.value, body.expires_at, body.deduplicate)
     keyed = call.keyed
     idempotent = idempotent_tokenize(keyed, body, _one_answer(keyed.request_id if keyed else None))
     result = await call.tokens.tokenize_one(
         presented=call.presented, item=item, ctx=call.ctx, idempotent=idempotent
     )
+    response.status_code = _tokenize_status(result)
     return _token_out(result)
+
+
+@router.post(
+    "/lookup",
+    name="Lookup",
+    **documented(
+        "lookup",
+        "Find tokens by value",
+        errors=AUTHENTICATED,
+        descriptions={
+            422: "unknown_data_type, lookup_not_enabled (the type's lookup flag is off), "
+            "invalid_value (never echoing the value), or an invalid body.",
+            429: "rate_limited: this principal's lookups are over PIIVAULT_LOOKUP_RATE_PER_S.",
+        },
+    ),
+)
+async def lookup(body: LookupRequest, call: DataCallDep) -> LookupResponse:
+    """The live records of data_type holding value (after the type's normaliser), of customer_id
+    if given, that the caller's Lookup grants cover (each record decided on its own context).
+    Rate-limited per principal and audited."""
+    found = await call.tokens.lookup(
+        presented=call.presented,
+        data_type=body.data_type,
+        value=body.value,
+        customer_id=body.customer_id,
+        ctx=call.ctx,
+    )
+    matches = [LookupMatch(token=m.token, customer_id=m.customer_id, created_at=m.created_at) for m in found]
+    return LookupResponse(matches=matches)
 
 
 @router.post(

@@ -432,7 +432,7 @@ class KmsKeyProvider:
         constraints: GrantConstraints,
         key_arn: str | None = None,
     ) -> KmsGrant | None:
-        # Only operations that make a KMS call are mirrored (Erase makes none): nothing to mirror,
+        # Only operations that make a KMS call are mirrored (Lookup and Erase make none): nothing to mirror,
         # no grant.
         mirrored = sorted({_OPERATIONS[op] for op in operations if op in _OPERATIONS})
         if not mirrored:

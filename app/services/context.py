@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, get_args
 
-# What a grant allows; the API's operation names are these. Erase erases records (never
-# mirrored as a KMS grant: it needs no KMS call).
-Operation = Literal["Encrypt", "Decrypt", "Erase"]
+# What a grant allows; the API's operation names are these. Lookup finds tokens by a value's
+# keyed fingerprint, Erase erases records (neither is mirrored as a KMS grant: neither makes a
+# KMS call under the record's context).
+Operation = Literal["Encrypt", "Decrypt", "Lookup", "Erase"]
 OPERATIONS: tuple[Operation, ...] = get_args(Operation)
 
 

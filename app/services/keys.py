@@ -68,6 +68,9 @@ class RewrapReport:
     def done(self) -> int:
         return self.rewrapped + self.skipped + self.failed
 
+    def counts(self) -> str:
+        return f"rewrapped {self.rewrapped}, skipped {self.skipped}, failed {self.failed}"
+
 
 async def bounded_map(
     fn: Callable[[T], Awaitable[R]], items: Sequence[T], limit: int

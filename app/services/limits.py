@@ -136,6 +136,22 @@ class PrincipalLimits:
             raise RateLimited(retry_after, "this principal's request rate is over its limit")
 
 
+class LookupLimits:
+    """Lookups by value per principal: an equality oracle, so held to `rate_per_s` a second (a
+    window of one second), counted apart from the principal's general rate."""
+
+    def __init__(self, counters: Counters, rate_per_s: int) -> None:
+        self._counters = counters
+        self._item = RateLimitItemPerSecond(rate_per_s, 1, namespace=NAMESPACE)
+
+    def check(self, principal_id: uuid.UUID) -> None:
+        """Count one lookup; RateLimited if over the rate. Not audited (as PrincipalLimits)."""
+        retry_after = self._counters.hit(self._item, "lookup", str(principal_id))
+        if retry_after is not None:
+            RATE_LIMITED.labels("lookup").inc()
+            raise RateLimited(retry_after, "this principal's lookup rate is over its limit")
+
+
 @dataclass
 class _Pending:
     """Repeats of one failure (key id, source, reason) since its first was written."""

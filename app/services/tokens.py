@@ -20,9 +20,10 @@ from typing import TypeVar
 
 from app.access import Decision, GrantSet, OperationGrant, grants_for, may_learn_gone
 from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
+from app.crypto.fingerprint import fingerprint
 from app.crypto.keys import KeyProvider
-from app.datatypes import Reveal, mask
-from app.db.repositories.data_path import DataPathRepository, EventRow, GrantTerms, RecordRow
+from app.datatypes import DataTypeSpec, Reveal, mask
+from app.db.repositories.data_path import DataPathRepository, EventRow, Found, GrantTerms, RecordRow
 from app.db.session import Database
 from app.errors import (
     AccessReasonRequired,
@@ -30,6 +31,7 @@ from app.errors import (
     IdempotencyInFlight,
     IntegrityFailure,
     InvalidInput,
+    LookupNotEnabled,
     NotFound,
     PayloadTooLarge,
     RecordErased,
@@ -42,6 +44,7 @@ from app.services.audit import Auditor, Subject, build_event
 from app.services.context import Caller, Operation, RequestContext, context_of, utcnow
 from app.services.data_types import DataTypeService
 from app.services.idempotency import Answer, IdempotencyService, IdempotentRequest, Lease
+from app.services.limits import LookupLimits
 from app.services.principals import PrincipalService, parse_api_key
 
 TOKEN_PREFIX = "tok_"  # noqa: S105 (a prefix, not a secret)
@@ -51,6 +54,12 @@ TOKEN_PATTERN = re.compile(r"tok_[A-Za-z0-9_-]{32}")
 
 # The audit reason of an allowed Detokenize that revealed only the value's mask.
 REVEALED_MASKED = "masked"
+# The audit reason of an allowed Tokenize that stored nothing: the customer's record was there.
+DEDUPLICATED = "deduplicated"
+# Of a refused deduplicating tokenize whose Encrypt grant covers the record but no Lookup grant does.
+DEDUPLICATE_NEEDS_LOOKUP = "deduplicate_needs_lookup"
+# At most this many records answer one lookup (and are audited as found by it).
+MAX_LOOKUP_MATCHES = 1000
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -67,6 +76,9 @@ class TokenizeItem:
     value: str = ""
     # Retention: refused from then on, and erased by the sweeper. None: the type's cap, if any.
     expires_at: datetime | None = None
+    # Answer the customer's live record of this type with the same value, if any, storing nothing
+    # (needs a Lookup grant covering the record as well as Encrypt).
+    deduplicate: bool = False
 
     def __repr__(self) -> str:
         return f"TokenizeItem(customer_id={self.customer_id!r}, data_type={self.data_type!r})"
@@ -79,6 +91,8 @@ class Tokenized:
     data_type: str
     created_at: datetime
     expires_at: datetime | None = None
+    # The customer's existing record (deduplicate): nothing was stored.
+    deduplicated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +139,14 @@ class TokenService:
         require_access_reason: bool = False,
         key_concurrency: int = 32,
         idempotency: IdempotencyService | None = None,
+        fingerprint_key: Callable[[], bytes] | None = None,
+        lookup_limits: LookupLimits | None = None,
     ) -> None:
         self._idempotency = idempotency
+        # Blocking (it may ask the key provider): loaded once, in a worker thread, then kept.
+        self._load_fingerprint_key = fingerprint_key
+        self._fingerprint_key: bytes | None = None
+        self._lookup_limits = lookup_limits
         self._require_access_reason = require_access_reason
         self._keys = keys
         self._store = DataPathRepository(database)
@@ -168,6 +188,17 @@ class TokenService:
             # reaches the error handler as any other unexpected error does.
             raise failed.exceptions[0] from None
         return [result for result in results if result is not None]
+
+    async def _fingerprint(self, spec: DataTypeSpec, value: str) -> bytes | None:
+        """The record's fingerprint if its type's lookup flag is on. The key is unwrapped once per
+        process (one key-provider call, off the event loop); after that this is an HMAC."""
+        if not spec.lookup:
+            return None
+        if self._fingerprint_key is None:
+            if self._load_fingerprint_key is None:
+                raise IntegrityFailure()  # a vault built without its fingerprint key: a wiring bug
+            self._fingerprint_key = await asyncio.to_thread(self._load_fingerprint_key)
+        return fingerprint(self._fingerprint_key, spec.name, spec.normalised(value))
 
     def _check_value(self, value: str) -> bytes:
         if not value:
@@ -234,14 +265,18 @@ class TokenService:
         ctx: RequestContext,
         idempotent: IdempotentTokenize | None = None,
     ) -> list[Tokenized | ItemError]:
-        caller, grants, _ = await self._admit(presented, "Encrypt", ctx)
+        # The Lookup grants ride along in the same query: a deduplicating item needs one.
+        caller, read, _ = await self.admit(presented, ("Encrypt", "Lookup"), ctx)
+        now = utcnow()
+        grants = GrantSet(grants_for(read, "Encrypt"), now)
+        finders = GrantSet(grants_for(read, "Lookup"), now)
         if idempotent is None or self._idempotency is None:
-            return await self._tokenize(caller, grants, items, ctx)
+            return await self._tokenize(caller, grants, finders, items, ctx)
         # Claimed once the caller is known (the key is the caller's): a replay, a key in flight
         # or reused with another body is answered here, before any grant check or KMS call.
         lease = await self._idempotency.claim(caller.id, idempotent.request)
         try:
-            return await self._tokenize(caller, grants, items, ctx, (idempotent, lease))
+            return await self._tokenize(caller, grants, finders, items, ctx, (idempotent, lease))
         except BaseException:
             await self._idempotency.release(lease)
             raise
@@ -250,6 +285,7 @@ class TokenService:
         self,
         caller: Caller,
         grants: GrantSet,
+        finders: GrantSet,
         items: Sequence[TokenizeItem | VaultError],
         ctx: RequestContext,
         idempotent: tuple[IdempotentTokenize, Lease] | None = None,
@@ -257,7 +293,7 @@ class TokenService:
         registry = await self._types.registry()  # in process: no round trip (see DataTypeService)
         denials: list[EventRow] = []
         results: list[Tokenized | ItemError | None] = [None] * len(items)
-        allowed: list[tuple[int, TokenizeItem, bytes, Decision]] = []
+        checked: list[tuple[int, TokenizeItem, bytes, Decision, bytes | None]] = []
         for index, item in enumerate(items):
             if isinstance(item, VaultError):
                 results[index] = ItemError(item)
@@ -278,17 +314,32 @@ class TokenService:
             try:
                 spec = await self._types.check_value(item.data_type, item.value, registry)
                 expires_at = self._expiry(item, utcnow(), spec.max_retention_days)
+                if item.deduplicate and not spec.lookup:
+                    raise LookupNotEnabled(
+                        f"{spec.name} has lookup off: its records cannot be deduplicated", field="deduplicate"
+                    )
             except VaultError as err:
                 results[index] = ItemError(err)
                 continue
+            if item.deduplicate and not finders.decide(context_of(item.customer_id, item.data_type)).allowed:
+                # Refused whether or not a duplicate exists: without a Lookup grant covering the
+                # record, 200-versus-201 would tell the caller whether the customer holds this value.
+                reason = DEDUPLICATE_NEEDS_LOOKUP
+                denials.append(build_event("Tokenize", "denied", ctx, caller, subject, reason))
+                results[index] = ItemError(Denied(reason))
+                continue
             if expires_at != item.expires_at:
                 item = dataclasses.replace(item, expires_at=expires_at)
-            allowed.append((index, item, raw, decision))
+            checked.append((index, item, raw, decision, await self._fingerprint(spec, item.value)))
         # Denials first, on their own: a refusal is on record whatever happens next.
         await self._auditor.record_denials(denials)
+        events: list[EventRow] = []
+        allowed = await self._deduplicate(caller, checked, ctx, results, events)
 
-        async def encrypt(entry: tuple[int, TokenizeItem, bytes, Decision]) -> tuple[RecordRow, str | None]:
-            _, item, raw, _ = entry
+        async def encrypt(
+            entry: tuple[int, TokenizeItem, bytes, Decision, bytes | None],
+        ) -> tuple[RecordRow, str | None]:
+            _, item, raw, _, fingerprint = entry
             token = new_token()
             data_key = await self._keys.generate_data_key(context_of(item.customer_id, item.data_type))
             binding = RecordBinding(token, item.customer_id, item.data_type)
@@ -303,14 +354,14 @@ class TokenService:
                 created_by=caller.id,
                 created_at=utcnow(),
                 expires_at=item.expires_at,
+                fingerprint=fingerprint,
             )
             return record, data_key.request_id
 
         sealed = await self._map(encrypt, allowed)
         records: list[RecordRow] = []
-        events: list[EventRow] = []
         failures: list[EventRow] = []
-        for (index, item, _, decision), outcome in zip(allowed, sealed, strict=True):
+        for (index, item, _, decision, _), outcome in zip(allowed, sealed, strict=True):
             if isinstance(outcome, VaultError):
                 subject = Subject(customer_id=item.customer_id, data_type=item.data_type)
                 failures.append(build_event("Tokenize", "error", ctx, caller, subject, outcome.code))
@@ -345,6 +396,95 @@ class TokenService:
         await self._commit_with_answer(records, events, done, *idempotent)
         return done
 
+    async def _deduplicate(
+        self,
+        caller: Caller,
+        checked: list[tuple[int, TokenizeItem, bytes, Decision, bytes | None]],
+        ctx: RequestContext,
+        results: list[Tokenized | ItemError | None],
+        events: list[EventRow],
+    ) -> list[tuple[int, TokenizeItem, bytes, Decision, bytes | None]]:
+        """Answer each deduplicating item whose customer already holds a live record of its type
+        with the same fingerprint with that record (and an allowed event that says so); returns
+        the items still to store. One query for the whole request, none without such an item."""
+        asked = [
+            (position, entry, entry[4])
+            for position, entry in enumerate(checked)
+            if entry[1].deduplicate and entry[4] is not None
+        ]
+        if not asked:
+            return checked
+        found = await self._store.duplicates(
+            [(item.customer_id, item.data_type, print_) for _, (_, item, *_), print_ in asked]
+        )
+        answered: set[int] = set()
+        for number, (position, (index, _, _, decision, _), _) in enumerate(asked):
+            record = found.get(number)
+            if record is None:
+                continue
+            answered.add(position)
+            subject = Subject(
+                token=record.token,
+                customer_id=record.customer_id,
+                data_type=record.data_type,
+                grant_id=decision.grant_id,
+            )
+            events.append(build_event("Tokenize", "allowed", ctx, caller, subject, DEDUPLICATED))
+            results[index] = Tokenized(
+                record.token, record.customer_id, record.data_type, record.created_at, record.expires_at, True
+            )
+        return [entry for position, entry in enumerate(checked) if position not in answered]
+
+    async def lookup(
+        self,
+        *,
+        presented: str | None,
+        data_type: str,
+        value: str,
+        customer_id: str | None,
+        ctx: RequestContext,
+    ) -> list[Found]:
+        """The live records of this type holding this value (of this customer, if given) that the
+        caller's Lookup grants cover, each decided on its own context. Rate-limited per principal
+        (an equality oracle), audited: one event for the lookup (the type, the number of matches)
+        and one per record found, so each customer's subject-access report shows it."""
+        caller, grants, _ = await self._admit(presented, "Lookup", ctx)
+        if self._lookup_limits is not None:
+            self._lookup_limits.check(caller.id)
+        asked = Subject(customer_id=customer_id, data_type=data_type)
+        if not grants.any_active:
+            # Nothing to search with: refused before the type or the value is looked at.
+            partial = {"dataType": data_type} | ({"customerID": customer_id} if customer_id else {})
+            reason = grants.decide(partial).deny_reason or "no_grant"
+            await self._auditor.record_denials([build_event("Lookup", "denied", ctx, caller, asked, reason)])
+            raise Denied(reason)
+        self._check_value(value)
+        spec = await self._types.check_value(data_type, value)
+        if not spec.lookup:
+            message = f"{spec.name} has lookup off: its records carry no fingerprint"
+            raise LookupNotEnabled(message, field="data_type")
+        print_ = await self._fingerprint(spec, value)
+        assert print_ is not None  # noqa: S101 (lookup is on)
+        found = await self._store.matches(spec.name, print_, customer_id, MAX_LOOKUP_MATCHES)
+        matches: list[Found] = []
+        events: list[EventRow] = []
+        for record in found:
+            decision = grants.decide(context_of(record.customer_id, record.data_type))
+            if not decision.allowed:
+                continue  # not the caller's to find: not told, not audited as found
+            matches.append(record)
+            subject = Subject(
+                token=record.token,
+                customer_id=record.customer_id,
+                data_type=record.data_type,
+                grant_id=decision.grant_id,
+            )
+            events.append(build_event("LookupMatch", "allowed", ctx, caller, subject))
+        summary = build_event("Lookup", "allowed", ctx, caller, asked, f"matches={len(matches)}")
+        # One statement: the lookup and what it found are on record before any token leaves.
+        await self._auditor.record_events([summary, *events])
+        return matches
+
     async def _commit_with_answer(
         self,
         records: Sequence[RecordRow],
@@ -361,8 +501,9 @@ class TokenService:
             await self._auditor.record_with_records(records, events)
             await self._idempotency.release(lease)
             return
-        tokens = [record.token for record in records]
-        if records:
+        # The tokens its answer names, a deduplicated one's too: erasing either purges the entry.
+        tokens = [result.token for result in done if isinstance(result, Tokenized)]
+        if records or events:  # a deduplicated item writes no record, but its event
             stored = await self._auditor.record_with_records(
                 records, events, lease.completion(answer, tokens)
             )

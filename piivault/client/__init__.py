@@ -147,8 +147,12 @@ class VaultClient:
     def limits(self) -> Limits:
         return self._run(self._core.limits())
 
-    def tokenize(self, *, customer_id: str, data_type: str, value: str) -> Tokenized:
-        return self._run(self._core.tokenize(customer_id, data_type, value))
+    def tokenize(
+        self, *, customer_id: str, data_type: str, value: str, deduplicate: bool = False
+    ) -> Tokenized:
+        """With deduplicate=True (needs a Lookup grant too), the customer's existing record of
+        this value comes back (`.deduplicated`) and nothing is stored."""
+        return self._run(self._core.tokenize(customer_id, data_type, value, deduplicate))
 
     def tokenize_batch(
         self, items: Sequence[TokenizeItem | Mapping[str, str]]
@@ -252,8 +256,10 @@ class AsyncVaultClient:
     async def limits(self) -> Limits:
         return await self._run(self._core.limits())
 
-    async def tokenize(self, *, customer_id: str, data_type: str, value: str) -> Tokenized:
-        return await self._run(self._core.tokenize(customer_id, data_type, value))
+    async def tokenize(
+        self, *, customer_id: str, data_type: str, value: str, deduplicate: bool = False
+    ) -> Tokenized:
+        return await self._run(self._core.tokenize(customer_id, data_type, value, deduplicate))
 
     async def tokenize_batch(
         self, items: Sequence[TokenizeItem | Mapping[str, str]]

@@ -141,9 +141,13 @@ class Core:
                 self.limits_cache = Limits(int(body["max_batch_items"]), int(body["max_value_bytes"]))
         return self.limits_cache
 
-    def tokenize(self, customer_id: str, data_type: str, value: str) -> Flow[Tokenized]:
-        item = TokenizeItem(customer_id, data_type, value)
-        body = yield Call("POST", "/v1/tokens", item.as_json(), headers=idempotency_key())
+    def tokenize(
+        self, customer_id: str, data_type: str, value: str, deduplicate: bool = False
+    ) -> Flow[Tokenized]:
+        payload: dict[str, Any] = TokenizeItem(customer_id, data_type, value).as_json()
+        if deduplicate:
+            payload["deduplicate"] = True
+        body = yield Call("POST", "/v1/tokens", payload, headers=idempotency_key())
         return Tokenized.from_json(body)
 
     def tokenize_batch(

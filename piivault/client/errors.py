@@ -51,6 +51,7 @@ ERROR_TABLE: tuple[tuple[str, str, int | None, bool, str], ...] = (
     ("InvalidInput", "invalid_input", 422, False, "the request is not valid; `field` names what"),
     ("InvalidValue", "invalid_value", 422, False, "the value does not match its data type"),
     ("UnknownDataType", "unknown_data_type", 422, False, "the data type is not registered"),
+    ("LookupNotEnabled", "lookup_not_enabled", 422, False, "the data type's lookup flag is off"),
     ("IdempotencyKeyReused", "idempotency_key_reused", 422, False, "the key was used with another body"),
     ("PayloadTooLarge", "too_large", 413, False, "the request, a value or a batch is too large"),
     ("Unauthenticated", "unauthenticated", 401, False, "no valid API key"),
@@ -122,6 +123,7 @@ __all__ = [
     "KeyNotAllowed",
     "KeyServiceInvalidResponse",
     "KeyServiceUnavailable",
+    "LookupNotEnabled",
     "MethodNotAllowed",
     "NotFound",
     "NotPending",
@@ -150,6 +152,7 @@ _CLASSES = {row[0]: _make(*row) for row in ERROR_TABLE}
 InvalidInput = _CLASSES["InvalidInput"]
 InvalidValue = _CLASSES["InvalidValue"]
 UnknownDataType = _CLASSES["UnknownDataType"]
+LookupNotEnabled = _CLASSES["LookupNotEnabled"]
 IdempotencyKeyReused = _CLASSES["IdempotencyKeyReused"]
 PayloadTooLarge = _CLASSES["PayloadTooLarge"]
 Unauthenticated = _CLASSES["Unauthenticated"]

@@ -31,10 +31,18 @@ class Tokenized:
     customer_id: str
     data_type: str
     created_at: datetime | None = None
+    # The customer's existing record (tokenize with deduplicate=True): nothing was stored.
+    deduplicated: bool = False
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Tokenized:
-        return cls(body["token"], body["customer_id"], body["data_type"], _time(body.get("created_at")))
+        return cls(
+            body["token"],
+            body["customer_id"],
+            body["data_type"],
+            _time(body.get("created_at")),
+            bool(body.get("deduplicated", False)),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,6 +101,8 @@ class RecordRow:
     created_at: datetime
     expires_at: datetime | None = None
     erased_at: datetime | None = None
+    # The keyed fingerprint of the normalised value (types whose lookup flag is on), else None.
+    fingerprint: bytes | None = None
 
     def __repr__(self) -> str:
         return f"RecordRow(token={self.token!r}, data_type={self.data_type!r})"
@@ -113,6 +115,17 @@ class RecordRow:
         if self.expires_at is not None and self.expires_at <= now:
             return "expired"
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A live record found by its fingerprint: identifiers only."""
+
+    token: str
+    customer_id: str
+    data_type: str
+    created_at: datetime
+    expires_at: datetime | None
 
 
 EVENT_COLUMNS = tuple(f.name for f in fields(EventRow))
@@ -128,7 +141,7 @@ _EVENT_TYPES = (
 )  # fmt: skip
 _RECORD_TYPES = (
     "varchar", "varchar", "varchar", "smallint", "bytea", "bytea", "varchar", "uuid", "timestamptz",
-    "timestamptz", "timestamptz",
+    "timestamptz", "timestamptz", "bytea",
 )  # fmt: skip
 
 
@@ -198,6 +211,26 @@ SELECT id, constraint_kind, constraint_context, expires_at, revoked_at, retired_
        awaiting_approval, operations
   FROM grants WHERE id = ANY({ids}::uuid[])
 """)
+# Lookup by value: live records of one type with one fingerprint (the partial index on
+# (data_type, fingerprint) finds them), oldest first, at most `limit`.
+_LIVE = "erased_at IS NULL AND (expires_at IS NULL OR expires_at > now())"
+_MATCHES = f"""
+SELECT token, customer_id, data_type, created_at, expires_at
+  FROM records
+ WHERE data_type = %(data_type)s AND fingerprint = %(fingerprint)s AND {_LIVE}
+   AND (%(customer_id)s::varchar IS NULL OR customer_id = %(customer_id)s::varchar)
+ ORDER BY created_at, token
+ LIMIT %(limit)s
+"""  # noqa: S608 (constants only)
+# Deduplication: for each (customer, type, fingerprint) asked, its oldest live record, if any.
+_DUPLICATES = f"""
+SELECT DISTINCT ON (asked.i) asked.i, r.token, r.customer_id, r.data_type, r.created_at, r.expires_at
+  FROM unnest(%(customers)s::varchar[], %(types)s::varchar[], %(fingerprints)s::bytea[])
+       WITH ORDINALITY AS asked(customer_id, data_type, fingerprint, i)
+  JOIN records r ON r.data_type = asked.data_type AND r.fingerprint = asked.fingerprint
+                AND r.customer_id = asked.customer_id AND {_LIVE}
+ ORDER BY asked.i, r.created_at, r.token
+"""  # noqa: S608 (constants only)
 _RECORDS = f"SELECT {', '.join(RECORD_COLUMNS)} FROM records WHERE token = ANY(%(tokens)s::varchar[])"  # noqa: S608
 
 
@@ -214,6 +247,7 @@ def _record(row: Any) -> RecordRow:
         created_at=row.created_at,
         expires_at=row.expires_at,
         erased_at=row.erased_at,
+        fingerprint=row.fingerprint,
     )
 
 
@@ -346,6 +380,40 @@ class DataPathRepository:
                     await connection.execute("ROLLBACK")
                 raise
             await connection.execute("COMMIT")
+
+    async def matches(
+        self, data_type: str, fingerprint: bytes, customer_id: str | None, limit: int
+    ) -> list[Found]:
+        """Live records of this type with this fingerprint (of this customer, if given)."""
+        parameters = {
+            "data_type": data_type,
+            "fingerprint": fingerprint,
+            "customer_id": customer_id,
+            "limit": limit,
+        }
+        async with self._database.data_connection() as connection:
+            cursor = connection.cursor(binary=True, row_factory=namedtuple_row)
+            await cursor.execute(_MATCHES, parameters)
+            rows: list[Any] = await cursor.fetchall()
+        return [Found(r.token, r.customer_id, r.data_type, r.created_at, r.expires_at) for r in rows]
+
+    async def duplicates(self, asked: Sequence[tuple[str, str, bytes]]) -> dict[int, Found]:
+        """For each (customer_id, data_type, fingerprint) asked, by its index: the customer's oldest
+        live record of that type with that fingerprint, if there is one. One round trip."""
+        if not asked:
+            return {}
+        parameters = {
+            "customers": [customer for customer, _, _ in asked],
+            "types": [data_type for _, data_type, _ in asked],
+            "fingerprints": [fingerprint for _, _, fingerprint in asked],
+        }
+        async with self._database.data_connection() as connection:
+            cursor = connection.cursor(binary=True, row_factory=namedtuple_row)
+            await cursor.execute(_DUPLICATES, parameters)
+            rows: list[Any] = await cursor.fetchall()
+        return {
+            int(r.i) - 1: Found(r.token, r.customer_id, r.data_type, r.created_at, r.expires_at) for r in rows
+        }
 
     async def add_events(self, events: Sequence[EventRow]) -> None:
         if not events:

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.metrics import RATE_LIMIT_FALLBACK
+from app.services.limits import LocalWindows, principal_item
 from tests.conftest import (
     ClientFactory,
     assert_error,
@@ -49,6 +50,40 @@ def tokenize_status(client: TestClient, key: str) -> int:
 
 
 # Per principal, in this process
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_local_windows_allow_a_burst_then_refuse_until_the_oldest_hit_leaves_the_window() -> None:
+    clock = Clock()
+    windows = LocalWindows(clock)
+    item = principal_item(2, 4)  # 4 in any 2 s
+    assert [windows.hit(item, "principal", "a") for _ in range(4)] == [None] * 4
+    assert windows.hit(item, "principal", "a") == 2  # the oldest leaves in 2 s
+    assert windows.hit(item, "principal", "b") is None  # another key counts apart
+    clock.now += 1.5
+    assert windows.hit(item, "principal", "a") == 1
+    clock.now += 0.5  # the first four are now a full window old
+    assert [windows.hit(item, "principal", "a") for _ in range(4)] == [None] * 4
+    assert windows.hit(item, "principal", "a") is not None
+
+
+def test_local_windows_forget_keys_idle_for_a_window_so_many_sources_cannot_grow_them() -> None:
+    clock = Clock()
+    windows = LocalWindows(clock)
+    item = principal_item(1, 1)
+    for n in range(1000):
+        windows.hit(item, "auth-failures", f"10.0.{n // 256}.{n % 256}")
+    assert len(windows) == 1000
+    clock.now += 1.01
+    windows.hit(item, "auth-failures", "10.9.9.9")
+    assert len(windows) == 1
 
 
 def test_a_principal_over_its_default_rate_gets_429_with_retry_after(

@@ -329,10 +329,10 @@ class GrantSet:
         return any(grant_active(grant, self._now) for grant in self._grants)
 
     @property
-    def active_ids(self) -> list[uuid.UUID]:
+    def active(self) -> list[GrantTerms]:
         """The grants an allowed decision may rest on: those active when the set was read (a
         revoked, retired or expired grant never becomes active again)."""
-        return [grant.id for grant in self._grants if grant_active(grant, self._now)]
+        return [grant for grant in self._grants if grant_active(grant, self._now)]
 
     def decide(self, context: Mapping[str, str]) -> Decision:
         matching = [grant for grant in self._grants if constraints_match(grant, context)]

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
 
-from app.access import Decision, GrantSet, OperationGrant, grants_for, may_learn_gone
+from app.access import Decision, GrantSet, GrantTerms, OperationGrant, grants_for, may_learn_gone
 from app.crypto.envelope import FORMAT_VERSION, RecordBinding, open_sealed, seal
 from app.crypto.fingerprint import fingerprint
 from app.crypto.keys import KeyProvider
 from app.datatypes import DataTypeSpec, Reveal, mask
-from app.db.repositories.data_path import DataPathRepository, EventRow, Found, GrantTerms, RecordRow
+from app.db.repositories.data_path import DataPathRepository, EventRow, Found, RecordRow
 from app.db.session import Database
 from app.errors import (
     AccessReasonRequired,
@@ -660,7 +660,7 @@ class TokenService:
         if opened_ok:
             # The value leaves only once its allowed event has committed, in the transaction that
             # re-read the grants it rests on: one query per request, whatever the batch's size.
-            await self._auditor.record_release(grants.active_ids, release)
+            await self._auditor.record_release(grants.active, release)
         return [result for result in results if result is not None]
 
     async def detokenize_one(

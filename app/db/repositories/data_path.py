@@ -3,8 +3,9 @@
 Every method takes a connection from the data path's pool for its one statement (or one
 pipeline) and gives it back: no connection is held while the key service is asked for a data
 key, so a slow key service cannot drain the pool. The connections are in autocommit, so each
-write, one statement, commits or fails whole; the one exception is a detokenize's release (a
-re-read of its grants, then its events), one explicit transaction. Database.data_connection maps
+write, one statement, commits or fails whole; the one exception is a detokenize's release when a
+grant changed while it asked the key service (a re-read of its grants, then its events), one
+explicit transaction. Database.data_connection maps
 database errors to the vault's own.
 """
 
@@ -211,6 +212,28 @@ SELECT id, constraint_kind, constraint_context, expires_at, revoked_at, retired_
        awaiting_approval, operations
   FROM grants WHERE id = ANY({ids}::uuid[])
 """)
+# The release, as it nearly always goes: one autocommit statement. piivault_hold_grants (migration
+# 0012) holds the grants (shared, as above) and reads them as they stand, in a snapshot of its
+# own; the events go in only if every grant is still active at `now`. Otherwise nothing is written
+# and the caller decides again under release(). The locks last until the statement commits.
+_HELD = """WITH held AS MATERIALIZED (
+SELECT count(*) FILTER (WHERE NOT awaiting_approval AND revoked_at IS NULL AND retired_at IS NULL
+                          AND (expires_at IS NULL OR expires_at > {now})) = {count} AS unchanged
+  FROM piivault_hold_grants({namespace}, {ids}::uuid[])) """
+_ONLY_IF_UNCHANGED = " WHERE (SELECT unchanged FROM held)"
+_RELEASE_EVENTS = (
+    _HELD.format(now="%(now)s", count="%(count)s", namespace="%(namespace)s", ids="%(grant_ids)s")
+    + _INSERT_EVENTS
+    + _ONLY_IF_UNCHANGED
+)
+# One event (most requests): plain parameters, each cast to its column's type.
+_RELEASE_ONE_EVENT = (
+    _HELD.format(now="%s", count="%s", namespace="%s", ids="%s")
+    + _INTO_EVENTS
+    + "SELECT "
+    + ", ".join(f"%s::{kind}" for kind in _EVENT_TYPES)
+    + _ONLY_IF_UNCHANGED
+)
 # Lookup by value: live records of one type with one fingerprint (the partial index on
 # (data_type, fingerprint) finds them), oldest first, at most `limit`.
 _LIVE = "erased_at IS NULL AND (expires_at IS NULL OR expires_at > now())"
@@ -343,6 +366,28 @@ class DataPathRepository:
             if row.grant_id is not None
         ]
         return Access(credentials, grants, records)
+
+    async def release_unless_changed(
+        self, grant_ids: Sequence[uuid.UUID], events: Sequence[EventRow], now: datetime
+    ) -> bool:
+        """A detokenize's release in one statement: its events written, and True, only if every
+        grant in `grant_ids` is still active at `now`; else nothing written (then release())."""
+        held = list(dict.fromkeys(grant_ids))
+        async with self._database.data_connection() as connection:
+            if len(events) == 1:
+                parameters = (now, len(held), GRANT_LOCK_NAMESPACE, held, *_event_values(events[0]))
+                cursor = await connection.execute(_RELEASE_ONE_EVENT, parameters)
+            else:
+                shared = {
+                    "now": now,
+                    "count": len(held),
+                    "namespace": GRANT_LOCK_NAMESPACE,
+                    "grant_ids": held,
+                }
+                cursor = await connection.execute(
+                    _RELEASE_EVENTS, shared | _columns(events, EVENT_COLUMNS, "e_")
+                )
+            return cursor.rowcount == len(events)
 
     @asynccontextmanager
     async def release(self, grant_ids: Sequence[uuid.UUID]) -> AsyncIterator[Release]:

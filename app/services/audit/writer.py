@@ -13,13 +13,13 @@ import psycopg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from app.access import GrantTerms
 from app.db.models import AuditEvent
 from app.db.repositories import (
     AuditFilter,
     AuditRepository,
     DataPathRepository,
     EventRow,
-    GrantTerms,
     RecordRow,
 )
 from app.db.session import Database
@@ -30,6 +30,7 @@ from app.services.audit import sealer
 from app.services.audit import verify as chain
 from app.services.audit.events import event_mac
 from app.services.audit.keyring import AuditKeyring
+from app.services.context import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -134,21 +135,24 @@ class Auditor:
 
     async def record_release(
         self,
-        grant_ids: Sequence[uuid.UUID],
+        as_decided: Sequence[GrantTerms],
         build: Callable[[Sequence[GrantTerms]], Sequence[EventRow]],
     ) -> None:
-        """A detokenize's write, after its key-service calls and before any value leaves: the
-        grants in `grant_ids` are held until the commit and read again as they stand now (one
-        round trip), `build` makes the events of that re-check (allowed, or denied for a grant
-        revoked, retired or expired meanwhile), and they commit in that same transaction."""
-        if not self._keyring.loaded:
-            await anyio.to_thread.run_sync(self._keyring.current)
-        events: Sequence[EventRow] = ()
+        """A detokenize's write, after its key-service calls and before any value leaves. `build`
+        makes the events of a decision on the grants given (allowed, or denied for a grant
+        revoked, retired or expired). The events of the decision already made go in only if every
+        grant it rested on is still active (one statement); if one changed meanwhile, the grants
+        are held, read as they stand and decided on again, in one transaction with the events."""
+        await self.ready()
+        grant_ids = [grant.id for grant in as_decided]
         try:
-            async with self._data_path.release(grant_ids) as release:
-                events = build(release.grants)
-                self._stamp(events)
-                await release.add_events(events)
+            events = build(as_decided)
+            self._stamp(events)
+            if not await self._data_path.release_unless_changed(grant_ids, events, utcnow()):
+                async with self._data_path.release(grant_ids) as release:
+                    events = build(release.grants)
+                    self._stamp(events)
+                    await release.add_events(events)
         except psycopg.OperationalError:
             raise  # the database is down: mapped as such by the Database
         except psycopg.Error as err:

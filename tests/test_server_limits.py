@@ -152,3 +152,18 @@ def test_requests_on_one_kept_alive_connection_each_get_their_deadline(served: t
             answer = read_response(sock)
             assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
             time.sleep(0.6)  # within keep-alive; longer than half a deadline in total
+
+
+def test_a_slow_head_after_a_kept_alive_request_gets_its_own_whole_deadline(served: tuple[str, int]) -> None:
+    """The connection's timer, set during the first request, must neither cut the second request
+    short (its deadline runs from its own first byte) nor forget it."""
+    with socket.create_connection(served, timeout=BOUND_S) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: vault\r\n\r\n")
+        assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+        time.sleep(0.6)  # the first request's timer is still due, earlier than the next deadline
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: vault\r\nX-Slow: ")
+        raw = read_all(sock)
+        waited = time.monotonic() - started
+    assert raw.startswith(b"HTTP/1.1 408 "), raw[:200]
+    assert waited >= 0.9  # the deadline is 1 s from this request's first byte

@@ -63,16 +63,34 @@ class VaultHttpProtocol(HttpToolsProtocol):
         self._reading_head = True
         self._head_bytes = 0
         self._head_size = 0
-        self._deadline: asyncio.TimerHandle | None = None
+        # One timer per connection, moved lazily: arming and disarming on every request only set
+        # the deadline (loop time) and what it is for; the timer, when it fires, either refuses
+        # the request or sleeps until the deadline that stands then. (A timer per phase cost two
+        # call_later and two cancels per request.)
+        self._deadline: float | None = None
+        self._waiting_for = ""
+        self._timer: asyncio.TimerHandle | None = None
 
     def _arm(self, seconds: float, what: str) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(seconds, self._timed_out, what)
+        self._deadline = self.loop.time() + seconds
+        self._waiting_for = what
+        if self._timer is not None and self._timer.when() > self._deadline:
+            self._timer.cancel()  # set for a later deadline: this one comes first
+            self._timer = None
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._deadline, self._check_deadline)
 
     def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._deadline = None
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return  # disarmed; the next _arm starts a timer again
+        if self._deadline > self.loop.time():
+            self._timer = self.loop.call_at(self._deadline, self._check_deadline)
+            return
+        self._timed_out(self._waiting_for)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -81,6 +99,9 @@ class VaultHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -96,7 +117,7 @@ class VaultHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._reading_head = True
         self._head_size = 0
-        if self._deadline is None:
+        if self._deadline is None:  # not already running since the connection opened
             self._arm(self.header_timeout_s, "headers")
 
     def on_url(self, url: bytes) -> None:

@@ -99,6 +99,16 @@ def evaluate(report: Report, levels: list[int]) -> list[dict[str, Any]]:
         if audited and quiet:
             check(f"tokenize with audit / without (local), c={level}",
                   ratio(audited.items_per_s, quiet.items_per_s), 0.85, "issue 3: at most 15% cost")  # fmt: skip
+    for provider in ("vault-local", "vault-kms"):
+        for level in levels:
+            keyed, plain = (
+                find(rows, provider, "tokenize_idempotent", level),
+                find(rows, provider, "tokenize", level),
+            )
+            if keyed and plain:
+                targets.append({"target": f"tokenize with Idempotency-Key / without ({provider}), c={level}",
+                                "goal": None, "met": None, "value": ratio(keyed.items_per_s, plain.items_per_s),
+                                "detail": "for reference: what the key's claim and stored answer cost"})  # fmt: skip
     top = max(levels)
     for operation in ("tokenize", "detokenize"):
         slow, fast = find(rows, "vault-kms", operation, top, 10), find(rows, "vault-kms", operation, top)

@@ -213,7 +213,7 @@ def vaults(
             url = fresh_database(DATABASE)
             with vault(provider, url, kms_or_none, args.workers, workdir, 20_000) as v:
                 for level in levels:
-                    for operation, batch in (("tokenize", 1), ("detokenize", 1)):
+                    for operation, batch in (("tokenize", 1), ("tokenize_idempotent", 1), ("detokenize", 1)):
                         rows.append(
                             measure(provider, v.process, v.base_url, operation, level, seconds, args.workers,
                                     api_key=v.api_key, tokens=v.tokens, batch=batch, kms=kms_or_none)

@@ -137,6 +137,16 @@ def evaluate(report: Report, levels: list[int]) -> list[dict[str, Any]]:
     return targets
 
 
+def lifecycle_check(op: dict[str, Any]) -> str:
+    """What SQL found after the operation: records a rewrap left on the old key, or the erased
+    customer's tombstones and live records."""
+    if "left_unmoved" in op:
+        return f"left unmoved: {op['left_unmoved']}"
+    if "tombstones" in op:
+        return f"tombstones: {op['tombstones']}, live: {op.get('left_live')}"
+    return ""
+
+
 def write(report: Report) -> None:
     RESULTS.mkdir(exist_ok=True)
     data = asdict(report)
@@ -168,11 +178,14 @@ def write(report: Report) -> None:
             f"{e['p99_ms']} | {e.get('cpu_ms_per_op')} | {e.get('kms_calls_per_op')} | {e.get('peak_rss_mb')} |"
         )
     if report.lifecycle:
-        lines += ["", "## Bulk operations", "", "| operation | records | KMS latency | items/s | KMS calls/item |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "## Bulk operations", "",
+                  "| operation | records | KMS latency | seconds | items/s | KMS calls/item | peak RSS MB/worker | check |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for op in report.lifecycle:
-            lines.append(f"| {op['operation']} | {op['records']} | {op['kms_latency_ms']} ms | {op['items_per_s']} | "
-                         f"{op['kms_calls_per_item']} |")  # fmt: skip
+            latency = "—" if op.get("kms_latency_ms") is None else f"{op['kms_latency_ms']} ms"
+            lines.append(f"| {op['operation']} | {op['records']} | {latency} | {op.get('seconds', '—')} | "
+                         f"{op['items_per_s']} | {op.get('kms_calls_per_item') or '—'} | "
+                         f"{op.get('peak_rss_mb_per_worker', '—')} | {lifecycle_check(op)} |")  # fmt: skip
     if report.scale:
         lines += ["", "## Detokenize and lookup latency against table size (concurrency 8)", "",
                   "| records | p50 ms | p99 ms | req/s | lookup p50 ms | lookup p99 ms | lookup req/s |",

@@ -1,9 +1,10 @@
 -- wrk script for every row of the benchmark. Environment:
---   MODE     tokenize | detokenize | batch_tokenize | batch_detokenize | lookup
+--   MODE     tokenize | tokenize_idempotent | detokenize | batch_tokenize | batch_detokenize | lookup
 --   API_KEY  the caller's key (empty for the floor)
 --   TOKENS   file with one token per line (detokenize modes)
 --   BATCH    items per batch request (default 100)
 -- Every request names a distinct customer (or token): no cache can flatter a row.
+-- tokenize_idempotent sends a new Idempotency-Key with each: every one is a first claim, never a replay.
 local mode = os.getenv("MODE") or "tokenize"
 local batch = tonumber(os.getenv("BATCH") or "100")
 local tokens = {}
@@ -43,6 +44,13 @@ end
 function request()
   if mode == "tokenize" then
     return wrk.format("POST", "/v1/tokens", nil, item())
+  elseif mode == "tokenize_idempotent" then
+    local body = item()
+    -- Unique as the customer is: run (start second and a random number), thread, counter; the
+    -- bench's wrk runs last a second or more, one after another. Set on this thread's own
+    -- wrk.headers: a headers table passed to wrk.format would replace them.
+    wrk.headers["Idempotency-Key"] = string.format("bench-%s-%d-%d", run, id, counter)
+    return wrk.format("POST", "/v1/tokens", nil, body)
   elseif mode == "detokenize" then
     return wrk.format("GET", "/v1/tokens/" .. next_token(), nil, nil)
   elseif mode == "lookup" then

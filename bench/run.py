@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--leak-requests", type=int, default=100_000)
     parser.add_argument("--scale-records", type=int, default=1_000_000)
     parser.add_argument("--rewrap-records", type=int, default=20_000)
+    parser.add_argument("--erase-records", type=int, default=10_000)
     parser.add_argument(
         "--audit-cost",
         action="store_true",

@@ -6,9 +6,11 @@ import argparse
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 from harness import (
     BENCH,
@@ -18,6 +20,7 @@ from harness import (
     PIIVAULT,
     ROOT,
     KmsStandIn,
+    RssSampler,
     Vault,
     add_filler_records,
     free_port,
@@ -152,6 +155,59 @@ def rewrap_stage(kms: KmsStandIn, latency_ms: int, workers: int, workdir: Path, 
     return out
 
 
+ERASED_CUSTOMER = "erase-bench"
+
+
+def add_customer_records(url: str, customer: str, total: int) -> None:
+    """`total` live DriverLicense records of one customer, by COPY, with the key id, format and
+    creator of the record the vault already holds. Ciphertext, wrapped key and fingerprint are
+    random bytes: an erasure never opens them."""
+    with psycopg.connect(url, autocommit=True) as connection:
+        model = connection.execute(
+            "SELECT kms_key_id, format_version, created_by FROM records LIMIT 1"
+        ).fetchone()
+        assert model is not None  # noqa: S101
+        columns = "token, customer_id, data_type, format_version, ciphertext, wrapped_key, kms_key_id, created_by, fingerprint"
+        with connection.cursor().copy(f"COPY records ({columns}) FROM STDIN") as copy:
+            for n in range(total):
+                copy.write_row((f"tok_erase{n:027d}", customer, "DriverLicense", model[1], os.urandom(45),
+                                os.urandom(120), model[0], model[2], os.urandom(32)))  # fmt: skip
+        connection.execute("ANALYZE records")
+
+
+def erase_stage(workers: int, workdir: Path, total: int) -> dict[str, Any]:
+    """POST /v1/customers/{id}/erase of one customer's `total` records (local key provider, the
+    service principal holding Erase beside Encrypt and Decrypt), end to end over HTTP."""
+    url = fresh_database(DATABASE)
+    with vault("vault-local-erase", url, None, workers, workdir, 1, extra_operations=("Erase",)) as v:
+        add_customer_records(url, ERASED_CUSTOMER, total)
+        headers = {"Authorization": f"Bearer {v.api_key}"}
+        body = {"reason": "bench: customer erasure"}
+        with RssSampler(v.process) as rss:
+            started_at = time.perf_counter()
+            response = httpx.post(f"{v.base_url}/v1/customers/{ERASED_CUSTOMER}/erase", json=body,
+                                  headers=headers, timeout=600)  # fmt: skip
+            elapsed = time.perf_counter() - started_at
+        response.raise_for_status()
+        erased = response.json()["erased"]
+    with psycopg.connect(url, autocommit=True) as connection:
+        counted = connection.execute(
+            """SELECT count(*) FILTER (WHERE erased_at IS NOT NULL AND ciphertext IS NULL AND wrapped_key IS NULL
+                                        AND kms_key_id IS NULL AND fingerprint IS NULL),
+                      count(*) FILTER (WHERE erased_at IS NULL)
+                 FROM records WHERE customer_id = %s""",
+            (ERASED_CUSTOMER,),
+        ).fetchone()
+    tombstones, live = counted if counted else (None, None)
+    out = {"operation": "customer erasure", "records": total, "kms_latency_ms": None,
+           "items_per_s": round(erased / elapsed, 1), "seconds": round(elapsed, 2), "kms_calls_per_item": None,
+           "peak_rss_mb_per_worker": round(rss.peak_mb, 1), "erased": erased, "tombstones": tombstones,
+           "left_live": live}  # fmt: skip
+    log(f"customer erasure: {erased} of {total} records in {elapsed:.2f} s ({out['items_per_s']:.0f}/s), "
+        f"{tombstones} tombstones, {live} live, peak worker RSS {out['peak_rss_mb_per_worker']} MB")  # fmt: skip
+    return out
+
+
 def leak_stage(v: Vault, total: int) -> dict[str, Any]:
     """Worker RSS after total/2 and after total tokenize requests."""
     done = 0
@@ -195,7 +251,8 @@ def vaults(
     report: Report, args: argparse.Namespace, levels: list[int], seconds: float, workdir: Path
 ) -> None:
     """The vault with each key provider beside the KMS stand-in, with the ESDK and no-audit rows
-    (and unless --quick the leak and scale stages), then vault-kms with 10 ms of KMS latency."""
+    (and unless --quick the leak and scale stages), then vault-kms with 10 ms of KMS latency, the
+    rewrap under it, and a customer's erasure."""
     base_env = {**os.environ}
     rows = report.rows
     kms_port = free_port()
@@ -213,7 +270,7 @@ def vaults(
             url = fresh_database(DATABASE)
             with vault(provider, url, kms_or_none, args.workers, workdir, 20_000) as v:
                 for level in levels:
-                    for operation, batch in (("tokenize", 1), ("detokenize", 1)):
+                    for operation, batch in (("tokenize", 1), ("tokenize_idempotent", 1), ("detokenize", 1)):
                         rows.append(
                             measure(provider, v.process, v.base_url, operation, level, seconds, args.workers,
                                     api_key=v.api_key, tokens=v.tokens, batch=batch, kms=kms_or_none)
@@ -263,3 +320,5 @@ def vaults(
                                   api_key=v.api_key, tokens=v.tokens, kms=slow_kms, kms_latency_ms=10)  # fmt: skip
                     rows.append(row)
             report.lifecycle.append(rewrap_stage(slow_kms, 10, args.workers, workdir, args.rewrap_records))
+    # No KMS: erasure never calls it.
+    report.lifecycle.append(erase_stage(args.workers, workdir, args.erase_records))

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import secrets
 import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from limits.strategies import MovingWindowRateLimiter
 
 from app.metrics import RATE_LIMIT_FALLBACK
-from app.services.limits import LocalWindows, principal_item
+from app.services.limits import MemoryCounts, principal_item
 from tests.conftest import (
     ClientFactory,
     assert_error,
@@ -52,38 +55,33 @@ def tokenize_status(client: TestClient, key: str) -> int:
 # Per principal, in this process
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+def test_in_process_counting_starts_no_thread_per_hit_and_still_expires_old_entries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """limits' own MemoryStorage starts a timer thread 10 ms after the last one ended, on the
+    request path; MemoryCounts at most once per expiry_interval_s. Old entries still go, with
+    the next expiry run that activity schedules (as in limits' own)."""
+    started: list[threading.Thread] = []
+    start = threading.Thread.start
 
-    def __call__(self) -> float:
-        return self.now
+    def counted(thread: threading.Thread) -> None:
+        started.append(thread)
+        start(thread)
 
-
-def test_local_windows_allow_a_burst_then_refuse_until_the_oldest_hit_leaves_the_window() -> None:
-    clock = Clock()
-    windows = LocalWindows(clock)
-    item = principal_item(2, 4)  # 4 in any 2 s
-    assert [windows.hit(item, "principal", "a") for _ in range(4)] == [None] * 4
-    assert windows.hit(item, "principal", "a") == 2  # the oldest leaves in 2 s
-    assert windows.hit(item, "principal", "b") is None  # another key counts apart
-    clock.now += 1.5
-    assert windows.hit(item, "principal", "a") == 1
-    clock.now += 0.5  # the first four are now a full window old
-    assert [windows.hit(item, "principal", "a") for _ in range(4)] == [None] * 4
-    assert windows.hit(item, "principal", "a") is not None
-
-
-def test_local_windows_forget_keys_idle_for_a_window_so_many_sources_cannot_grow_them() -> None:
-    clock = Clock()
-    windows = LocalWindows(clock)
-    item = principal_item(1, 1)
-    for n in range(1000):
-        windows.hit(item, "auth-failures", f"10.0.{n // 256}.{n % 256}")
-    assert len(windows) == 1000
-    clock.now += 1.01
-    windows.hit(item, "auth-failures", "10.9.9.9")
-    assert len(windows) == 1
+    storage = MemoryCounts()
+    storage.expiry_interval_s = 0.2
+    limiter = MovingWindowRateLimiter(storage)
+    item = principal_item(50, 50)  # 50 in any 1 s
+    monkeypatch.setattr(threading.Thread, "start", counted)
+    for _ in range(50):  # 50 hits over 100 ms or more: limits' own storage starts ten threads
+        assert limiter.hit(item, "principal", "p")
+        time.sleep(0.002)
+    assert len(started) <= 1
+    assert not limiter.hit(item, "principal", "p")  # the 51st within the window: refused
+    time.sleep(1.1)  # the entries' window (1 s) has passed
+    assert limiter.hit(item, "principal", "another")  # activity schedules an expiry run (0.2 s)
+    time.sleep(0.5)
+    assert storage.events.get(item.key_for("principal", "p")) in (None, [])
 
 
 def test_a_principal_over_its_default_rate_gets_429_with_retry_after(

@@ -13,7 +13,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -246,69 +246,9 @@ def test_a_revoke_in_flight_leaves_values_another_active_grant_covers(
     assert {(o, str(g)) for o, _, _, g in detokenize_events(db)} == {("allowed", second["id"])}
 
 
-def backend_waiting_on_an_advisory_lock(db: psycopg.Connection[Any]) -> bool:
-    row = db.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
-    ).fetchone()
-    return row is not None and row[0] > 0
-
-
-def test_a_revoke_waits_for_a_release_that_has_already_re_checked_its_grant(
-    client: TestClient,
-    actors: Actors,
-    db: psycopg.Connection[Any],
-    database_url: str,
-    loop_thread: LoopThread,
-) -> None:
-    """The other order: a release has re-checked the grant (active) and not yet committed when
-    the revoke comes. The revoke waits for it, so the release still comes before the revoke."""
-    grant_id = decrypt_grant_of(db, actors.kyc_id)
-    database = Database(database_url)
-    releases = DataPathRepository(database)
-    rechecked, finish = threading.Event(), threading.Event()
-
-    async def release() -> list[datetime | None]:
-        async with releases.release([grant_id]) as held:
-            rechecked.set()
-            while not finish.is_set():
-                await asyncio.sleep(0.01)
-            return [grant.revoked_at for grant in held.grants]
-
-    try:
-        releasing = asyncio.run_coroutine_threadsafe(release(), loop_thread.loop)
-        assert rechecked.wait(10)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            revoking = pool.submit(client.delete, f"/v1/grants/{grant_id}", headers=bearer(actors.admin))
-            deadline = time.monotonic() + 10
-            while not backend_waiting_on_an_advisory_lock(db) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert backend_waiting_on_an_advisory_lock(db), "the revoke did not wait for the release"
-            assert not revoking.done()
-            finish.set()
-            assert releasing.result(timeout=10) == [None]  # it saw the grant active
-            assert revoking.result(timeout=10).status_code == 200
-    finally:
-        finish.set()
-        loop_thread.run(database.close_data_path())
-        database.engine.dispose()
-        database.side_engine.dispose()
-
-
-def an_allowed_event(grant_id: uuid.UUID) -> EventRow:
-    subject = Subject(
-        token="tok_" + "a" * 32, customer_id="12345", data_type="DriverLicense", grant_id=grant_id
-    )
-    return build_event("Detokenize", "allowed", RequestContext(request_id="release-test"), None, subject)
-
-
-def events_with_id(db: psycopg.Connection[Any], event_id: uuid.UUID) -> int:
-    row = db.execute("SELECT count(*) FROM audit_events WHERE event_id = %s", (event_id,)).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def backend_waiting_on(db: psycopg.Connection[Any], wait_event: str) -> bool:
+    """Whether a backend of this database waits for a lock of this kind ("advisory", or
+    "transactionid": another transaction's row)."""
     row = db.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
         " AND wait_event_type = 'Lock' AND wait_event = %s",
@@ -324,34 +264,89 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
     assert condition(), what
 
 
+@pytest.fixture
+def releases(database_url: str, loop_thread: LoopThread) -> Iterator[DataPathRepository]:
+    """The data path's repository on a Database of its own, driven on the test's event loop."""
+    database = Database(database_url)
+    try:
+        yield DataPathRepository(database)
+    finally:
+        loop_thread.run(database.close_data_path())
+        database.engine.dispose()
+        database.side_engine.dispose()
+
+
+def test_a_revoke_waits_for_a_release_that_has_already_re_checked_its_grant(
+    client: TestClient,
+    actors: Actors,
+    db: psycopg.Connection[Any],
+    releases: DataPathRepository,
+    loop_thread: LoopThread,
+) -> None:
+    """The other order: a release has re-checked the grant (active) and not yet committed when
+    the revoke comes. The revoke waits for it, so the release still comes before the revoke."""
+    grant_id = decrypt_grant_of(db, actors.kyc_id)
+    rechecked, finish = threading.Event(), threading.Event()
+
+    async def release() -> list[datetime | None]:
+        async with releases.release([grant_id]) as held:
+            rechecked.set()
+            while not finish.is_set():
+                await asyncio.sleep(0.01)
+            return [grant.revoked_at for grant in held.grants]
+
+    try:
+        releasing = asyncio.run_coroutine_threadsafe(release(), loop_thread.loop)
+        assert rechecked.wait(10)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            revoking = pool.submit(client.delete, f"/v1/grants/{grant_id}", headers=bearer(actors.admin))
+            wait_for(lambda: backend_waiting_on(db, "advisory"), "the revoke did not wait for the release")
+            assert not revoking.done()
+            finish.set()
+            assert releasing.result(timeout=10) == [None]  # it saw the grant active
+            assert revoking.result(timeout=10).status_code == 200
+    finally:
+        finish.set()
+
+
+def an_allowed_event(grant_id: uuid.UUID) -> EventRow:
+    subject = Subject(
+        token="tok_" + "a" * 32, customer_id="12345", data_type="DriverLicense", grant_id=grant_id
+    )
+    return build_event("Detokenize", "allowed", RequestContext(request_id="release-test"), None, subject)
+
+
+def events_with_id(db: psycopg.Connection[Any], event_id: uuid.UUID) -> int:
+    row = db.execute("SELECT count(*) FROM audit_events WHERE event_id = %s", (event_id,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def test_a_one_statement_release_that_waited_for_a_revoke_sees_it_and_writes_nothing(
-    actors: Actors, db: psycopg.Connection[Any], database_url: str, loop_thread: LoopThread
+    actors: Actors,
+    db: psycopg.Connection[Any],
+    database_url: str,
+    releases: DataPathRepository,
+    loop_thread: LoopThread,
 ) -> None:
     """The usual release is one statement, whose own snapshot predates the revoke it waits for:
     the grants must be read in a snapshot taken once the lock is held, or this release would
     see the grant active and write its allowed event after the revoke committed."""
     grant_id = decrypt_grant_of(db, actors.kyc_id)
-    database = Database(database_url)
-    releases = DataPathRepository(database)
     event = an_allowed_event(grant_id)
-    try:
-        with psycopg.connect(database_url) as revoker:  # a revoke, as GrantRepository.get makes one
-            revoker.execute(
-                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (GRANT_LOCK_NAMESPACE, str(grant_id))
-            )
-            revoker.execute("UPDATE grants SET revoked_at = now() WHERE id = %s", (grant_id,))
-            releasing = asyncio.run_coroutine_threadsafe(
-                releases.release_unless_changed([grant_id], [event], utcnow()), loop_thread.loop
-            )
-            wait_for(lambda: backend_waiting_on(db, "advisory"), "the release did not wait for the revoke")
-            assert not releasing.done()
-            revoker.commit()
-        assert releasing.result(timeout=10) is False
-        assert events_with_id(db, event.event_id) == 0
-    finally:
-        loop_thread.run(database.close_data_path())
-        database.engine.dispose()
-        database.side_engine.dispose()
+    with psycopg.connect(database_url) as revoker:  # a revoke, as GrantRepository.get makes one
+        revoker.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (GRANT_LOCK_NAMESPACE, str(grant_id))
+        )
+        revoker.execute("UPDATE grants SET revoked_at = now() WHERE id = %s", (grant_id,))
+        releasing = asyncio.run_coroutine_threadsafe(
+            releases.release_unless_changed([grant_id], [event], utcnow()), loop_thread.loop
+        )
+        wait_for(lambda: backend_waiting_on(db, "advisory"), "the release did not wait for the revoke")
+        assert not releasing.done()
+        revoker.commit()
+    assert releasing.result(timeout=10) is False
+    assert events_with_id(db, event.event_id) == 0
 
 
 def test_a_revoke_waits_for_a_one_statement_release_that_has_checked_its_grant(
@@ -359,41 +354,35 @@ def test_a_revoke_waits_for_a_one_statement_release_that_has_checked_its_grant(
     actors: Actors,
     db: psycopg.Connection[Any],
     database_url: str,
+    releases: DataPathRepository,
     loop_thread: LoopThread,
 ) -> None:
     """The other order: the statement has checked the grant (active) and is still inserting its
     events when the revoke comes; the revoke waits until they have committed. The insert is held
     by an uncommitted row with the event's own id (a unique index), after the grants' locks."""
     grant_id = decrypt_grant_of(db, actors.kyc_id)
-    database = Database(database_url)
-    releases = DataPathRepository(database)
     event = an_allowed_event(grant_id)
-    try:
-        with psycopg.connect(database_url) as blocker, ThreadPoolExecutor(max_workers=1) as pool:
-            blocker.execute(
-                "INSERT INTO audit_events (event_id, time, action, outcome)"
-                " VALUES (%s, now(), 'Hold', 'allowed')",
-                (event.event_id,),
-            )
-            releasing = asyncio.run_coroutine_threadsafe(
-                releases.release_unless_changed([grant_id], [event, an_allowed_event(grant_id)], utcnow()),
-                loop_thread.loop,
-            )
-            wait_for(lambda: backend_waiting_on(db, "transactionid"), "the release's insert was not held")
-            revoking = pool.submit(client.delete, f"/v1/grants/{grant_id}", headers=bearer(actors.admin))
-            wait_for(lambda: backend_waiting_on(db, "advisory"), "the revoke did not wait for the release")
-            assert not revoking.done()
-            blocker.rollback()
-            assert releasing.result(timeout=10) is True
-            assert revoking.result(timeout=10).status_code == 200
-        assert events_with_id(db, event.event_id) == 1
-        row = db.execute(
-            "SELECT (SELECT id FROM audit_events WHERE event_id = %s)"
-            " < (SELECT id FROM audit_events WHERE action = 'RevokeGrant')",
+    with psycopg.connect(database_url) as blocker, ThreadPoolExecutor(max_workers=1) as pool:
+        blocker.execute(
+            "INSERT INTO audit_events (event_id, time, action, outcome)"
+            " VALUES (%s, now(), 'Hold', 'allowed')",
             (event.event_id,),
-        ).fetchone()
-        assert row == (True,)  # the release's events come first in the trail
-    finally:
-        loop_thread.run(database.close_data_path())
-        database.engine.dispose()
-        database.side_engine.dispose()
+        )
+        releasing = asyncio.run_coroutine_threadsafe(
+            releases.release_unless_changed([grant_id], [event, an_allowed_event(grant_id)], utcnow()),
+            loop_thread.loop,
+        )
+        wait_for(lambda: backend_waiting_on(db, "transactionid"), "the release's insert was not held")
+        revoking = pool.submit(client.delete, f"/v1/grants/{grant_id}", headers=bearer(actors.admin))
+        wait_for(lambda: backend_waiting_on(db, "advisory"), "the revoke did not wait for the release")
+        assert not revoking.done()
+        blocker.rollback()
+        assert releasing.result(timeout=10) is True
+        assert revoking.result(timeout=10).status_code == 200
+    assert events_with_id(db, event.event_id) == 1
+    row = db.execute(
+        "SELECT (SELECT id FROM audit_events WHERE event_id = %s)"
+        " < (SELECT id FROM audit_events WHERE action = 'RevokeGrant')",
+        (event.event_id,),
+    ).fetchone()
+    assert row == (True,)  # the release's events come first in the trail

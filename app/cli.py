@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn, Protocol
@@ -436,13 +438,13 @@ def keys_rewrap(
 
     The data keys never leave KMS in clear. Each batch commits on its own: killed at any point,
     run the same command again and it finishes what is left; run once more, it does nothing."""
-    from app.errors import KeyNotAllowed, VaultError
+    from app.errors import KeyNotAllowed
     from app.services.context import RequestContext
 
     vault = _vault_for_cli()
     ctx = RequestContext(request_id=f"rewrap-{uuid.uuid4().hex[:16]}", user_agent="piivault-cli")
     progress = _RewrapProgress()
-    try:
+    with _batched_job(vault, progress):
         try:
             to_arn = vault.rotation.target(to, ctx)
             from_arn = vault.rotation.target(from_key, ctx) if from_key else None
@@ -455,26 +457,16 @@ def keys_rewrap(
             raise typer.Exit(2) from None
         report = vault.rotation.run(to_arn, from_key=from_arn, batch=batch, ctx=ctx, on_progress=progress)
         left = vault.rotation.left(to_arn, from_arn)
-    except VaultError as err:
-        progress.stop()
-        typer.echo(f"piivault: {err.message}", err=True)
-        typer.echo(
-            "piivault: every batch done so far is kept; run the same command again to finish", err=True
-        )
-        raise typer.Exit(1) from None
-    finally:
-        progress.stop()
-        vault.close()
-    summary = f"rewrapped {report.rewrapped} data keys to {to_arn}"
-    if report.mirrors:
-        summary += f"; mirrored {report.mirrors} active grants there (KMS grants)"
-    if report.skipped:
-        summary += f"; {report.skipped} changed meanwhile (erased or moved) and were left as they are"
-    if report.failed:
-        summary += f"; {report.failed} failed (RewrapKeys error events in the audit trail)"
-    typer.echo(f"{summary}; {left} left under other keys")
-    if report.failed:
-        raise typer.Exit(1)
+    _summarize(
+        f"rewrapped {report.rewrapped} data keys to {to_arn}",
+        [
+            (report.mirrors, "mirrored {n} active grants there (KMS grants)"),
+            (report.skipped, "{n} changed meanwhile (erased or moved) and were left as they are"),
+            (report.failed, "{n} failed (RewrapKeys error events in the audit trail)"),
+        ],
+        f"{left} left under other keys",
+        failed=report.failed,
+    )
 
 
 fingerprints_cli = typer.Typer(help="Keyed fingerprints for lookup by value.", no_args_is_help=True)
@@ -492,33 +484,23 @@ def fingerprints_backfill(
 
     One KMS Decrypt per record; the value stays in this process and is never logged. Each batch
     commits on its own: killed at any point, run it again to finish; run once more, it fills 0."""
-    from app.errors import VaultError
     from app.services.context import RequestContext
 
     vault = _vault_for_cli()
     ctx = RequestContext(request_id=f"backfill-{uuid.uuid4().hex[:16]}", user_agent="piivault-cli")
     progress = _RewrapProgress("backfill")
-    try:
+    with _batched_job(vault, progress):
         report = vault.fingerprints.run(batch=batch, ctx=ctx, on_progress=progress)
         left = vault.fingerprints.left()
-    except VaultError as err:
-        progress.stop()
-        typer.echo(f"piivault: {err.message}", err=True)
-        typer.echo(
-            "piivault: every batch done so far is kept; run the same command again to finish", err=True
-        )
-        raise typer.Exit(1) from None
-    finally:
-        progress.stop()
-        vault.close()
-    summary = f"filled {report.filled} fingerprints"
-    if report.skipped:
-        summary += f"; {report.skipped} changed meanwhile (erased, rewrapped or filled) and were left"
-    if report.failed:
-        summary += f"; {report.failed} failed (BackfillFingerprints error events in the audit trail)"
-    typer.echo(f"{summary}; {left} left")
-    if report.failed:
-        raise typer.Exit(1)
+    _summarize(
+        f"filled {report.filled} fingerprints",
+        [
+            (report.skipped, "{n} changed meanwhile (erased, rewrapped or filled) and were left"),
+            (report.failed, "{n} failed (BackfillFingerprints error events in the audit trail)"),
+        ],
+        f"{left} left",
+        failed=report.failed,
+    )
 
 
 @keys_cli.command("new-local")
@@ -608,6 +590,35 @@ class _RewrapProgress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+@contextmanager
+def _batched_job(vault: Vault, progress: _RewrapProgress) -> Iterator[None]:
+    """Around a batched job (rewrap, backfill): a VaultError ends it with exit 1 (the batches
+    committed stand); the progress bar stops and the vault closes however it ends."""
+    from app.errors import VaultError
+
+    try:
+        yield
+    except VaultError as err:
+        progress.stop()
+        typer.echo(f"piivault: {err.message}", err=True)
+        typer.echo(
+            "piivault: every batch done so far is kept; run the same command again to finish", err=True
+        )
+        raise typer.Exit(1) from None
+    finally:
+        progress.stop()
+        vault.close()
+
+
+def _summarize(done: str, counts: Sequence[tuple[int, str]], left: str, *, failed: int) -> None:
+    """A batched job's last line: what it did, each count that is not 0 (in its words, `{n}` for
+    the count), what is left. Exit 1 when any failed."""
+    clauses = [words.format(n=n) for n, words in counts if n]
+    typer.echo("; ".join([done, *clauses, left]))
+    if failed:
+        raise typer.Exit(1)
 
 
 def _aware(text: str | None) -> datetime | None:

@@ -14,7 +14,9 @@ import re
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, get_args
 from urllib.parse import quote
@@ -45,7 +47,7 @@ from app.db.repositories import AuditFilter
 from app.errors import InvalidInput, RateLimited, VaultError
 from app.services.alerts import event_fields
 from app.services.console import ConsoleLogin
-from app.services.context import OPERATIONS, RequestContext, utcnow
+from app.services.context import OPERATIONS, Caller, RequestContext, utcnow
 from app.services.data_types import FIELDS, DataTypeChanges
 
 ASSETS = Path(__file__).resolve().parent.parent / "console"
@@ -96,6 +98,66 @@ LoginDep = Annotated[ConsoleLogin, Depends(get_login)]
 CsrfField = Annotated[str | None, Form(alias="csrf_token", max_length=128)]
 
 
+@dataclass(frozen=True, slots=True)
+class ConsoleForm:
+    """What a state-changing form works with: the signed-in login, the request's transaction and
+    context, and whether the form carried the session's CSRF token."""
+
+    request: Request
+    vault: Vault
+    session: Session
+    login: ConsoleLogin
+    ctx: RequestContext
+    csrf_ok: bool
+
+    @property
+    def caller(self) -> Caller:
+        return self.login.caller
+
+    def run(
+        self, action: Callable[[], Response], *, roles: frozenset[Any] | None = None, page: str = ""
+    ) -> Response:
+        """The action, once the CSRF token and then the role (when given) pass; any refusal is the
+        error page. The token first: a forged form is refused before the role check audits it."""
+
+        def checked() -> Response:
+            if not self.csrf_ok:
+                raise InvalidInput(
+                    "the form is stale or was not sent by this console; reload and retry", field="csrf_token"
+                )
+            if roles is not None:
+                _require(self.vault, self.login, roles, page, self.ctx)
+            return action()
+
+        return _attempt(self.request, self.session, self.login, checked)
+
+    def redirect(
+        self, to: str, action: Callable[[], object], *, roles: frozenset[Any] | None = None, page: str = ""
+    ) -> Response:
+        """run, for an action whose page is another: done, the browser is sent to `to` (303)."""
+
+        def then_redirect() -> Response:
+            action()
+            return RedirectResponse(to, status_code=303)
+
+        return self.run(then_redirect, roles=roles, page=page)
+
+
+# Async: no I/O of its own (the login and the session are dependencies of their own).
+async def get_form(
+    request: Request,
+    vault: VaultDep,
+    session: SessionDep,
+    login: LoginDep,
+    ctx: ContextDep,
+    csrf: CsrfField = None,
+) -> ConsoleForm:
+    return ConsoleForm(request, vault, session, login, ctx, login.csrf_ok(csrf))
+
+
+FormDep = Annotated[ConsoleForm, Depends(get_form)]
+
+
 def _render(
     request: Request, name: str, login: ConsoleLogin | None, status_code: int = 200, **values: Any
 ) -> HTMLResponse:
@@ -141,13 +203,6 @@ def _validated(model: type[M], **fields: Any) -> M:
         raise InvalidInput(
             f"{field}: {problem['msg']}" if field else str(problem["msg"]), field=field
         ) from None
-
-
-def _check_csrf(login: ConsoleLogin, token: str | None) -> None:
-    if not login.csrf_ok(token):
-        raise InvalidInput(
-            "the form is stale or was not sent by this console; reload and retry", field="csrf_token"
-        )
 
 
 def _require(
@@ -220,17 +275,11 @@ def sign_in(
 
 
 @router.post("/sign-out")
-def sign_out(
-    request: Request,
-    vault: VaultDep,
-    session: SessionDep,
-    login: LoginDep,
-    ctx: ContextDep,
-    csrf: CsrfField = None,
-) -> Response:
-    if not login.csrf_ok(csrf):
-        return _refused(request, session, login, InvalidInput("the form is stale", field="csrf_token"))
-    vault.console.sign_out(session, request.cookies.get(COOKIE, ""), login, ctx)
+def sign_out(form: FormDep) -> Response:
+    request, login = form.request, form.login
+    if not form.csrf_ok:
+        return _refused(request, form.session, login, InvalidInput("the form is stale", field="csrf_token"))
+    form.vault.console.sign_out(form.session, request.cookies.get(COOKIE, ""), login, form.ctx)
     response = RedirectResponse("/console/sign-in", status_code=303)
     response.delete_cookie(COOKIE, path="/console", secure=_secure(request), httponly=True, samesite="strict")
     return response
@@ -303,48 +352,29 @@ def approvals(
 
 
 @router.post("/approvals/{approval_id}/approve", response_class=HTMLResponse)
-def approve(
-    request: Request,
-    approval_id: uuid.UUID,
-    vault: VaultDep,
-    session: SessionDep,
-    login: LoginDep,
-    ctx: ContextDep,
-    csrf: CsrfField = None,
-) -> Response:
+def approve(approval_id: uuid.UUID, form: FormDep) -> Response:
     """A second admin carries the request out, under the API's rules (never its requester)."""
 
     def decide() -> Response:
-        _check_csrf(login, csrf)
-        approved = vault.approvals.approve(session, login.caller, approval_id, ctx)
+        approved = form.vault.approvals.approve(form.session, form.caller, approval_id, form.ctx)
         if approved.issued_key is not None:  # create_admin: the new admin's first key, shown once
             shown = {
                 "principal": str(approved.approval.details.get("name", "")),
                 "key_id": approved.issued_key.key_id,
                 "api_key": approved.issued_key.secret_key,
             }
-            return _approvals_page(request, vault, session, login, "pending", None, new_key=shown)
+            return _approvals_page(
+                form.request, form.vault, form.session, form.login, "pending", None, new_key=shown
+            )
         return RedirectResponse("/console/approvals", status_code=303)
 
-    return _attempt(request, session, login, decide)
+    return form.run(decide)
 
 
 @router.post("/approvals/{approval_id}/reject", response_class=HTMLResponse)
-def reject(
-    request: Request,
-    approval_id: uuid.UUID,
-    vault: VaultDep,
-    session: SessionDep,
-    login: LoginDep,
-    ctx: ContextDep,
-    csrf: CsrfField = None,
-) -> Response:
-    def decide() -> Response:
-        _check_csrf(login, csrf)
-        vault.approvals.reject(session, login.caller, approval_id, ctx)
-        return RedirectResponse("/console/approvals", status_code=303)
-
-    return _attempt(request, session, login, decide)
+def reject(approval_id: uuid.UUID, form: FormDep) -> Response:
+    decide = partial(form.vault.approvals.reject, form.session, form.caller, approval_id, form.ctx)
+    return form.redirect("/console/approvals", decide)
 
 
 # Callers
@@ -378,87 +408,48 @@ def callers(
 
 @router.post("/callers", response_class=HTMLResponse)
 def create_caller(
-    request: Request,
-    vault: VaultDep,
-    session: SessionDep,
-    login: LoginDep,
-    ctx: ContextDep,
+    form: FormDep,
     name: Annotated[str, Form(max_length=128)],
     role: Annotated[str, Form(max_length=16)],
-    csrf: CsrfField = None,
 ) -> Response:
     def create() -> HTMLResponse:
-        _check_csrf(login, csrf)
-        _require(vault, login, ADMINS, "CreatePrincipal", ctx)
         body = _validated(PrincipalCreate, name=name.strip(), role=role)
-        created = vault.principals.create(session, login.caller, body.name, body.role, ctx)
+        created = form.vault.principals.create(form.session, form.caller, body.name, body.role, form.ctx)
         if isinstance(created, Approval):
             notice = f"Creating admin {body.name} waits for a second admin: see Approvals."
-            return _callers_page(request, vault, session, login, None, notice=notice)
+            return _callers_page(form.request, form.vault, form.session, form.login, None, notice=notice)
         principal, issued = created
         shown = {"principal": principal.name, "key_id": issued.key_id, "api_key": issued.secret_key}
-        return _callers_page(request, vault, session, login, None, new_key=shown)
+        return _callers_page(form.request, form.vault, form.session, form.login, None, new_key=shown)
 
-    return _attempt(request, session, login, create)
+    return form.run(create, roles=ADMINS, page="CreatePrincipal")
 
 
 @router.post("/callers/{principal_id}/disable", response_class=HTMLResponse)
-def disable_caller(
-    request: Request,
-    principal_id: uuid.UUID,
-    vault: VaultDep,
-    session: SessionDep,
-    login: LoginDep,
-    ctx: ContextDep,
-    csrf: CsrfField = None,
-) -> Response:
-    def disable() -> Response:
-        _check_csrf(login, csrf)
-        _require(vault, login, ADMINS, "DisablePrincipal", ctx)
-        vault.principals.disable(session, login.caller, principal_id, ctx)
-        return RedirectResponse("/console/callers", status_code=303)
-
-    return _attempt(request, session, login, disable)
+def disable_caller(principal_id: uuid.UUID, form: FormDep) -> Response:
+    disable = partial(form.vault.principals.disable, form.session, form.caller, principal_id, form.ctx)
+    return form.redirect("/console/callers", disable, roles=ADMINS, page="DisablePrincipal")
 
 
 @router.post("/callers/{principal_id}/keys", response_class=HTMLResponse)
-def issue_key(
-    request: Request,
-    principal_id: uuid.UUID,
-    vault: VaultDep,
-    session: SessionDep,
-    login: LoginDep,
-    ctx: ContextDep,
-    csrf: CsrfField = None,
-) -> Response:
+def issue_key(principal_id: uuid.UUID, form: FormDep) -> Response:
     def issue() -> HTMLResponse:
-        _check_csrf(login, csrf)
-        _require(vault, login, ADMINS, "CreateApiKey", ctx)
-        issued = vault.principals.add_key(session, login.caller, principal_id, ctx)
-        principal = vault.principals.get(session, principal_id)
+        issued = form.vault.principals.add_key(form.session, form.caller, principal_id, form.ctx)
+        principal = form.vault.principals.get(form.session, principal_id)
         shown = {"principal": principal.name, "key_id": issued.key_id, "api_key": issued.secret_key}
-        return _callers_page(request, vault, session, login, None, new_key=shown)
+        return _callers_page(form.request, form.vault, form.session, form.login, None, new_key=shown)
 
-    return _attempt(request, session, login, issue)
+    return form.run(issue, roles=ADMINS, page="CreateApiKey")
 
 
 @router.post("/callers/{principal_id}/keys/{key_id}/revoke", response_class=HTMLResponse)
 def revoke_key(
-    request: Request,
-    principal_id: uuid.UUID,
-    key_id: Annotated[str, FastApiPath(max_length=64)],
-    vault: VaultDep,
-    session: SessionDep,
-    login: LoginDep,
-    ctx: ContextDep,
-    csrf: CsrfField = None,
+    principal_id: uuid.UUID, key_id: Annotated[str, FastApiPath(max_length=64)], form: FormDep
 ) -> Response:
-    def revoke() -> Response:
-        _check_csrf(login, csrf)
-        vault.principals.revoke_key(session, login.caller, principal_id, key_id, ctx)
-        return RedirectResponse("/console/callers", status_code=303)
+    def revoke() -> None:
+        form.vault.principals.revoke_key(form.session, form.caller, principal_id, key_id, form.ctx)
 
-    return _attempt(request, session, login, revoke)
+    return form.redirect("/console/callers", revoke)
 
 
 # Grants
@@ -505,11 +496,7 @@ def grants(
 
 @router.post("/grants", response_class=HTMLResponse)
 def create_grant(
-    request: Request,
-    vault: VaultDep,
-    session: SessionDep,
-    login: LoginDep,
-    ctx: ContextDep,
+    form: FormDep,
     grantee: Annotated[str, Form(max_length=128)],
     operations: Annotated[list[str], Form()],
     match: Annotated[str, Form(max_length=16)] = "subset",
@@ -518,11 +505,8 @@ def create_grant(
     expires_at: Annotated[str, Form(max_length=40)] = "",
     name: Annotated[str, Form(max_length=128)] = "",
     reveal: Annotated[str, Form(max_length=16)] = "plain",
-    csrf: CsrfField = None,
 ) -> Response:
-    def create() -> Response:
-        _check_csrf(login, csrf)
-        _require(vault, login, ADMINS, "CreateGrant", ctx)
+    def create() -> None:
         context = {
             k: v.strip() for k, v in (("customerID", customer_id), ("dataType", data_type)) if v.strip()
         }
@@ -536,11 +520,9 @@ def create_grant(
             name=name.strip() or None,
             reveal=reveal,
         )
-        request_ = grant_request(body)
-        vault.grants.create(session, login.caller, request_, ctx)
-        return RedirectResponse("/console/grants", status_code=303)
+        form.vault.grants.create(form.session, form.caller, grant_request(body), form.ctx)
 
-    return _attempt(request, session, login, create)
+    return form.redirect("/console/grants", create, roles=ADMINS, page="CreateGrant")
 
 
 def _form_time(text: str) -> datetime | None:
@@ -555,22 +537,9 @@ def _form_time(text: str) -> datetime | None:
 
 
 @router.post("/grants/{grant_id}/revoke", response_class=HTMLResponse)
-def revoke_grant(
-    request: Request,
-    grant_id: uuid.UUID,
-    vault: VaultDep,
-    session: SessionDep,
-    login: LoginDep,
-    ctx: ContextDep,
-    csrf: CsrfField = None,
-) -> Response:
-    def revoke() -> Response:
-        _check_csrf(login, csrf)
-        _require(vault, login, ADMINS, "RevokeGrant", ctx)
-        vault.grants.revoke(session, login.caller, grant_id, ctx)
-        return RedirectResponse("/console/grants", status_code=303)
-
-    return _attempt(request, session, login, revoke)
+def revoke_grant(grant_id: uuid.UUID, form: FormDep) -> Response:
+    revoke = partial(form.vault.grants.revoke, form.session, form.caller, grant_id, form.ctx)
+    return form.redirect("/console/grants", revoke, roles=ADMINS, page="RevokeGrant")
 
 
 # Audit
@@ -658,21 +627,11 @@ def audit_event(
 
 
 @router.post("/audit/verify", response_class=HTMLResponse)
-def audit_verify(
-    request: Request,
-    vault: VaultDep,
-    session: SessionDep,
-    login: LoginDep,
-    ctx: ContextDep,
-    csrf: CsrfField = None,
-) -> Response:
+def audit_verify(form: FormDep) -> Response:
     def verify() -> HTMLResponse:
-        _check_csrf(login, csrf)
-        _require(vault, login, AUDIT_READERS, "VerifyAuditTrail", ctx)
-        report = vault.auditor.verify()
-        return _render(request, "verify.html", login, report=report)
+        return _render(form.request, "verify.html", form.login, report=form.vault.auditor.verify())
 
-    return _attempt(request, session, login, verify)
+    return form.run(verify, roles=AUDIT_READERS, page="VerifyAuditTrail")
 
 
 @router.get("/audit/export")
@@ -766,11 +725,7 @@ def _form_days(text: str) -> int | str | None:
 
 @router.post("/data-types", response_class=HTMLResponse)
 def put_data_type(
-    request: Request,
-    vault: VaultDep,
-    session: SessionDep,
-    login: LoginDep,
-    ctx: ContextDep,
+    form: FormDep,
     name: Annotated[str, Form(max_length=64)],
     max_retention_days: Annotated[str, Form(max_length=16)] = "",
     pattern: Annotated[str | None, Form(max_length=1024)] = None,
@@ -778,14 +733,11 @@ def put_data_type(
     mask: Annotated[str | None, Form(max_length=32)] = None,
     lookup: Annotated[str | None, Form(max_length=8)] = None,
     retention_only: Annotated[str | None, Form(max_length=8)] = None,
-    csrf: CsrfField = None,
 ) -> Response:
     """PUT /v1/data-types/{name} from a form: the whole type (register or change a custom one),
     or its retention alone (any type, built-ins too). The same body model and service."""
 
     def put() -> Response:
-        _check_csrf(login, csrf)
-        _require(vault, login, ADMINS, "PutDataType", ctx)
         type_name = name.strip()
         if not _TYPE_NAME.fullmatch(type_name):
             raise InvalidInput(f"name: must match {DATA_TYPE_PATTERN}", field="name")
@@ -799,13 +751,12 @@ def put_data_type(
             )
         body = _validated(DataTypePut, **fields)
         given = frozenset(body.model_fields_set) & frozenset(FIELDS)
-        row, created = vault.data_types.put(
-            session, login.caller, type_name, DataTypeChanges(given=given, **body.model_dump()), ctx
-        )
+        changes = DataTypeChanges(given=given, **body.model_dump())
+        row, created = form.vault.data_types.put(form.session, form.caller, type_name, changes, form.ctx)
         notice = f"{'Registered' if created else 'Changed'} {row.name}."
-        return _data_types_page(request, vault, session, login, notice=notice)
+        return _data_types_page(form.request, form.vault, form.session, form.login, notice=notice)
 
-    return _attempt(request, session, login, put)
+    return form.run(put, roles=ADMINS, page="PutDataType")
 
 
 # Subject-access report

@@ -237,6 +237,10 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         docs_url=None,
         redoc_url=None,
         openapi_url=OPENAPI_PATH if settings.serves_docs else None,
+        # FastAPI's own OpenTelemetry spans off: they record url.path, and tokens are in paths (the
+        # vault's metrics and logs name route templates only). Off, no request asks the
+        # environment for a provider either.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     openapi.install(app)
     app.state.vault = vault

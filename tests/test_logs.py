@@ -185,3 +185,27 @@ def test_the_serve_configuration_routes_uvicorn_through_the_one_handler(log_form
     assert config["loggers"]["uvicorn.access"]["propagate"] is False
     assert config["loggers"][logs.ACCESS_LOGGER]["level"] == "INFO"
     assert logs.log_config(log_format)["loggers"][logs.ACCESS_LOGGER]["level"] == "WARNING"
+
+
+def test_no_opentelemetry_provider_is_asked_for_so_no_span_records_a_path_with_a_token(
+    client: TestClient, actors: Actors, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FastAPI's native telemetry would ask for a tracer provider on every request and, once one
+    is configured, record url.path: a detokenize's path holds its token. The vault turns it off."""
+    from opentelemetry import _logs, metrics, trace
+
+    asked: list[str] = []
+
+    def recording(getter: str, original: Any) -> Any:
+        def get() -> Any:
+            asked.append(getter)
+            return original()
+
+        return get
+
+    for module, getter in ((trace, "get_tracer_provider"), (metrics, "get_meter_provider"),
+                           (_logs, "get_logger_provider")):  # fmt: skip
+        monkeypatch.setattr(module, getter, recording(getter, getattr(module, getter)))
+    token = tokenize(client, actors.onboarding, LICENCE)
+    assert client.get(f"/v1/tokens/{token}", headers=bearer(actors.kyc)).status_code == 200
+    assert asked == []

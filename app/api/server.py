@@ -8,6 +8,7 @@ a connection for ever (slowloris) and one large head could take any amount of me
 - The head must arrive within `header_read_timeout_s` of the connection opening or of the
   request's first byte, the body within `body_read_timeout_s` of the head: else 408 (or, once a
   response has started, just the close).
+- A refusal closes lingering: the write side first, input dropped for LINGER_S, then the close.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from app.settings import get_settings
 log = logging.getLogger("piivault.server")
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+# How long a refused connection keeps reading (and dropping) before it closes.
+LINGER_S = 2.0
 
 
 @lru_cache(maxsize=1)
@@ -70,6 +73,8 @@ class VaultHttpProtocol(HttpToolsProtocol):
         self._deadline: float | None = None
         self._waiting_for = ""
         self._timer: asyncio.TimerHandle | None = None
+        # Answered and closing: what the client still sends is read and dropped (see _refuse).
+        self._lingering = False
 
     def _arm(self, seconds: float, what: str) -> None:
         self._deadline = self.loop.time() + seconds
@@ -105,6 +110,8 @@ class VaultHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         if self._reading_head:
             self._head_bytes += len(data)
         super().data_received(data)
@@ -140,7 +147,7 @@ class VaultHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def send_400_response(self, msg: str) -> None:
-        if not self.transport.is_closing():
+        if not self._lingering and not self.transport.is_closing():
             super().send_400_response(msg)
 
     def _too_large(self) -> errors.HeadersTooLarge:
@@ -174,4 +181,10 @@ class VaultHttpProtocol(HttpToolsProtocol):
             self.cycle.disconnected = True
             self.cycle.message_event.set()
         self.transport.write(error_response(err))
-        self.transport.close()
+        # A lingering close: closing at once with the client still sending makes the kernel reset
+        # the connection, and the client may lose the answer. So the write side is shut (the
+        # client reads the answer, then the end), input is dropped a moment longer, then close.
+        self._lingering = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)

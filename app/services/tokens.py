@@ -658,8 +658,8 @@ class TokenService:
             return events
 
         if opened_ok:
-            # The value leaves only once its allowed event has committed, in the transaction that
-            # re-read the grants it rests on: one query per request, whatever the batch's size.
+            # The value leaves only once its allowed event has committed, in the statement that
+            # re-checked the grants it rests on: one query per request, whatever the batch's size.
             await self._auditor.record_release(grants.active, release)
         return [result for result in results if result is not None]
 

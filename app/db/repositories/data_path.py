@@ -5,8 +5,7 @@ pipeline) and gives it back: no connection is held while the key service is aske
 key, so a slow key service cannot drain the pool. The connections are in autocommit, so each
 write, one statement, commits or fails whole; the one exception is a detokenize's release when a
 grant changed while it asked the key service (a re-read of its grants, then its events), one
-explicit transaction. Database.data_connection maps
-database errors to the vault's own.
+explicit transaction. Database.data_connection maps database errors to the vault's own.
 """
 
 from __future__ import annotations
@@ -195,22 +194,21 @@ SELECT k.secret_hash, k.revoked_at AS key_revoked_at, p.id AS principal_id, p.na
  WHERE k.id = %(key_id)s
  ORDER BY g.created_at, g.id
 """  # noqa: S608 (column names are constants, values parameters)
-# The re-check before a release: the grants a detokenize rests on, held in shared advisory locks
-# until the release commits (see GRANT_LOCK_NAMESPACE: a revoke or retire holds the grant's
-# exclusively), then read as they stand, in a statement (and snapshot) of its own taken once the
-# locks are held. A revoke that committed first is seen; one that comes later waits until the
-# values are on record as released.
-# Sent as one simple-protocol message (BEGIN; the locks; the read), so a statement each, one
-# round trip, and no pipeline (whose wait for results spins on a writable socket: a detokenize's
-# CPU doubled with it). The ids are literals (uuids, quoted by psycopg): the simple protocol takes
-# no parameters.
+# The re-check before a release when a grant changed meanwhile: the grants a detokenize rests on,
+# held in shared advisory locks until the release commits and read as they stand, both by
+# piivault_hold_grants (migration 0012; see GRANT_LOCK_NAMESPACE: a revoke or retire holds the
+# grant's lock exclusively). What can change (the state) is the function's own read, taken once
+# the locks are held; the join adds what never changes after a grant is made (its terms). A revoke
+# that committed first is seen; one that comes later waits until the values are on record.
+# Sent as one simple-protocol message (BEGIN; the read), so one round trip and no pipeline (whose
+# wait for results spins on a writable socket: a detokenize's CPU doubled with it). The ids are
+# literals (uuids, quoted by psycopg): the simple protocol takes no parameters.
 _BEGIN_HOLD_AND_READ_GRANTS = sql.SQL("""
 BEGIN;
-SELECT pg_advisory_xact_lock_shared({namespace}, hashtext(id::text))
-  FROM (SELECT DISTINCT unnest({ids}::uuid[]) AS id ORDER BY 1) AS held;
-SELECT id, constraint_kind, constraint_context, expires_at, revoked_at, retired_at, reveal,
-       awaiting_approval, operations
-  FROM grants WHERE id = ANY({ids}::uuid[])
+SELECT h.grant_id, g.constraint_kind, g.constraint_context, h.expires_at AS grant_expires_at,
+       h.revoked_at AS grant_revoked_at, h.retired_at AS grant_retired_at, g.reveal,
+       h.awaiting_approval, g.operations AS grant_operations
+  FROM piivault_hold_grants({namespace}, {ids}::uuid[]) AS h JOIN grants g ON g.id = h.grant_id
 """)
 # The release, as it nearly always goes: one autocommit statement. piivault_hold_grants (migration
 # 0012) holds the grants (shared, as above) and reads them as they stand, in a snapshot of its
@@ -255,6 +253,21 @@ SELECT DISTINCT ON (asked.i) asked.i, r.token, r.customer_id, r.data_type, r.cre
  ORDER BY asked.i, r.created_at, r.token
 """  # noqa: S608 (constants only)
 _RECORDS = f"SELECT {', '.join(RECORD_COLUMNS)} FROM records WHERE token = ANY(%(tokens)s::varchar[])"  # noqa: S608
+
+
+def _grant_terms(row: Any) -> GrantTerms:
+    """A grant as the access query and the release's re-read name its columns."""
+    return GrantTerms(
+        id=row.grant_id,
+        constraint_kind=row.constraint_kind,
+        constraint_context=row.constraint_context,
+        expires_at=row.grant_expires_at,
+        revoked_at=row.grant_revoked_at,
+        retired_at=row.grant_retired_at,
+        reveal=row.reveal,
+        awaiting_approval=row.awaiting_approval,
+        operations=tuple(row.grant_operations),
+    )
 
 
 def _record(row: Any) -> RecordRow:
@@ -350,21 +363,7 @@ class DataPathRepository:
             rate_limit_rps=first.rate_limit_rps,
             rate_limit_burst=first.rate_limit_burst,
         )
-        grants = [
-            GrantTerms(
-                id=row.grant_id,
-                constraint_kind=row.constraint_kind,
-                constraint_context=row.constraint_context,
-                expires_at=row.grant_expires_at,
-                revoked_at=row.grant_revoked_at,
-                retired_at=row.grant_retired_at,
-                reveal=row.reveal,
-                awaiting_approval=row.awaiting_approval,
-                operations=tuple(row.grant_operations),
-            )
-            for row in rows
-            if row.grant_id is not None
-        ]
+        grants = [_grant_terms(row) for row in rows if row.grant_id is not None]
         return Access(credentials, grants, records)
 
     async def release_unless_changed(
@@ -405,21 +404,7 @@ class DataPathRepository:
                 while cursor.nextset():  # to the last statement's rows: the grants as they stand
                     pass
                 rows: list[Any] = await cursor.fetchall()
-                grants = [
-                    GrantTerms(
-                        id=row.id,
-                        constraint_kind=row.constraint_kind,
-                        constraint_context=row.constraint_context,
-                        expires_at=row.expires_at,
-                        revoked_at=row.revoked_at,
-                        retired_at=row.retired_at,
-                        reveal=row.reveal,
-                        awaiting_approval=row.awaiting_approval,
-                        operations=tuple(row.operations),
-                    )
-                    for row in rows
-                ]
-                yield Release(connection, grants)
+                yield Release(connection, [_grant_terms(row) for row in rows])
             except BaseException:
                 if not connection.broken:
                     await connection.execute("ROLLBACK")

@@ -35,15 +35,25 @@ REPLAYED_HEADER = {
     }
 }
 
-IdempotencyKeyHeader = Annotated[
-    str | None,
-    Header(
-        alias=HEADER,
-        description="1 to 255 printable ASCII characters, new for each logical request and the same on "
-        "its retries: within 24 hours the same key and body get the first answer again "
-        "(with `Idempotent-Replayed: true`), and nothing is done twice.",
-    ),
-]
+_KEY_DESCRIPTION = (
+    "1 to 255 printable ASCII characters, new for each logical request and the same on its retries: "
+    "within 24 hours the same key and body get the first answer again (with `Idempotent-Replayed: "
+    "true`), and nothing is done twice."
+)
+IdempotencyKeyHeader = Annotated[str | None, Header(alias=HEADER, description=_KEY_DESCRIPTION)]
+# The same parameter as FastAPI documents IdempotencyKeyHeader, for the data path's routes, which
+# read the header by hand (deps.get_keyed_data_call).
+IDEMPOTENCY_KEY_PARAMETER = {
+    "name": HEADER,
+    "in": "header",
+    "required": False,
+    "schema": {
+        "anyOf": [{"type": "string"}, {"type": "null"}],
+        "description": _KEY_DESCRIPTION,
+        "title": HEADER,
+    },
+    "description": _KEY_DESCRIPTION,
+}
 
 
 @dataclass(frozen=True, slots=True)

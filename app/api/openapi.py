@@ -293,6 +293,7 @@ def build_document(app: FastAPI) -> dict[str, Any]:
         }
     }
     secured = secured_routes(app)
+    _document_hand_read_headers(app, document)
     for path, operations in document.get("paths", {}).items():
         for method, operation in operations.items():
             if (method, path) in secured:
@@ -302,6 +303,23 @@ def build_document(app: FastAPI) -> dict[str, Any]:
     _share_error_responses(document)
     _restore_example_nulls(document)
     return document
+
+
+def _hand_read(dependant: Dependant) -> Iterator[dict[str, Any]]:
+    yield from deps.HAND_READ.get(dependant.call, ()) if dependant.call is not None else ()
+    for sub in dependant.dependencies:
+        yield from _hand_read(sub)
+
+
+def _document_hand_read_headers(app: FastAPI, document: dict[str, Any]) -> None:
+    """The headers the data path's dependencies read by hand (deps.HAND_READ), documented after
+    the route's declared parameters, as FastAPI places declared headers."""
+    paths = document.get("paths", {})
+    for path, route in api_routes(app):
+        headers = list(_hand_read(route.dependant))
+        for method in route.methods or () if headers and route.include_in_schema else ():
+            operation = paths[path][method.lower()]
+            operation["parameters"] = [*operation.get("parameters", []), *headers]
 
 
 def _restore_example_nulls(document: dict[str, Any]) -> None:

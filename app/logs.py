@@ -17,7 +17,7 @@ import logging.config
 import re
 from collections import Counter
 from contextvars import ContextVar, Token
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pythonjsonlogger.core import RESERVED_ATTRS
@@ -41,8 +41,14 @@ class RequestLog:
     or task that authenticates the caller sets principal_id for the middleware's access line."""
 
     request_id: str
-    principal_id: str | None = None
-    repeated: Counter[tuple[str, int, str]] = field(default_factory=Counter)
+    # Kept as given (a uuid) and made text only when a line is written: most requests write none.
+    principal: object | None = None
+    # Made on the first repeated failure: most requests have none.
+    repeated: Counter[tuple[str, int, str]] | None = None
+
+    @property
+    def principal_id(self) -> str | None:
+        return str(self.principal) if self.principal is not None else None
 
 
 _current: ContextVar[RequestLog | None] = ContextVar("piivault_request_log", default=None)
@@ -56,7 +62,7 @@ def end_request(token: Token[RequestLog | None]) -> None:
     """Write the request's summarised failures (with its request id), then leave its scope."""
     scope = _current.get()
     try:
-        if scope is not None:
+        if scope is not None and scope.repeated:
             for (name, level, message), count in scope.repeated.items():
                 logging.getLogger(name).log(
                     level,
@@ -72,7 +78,7 @@ def bind_principal(principal_id: object) -> None:
     """The authenticated caller of the current request (an id, never a name or a key)."""
     scope = _current.get()
     if scope is not None:
-        scope.principal_id = str(principal_id)
+        scope.principal = principal_id
 
 
 def current_principal_id() -> str | None:
@@ -88,6 +94,8 @@ def repeated_failure(logger: logging.Logger, level: int, message: str, *args: ob
         logger.log(level, message, *args)
         return
     if logger.isEnabledFor(level):
+        if scope.repeated is None:
+            scope.repeated = Counter()
         scope.repeated[(logger.name, level, message % args if args else message)] += 1
 
 
@@ -99,7 +107,7 @@ class RequestFields(logging.Filter):
         if scope is not None:
             if not hasattr(record, "request_id"):
                 record.request_id = scope.request_id
-            if scope.principal_id and not hasattr(record, "principal_id"):
+            if scope.principal is not None and not hasattr(record, "principal_id"):
                 record.principal_id = scope.principal_id
         return True
 

@@ -18,10 +18,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import cast
 
 from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.errors import StorageError
 from limits.storage import MemoryStorage, RedisStorage
+from limits.storage.base import MovingWindowSupport
 from limits.strategies import MovingWindowRateLimiter
 
 from app.db.repositories.data_path import EventRow
@@ -53,7 +55,16 @@ class MemoryCounts(MemoryStorage):
 
     expiry_interval_s = 1.0
 
+    def __init__(self) -> None:
+        super().__init__()
+        # Whether the timer runs is asked at most once per interval (is_alive takes a lock).
+        self._next_expiry_check = 0.0
+
     def _MemoryStorage__schedule_expiry(self) -> None:
+        now = time.monotonic()
+        if now < self._next_expiry_check:
+            return
+        self._next_expiry_check = now + self.expiry_interval_s
         if not self.timer.is_alive():
             expire = getattr(self, "_MemoryStorage__expire_events")  # noqa: B009 (a mangled name)
             self.timer = threading.Timer(self.expiry_interval_s, expire)
@@ -111,16 +122,18 @@ class Counters:
             REDIS_RETRY_S,
         )
 
-    def hit(self, item: RateLimitItem, *identifiers: str) -> int | None:
+    def hit(self, item: RateLimitItem, kind: str, identifier: str | uuid.UUID) -> int | None:
         """Count one request; None if allowed, else the seconds to wait (Retry-After)."""
         limiter = self._limiter()
+        key = _key(item, kind, identifier)
         try:
-            if limiter.hit(item, *identifiers):
+            # MovingWindowRateLimiter.hit itself, with the key built once per item and identifier.
+            if cast(MovingWindowSupport, limiter.storage).acquire_entry(key, item.amount, item.get_expiry()):
                 return None
-            return _retry_after(limiter, item, identifiers)
+            return _retry_after(limiter, item, (kind, str(identifier)))
         except StorageError as err:
             self._fell_back(err)
-            return self.hit(item, *identifiers)
+            return self.hit(item, kind, identifier)
 
     def reset(self) -> None:
         """Forget every count (tests; an operator clearing a block)."""
@@ -130,6 +143,12 @@ class Counters:
                     limiter.storage.reset()
                 except StorageError as err:
                     self._fell_back(err)
+
+
+@lru_cache(maxsize=4096)
+def _key(item: RateLimitItem, kind: str, identifier: str | uuid.UUID) -> str:
+    """limits' key for a hit, as MovingWindowRateLimiter.hit builds it on every call."""
+    return item.key_for(kind, str(identifier))
 
 
 def _retry_after(limiter: MovingWindowRateLimiter, item: RateLimitItem, identifiers: tuple[str, ...]) -> int:
@@ -150,7 +169,7 @@ class PrincipalLimits:
         refusal row per request would be the amplification the limit is there to stop."""
         if rps is None or burst is None:
             rps, burst = self._default
-        retry_after = self._counters.hit(principal_item(rps, burst), "principal", str(principal_id))
+        retry_after = self._counters.hit(principal_item(rps, burst), "principal", principal_id)
         if retry_after is not None:
             RATE_LIMITED.labels("principal").inc()
             raise RateLimited(retry_after, "this principal's request rate is over its limit")
@@ -166,7 +185,7 @@ class LookupLimits:
 
     def check(self, principal_id: uuid.UUID) -> None:
         """Count one lookup; RateLimited if over the rate. Not audited (as PrincipalLimits)."""
-        retry_after = self._counters.hit(self._item, "lookup", str(principal_id))
+        retry_after = self._counters.hit(self._item, "lookup", principal_id)
         if retry_after is not None:
             RATE_LIMITED.labels("lookup").inc()
             raise RateLimited(retry_after, "this principal's lookup rate is over its limit")

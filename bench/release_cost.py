@@ -5,8 +5,8 @@
 A vault (local development key provider) is started on a fresh database to create a principal and
 its grant; then, on one connection, the same allowed Detokenize event is written `--statements`
 times each way, one statement at a time: the plain insert (`_INSERT_ONE_EVENT`) and the release
-(`_RELEASE_ONE_EVENT`: the grant held and re-read by piivault_hold_grants, the event written only
-if it is still active). Prints this process's and the PostgreSQL backend's CPU per statement.
+(`_RELEASE_ONE_EVENT`: the grant held and re-read by piivault_grants_unchanged, the event
+written only if it is still active). Prints this process's and the PostgreSQL backend's CPU per statement.
 Run it on an idle machine.
 """
 
@@ -33,7 +33,6 @@ DATABASE = "piivault_bench_release"
 
 async def measure(url: str, statements: int, rounds: int) -> None:
     from app.db.repositories import data_path
-    from app.db.repositories.grants import GRANT_LOCK_NAMESPACE
     from app.services.audit.events import Subject, build_event
     from app.services.context import RequestContext, utcnow
 
@@ -50,7 +49,7 @@ async def measure(url: str, statements: int, rounds: int) -> None:
 
     async def release() -> None:
         event = build_event("Detokenize", "allowed", ctx, None, subject)
-        parameters = (utcnow(), 1, GRANT_LOCK_NAMESPACE, [grant_id], *data_path._event_values(event))
+        parameters = (*data_path._event_values(event), data_path.array_literal([grant_id]), utcnow())
         cursor = await connection.execute(data_path._RELEASE_ONE_EVENT, parameters)
         assert cursor.rowcount == 1  # noqa: S101 (the grant is active: the event is written)
 

@@ -10,6 +10,7 @@ explicit transaction. Database.data_connection maps database errors to the vault
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -210,27 +211,21 @@ SELECT h.grant_id, g.constraint_kind, g.constraint_context, h.expires_at AS gran
        h.awaiting_approval, g.operations AS grant_operations
   FROM piivault_hold_grants({namespace}, {ids}::uuid[]) AS h JOIN grants g ON g.id = h.grant_id
 """)
-# The release, as it nearly always goes: one autocommit statement. piivault_hold_grants (migration
-# 0012) holds the grants (shared, as above) and reads them as they stand, in a snapshot of its
-# own; the events go in only if every grant is still active at `now`. Otherwise nothing is written
-# and the caller decides again under release(). The locks last until the statement commits.
-_HELD = """WITH held AS MATERIALIZED (
-SELECT count(*) FILTER (WHERE NOT awaiting_approval AND revoked_at IS NULL AND retired_at IS NULL
-                          AND (expires_at IS NULL OR expires_at > {now})) = {count} AS unchanged
-  FROM piivault_hold_grants({namespace}, {ids}::uuid[])) """
-_ONLY_IF_UNCHANGED = " WHERE (SELECT unchanged FROM held)"
-_RELEASE_EVENTS = (
-    _HELD.format(now="%(now)s", count="%(count)s", namespace="%(namespace)s", ids="%(grant_ids)s")
-    + _INSERT_EVENTS
-    + _ONLY_IF_UNCHANGED
+# The release, as it nearly always goes: one autocommit statement. piivault_grants_unchanged
+# (migration 0013) holds the grants (shared, as above) and, in a snapshot of its own, answers
+# whether every one is still active at `now`; the events go in only if so. Otherwise nothing is
+# written and the caller decides again under release(). The locks last until the statement commits.
+# A scalar subquery: evaluated once for the statement (an InitPlan), never once per event row.
+_ONLY_IF_UNCHANGED = " WHERE (SELECT piivault_grants_unchanged({namespace}, {ids}::uuid[], {now}))"
+_RELEASE_EVENTS = _INSERT_EVENTS + _ONLY_IF_UNCHANGED.format(
+    namespace=GRANT_LOCK_NAMESPACE, ids="%(grant_ids)s", now="%(now)s"
 )
 # One event (most requests): plain parameters, each cast to its column's type.
 _RELEASE_ONE_EVENT = (
-    _HELD.format(now="%s", count="%s", namespace="%s", ids="%s")
-    + _INTO_EVENTS
+    _INTO_EVENTS
     + "SELECT "
     + ", ".join(f"%s::{kind}" for kind in _EVENT_TYPES)
-    + _ONLY_IF_UNCHANGED
+    + _ONLY_IF_UNCHANGED.format(namespace=GRANT_LOCK_NAMESPACE, ids="%s", now="%s")
 )
 # Lookup by value: live records of one type with one fingerprint (the partial index on
 # (data_type, fingerprint) finds them), oldest first, at most `limit`.
@@ -287,6 +282,19 @@ def _record(row: Any) -> RecordRow:
     )
 
 
+def array_literal(items: Sequence[str | uuid.UUID]) -> str:
+    """A PostgreSQL array literal of operation names or uuids (no character of theirs needs
+    quoting), for a parameter cast to its array type: psycopg dumps a str at once, where a list
+    is inspected element by element to choose its dumper on every call."""
+    text = [str(item) for item in items]
+    if not all(_ARRAY_SAFE.fullmatch(item) for item in text):
+        raise ValueError("not an operation name or a uuid")
+    return "{" + ",".join(text) + "}"
+
+
+_ARRAY_SAFE = re.compile(r"[A-Za-z0-9-]+")
+
+
 def _columns(rows: Sequence[Any], columns: Sequence[str], prefix: str) -> dict[str, list[Any]]:
     return {prefix + column: [getattr(row, column) for row in rows] for column in columns}
 
@@ -336,7 +344,7 @@ class DataPathRepository:
         in the access query; several are fetched by a second query in the same pipeline. Results
         come in binary: uuids and timestamps then cost far less to load."""
         single = tokens[0] if len(tokens) == 1 else None
-        parameters = {"key_id": key_id, "operations": list(operations), "token": single}
+        parameters = {"key_id": key_id, "operations": array_literal(operations), "token": single}
         async with self._database.data_connection() as connection:
             access = connection.cursor(binary=True, row_factory=namedtuple_row)
             if len(tokens) > 1:
@@ -371,18 +379,14 @@ class DataPathRepository:
     ) -> bool:
         """A detokenize's release in one statement: its events written, and True, only if every
         grant in `grant_ids` is still active at `now`; else nothing written (then release())."""
-        held = list(dict.fromkeys(grant_ids))
+        # Sorted and distinct: the locks are taken in one order (piivault_grants_unchanged).
+        ids = array_literal(sorted(set(grant_ids)))
         async with self._database.data_connection() as connection:
             if len(events) == 1:
-                parameters = (now, len(held), GRANT_LOCK_NAMESPACE, held, *_event_values(events[0]))
+                parameters = (*_event_values(events[0]), ids, now)
                 cursor = await connection.execute(_RELEASE_ONE_EVENT, parameters)
             else:
-                shared = {
-                    "now": now,
-                    "count": len(held),
-                    "namespace": GRANT_LOCK_NAMESPACE,
-                    "grant_ids": held,
-                }
+                shared = {"now": now, "grant_ids": ids}
                 cursor = await connection.execute(
                     _RELEASE_EVENTS, shared | _columns(events, EVENT_COLUMNS, "e_")
                 )

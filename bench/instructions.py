@@ -1,6 +1,6 @@
 """Instructions per request: the vault's own cost on the data path, counted rather than timed.
 
-    python bench/instructions.py [--base ../other-checkout] [--requests 600]
+    python bench/instructions.py [--base ../other-checkout] [--requests 600] [--output FILE]
 
 Timings on a shared two-core machine move by 10-30% from run to run (ab.md's spreads); an
 instruction count moves by about 1%. Each checkout's app runs in one process under valgrind's
@@ -10,7 +10,7 @@ around the measured requests (calls of os.getppid, callgrind's dump points). Bac
 (sweepers, the audit sealer) are left out: they run per second of wall time, and under valgrind a
 second holds fifty times fewer requests than it would. Needs valgrind (apt-get install valgrind).
 The other checkout needs its own `.venv` (`make install` there). Writes
-bench/results/instructions.md.
+bench/results/instructions.md (or --output).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def _inner(root: Path, operation: str, requests: int) -> None:
     """Runs under valgrind, with the measured checkout's interpreter: its app, in this process."""
     harness.ROOT = root
     harness.PIIVAULT = root / ".venv" / "bin" / "piivault"
+    sys.path.insert(0, str(root))  # its app, whichever checkout its .venv was installed from
     # A database of its own per checkout: both sides run at once.
     side = hashlib.sha256(str(root).encode()).hexdigest()[:8]
     url = fresh_database(f"{DATABASE}_instructions_{operation}_{side}")
@@ -169,6 +170,7 @@ def main() -> None:
     )
     parser.add_argument("--base", type=Path, help="another checkout to count beside this one")
     parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument("--output", default="instructions.md", help="file name under bench/results")
     parser.add_argument("--inner", nargs=3, metavar=("ROOT", "OPERATION", "REQUESTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
@@ -211,7 +213,7 @@ def main() -> None:
         ratio = [f"{counts['new', operation] / counts['base', operation]:.3f}"] if args.base else []
         lines.append(f"| {operation} | " + " | ".join(cells + ratio) + " |")
     text = "\n".join(lines) + "\n"
-    (RESULTS / "instructions.md").write_text(text)
+    (RESULTS / args.output).write_text(text)
     print(text)
 
 

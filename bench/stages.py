@@ -88,8 +88,6 @@ def audit_cost(report: Report, levels: list[int], seconds: float, workdir: Path)
 def scale_stage(url: str, v: Vault, args: argparse.Namespace, seconds: float) -> dict[str, Any]:
     """Detokenize and lookup p50 with 10,000 records stored, then with --scale-records."""
     out: dict[str, Any] = {}
-    with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
     for total in (10_000, args.scale_records):
         add_filler_records(url, total)
         with psycopg.connect(url, autocommit=True) as connection:

@@ -105,7 +105,7 @@ class DataCall:
 
 
 # The data path's headers are read by hand rather than declared as Header parameters, which
-# FastAPI validates on every request at a cost the hot path feels (bench/results/instructions.md).
+# FastAPI validates on every request at a cost the hot path feels (counted by bench/instructions.py).
 # Each is checked as its declared form would be, and documented as it would be (HAND_READ).
 
 

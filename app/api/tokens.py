@@ -162,7 +162,7 @@ _REVEALS: dict[str, Reveal] = {form: form for form in get_args(Reveal)}
 def _reveal_asked(request: Request) -> Reveal:
     """GET /v1/tokens/{token}'s ?reveal= (the last one, as a declared parameter takes). Read here
     and documented by _REVEAL_PARAMETER rather than declared as a Query parameter, which FastAPI
-    validates at a cost the hot path feels (bench/results/instructions.md)."""
+    validates at a cost the hot path feels (counted by bench/instructions.py)."""
     asked = _REVEALS.get(request.query_params.get("reveal", "plain"))
     if asked is not None:
         return asked

@@ -118,7 +118,7 @@ def test_existing_grant_mirrors_move_into_grant_mirrors_with_no_key_recorded(own
 def test_release_two_migrations_go_down_and_up_over_records_and_a_sealed_chain(
     own_database: str, kms_key_id: str
 ) -> None:
-    """0011 down to 0003 and back up, over live records (with fingerprints) and a sealed audit
+    """The head down to 0003 and back up, over live records (with fingerprints) and a sealed audit
     chain: nothing lost, every record reads back, the chain verifies."""
     settings = make_settings(own_database, kms_key_id)
     values = {"12345": "D1234-56789-01234", "67890": "D9999-00000-11111"}

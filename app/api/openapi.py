@@ -317,7 +317,9 @@ def _document_hand_read_headers(app: FastAPI, document: dict[str, Any]) -> None:
     paths = document.get("paths", {})
     for path, route in api_routes(app):
         headers = list(_hand_read(route.dependant))
-        for method in route.methods or () if headers and route.include_in_schema else ():
+        if not headers or not route.include_in_schema:
+            continue
+        for method in route.methods or ():
             operation = paths[path][method.lower()]
             operation["parameters"] = [*operation.get("parameters", []), *headers]
 

@@ -282,6 +282,9 @@ def _record(row: Any) -> RecordRow:
     )
 
 
+_ARRAY_SAFE = re.compile(r"[A-Za-z0-9-]+")
+
+
 def array_literal(items: Sequence[str | uuid.UUID]) -> str:
     """A PostgreSQL array literal of operation names or uuids (no character of theirs needs
     quoting), for a parameter cast to its array type: psycopg dumps a str at once, where a list
@@ -290,9 +293,6 @@ def array_literal(items: Sequence[str | uuid.UUID]) -> str:
     if not all(_ARRAY_SAFE.fullmatch(item) for item in text):
         raise ValueError("not an operation name or a uuid")
     return "{" + ",".join(text) + "}"
-
-
-_ARRAY_SAFE = re.compile(r"[A-Za-z0-9-]+")
 
 
 def _columns(rows: Sequence[Any], columns: Sequence[str], prefix: str) -> dict[str, list[Any]]:
